@@ -1,0 +1,49 @@
+"""Shared fixtures. The backend comes from KERAS_BACKEND (make test runs TF, then JAX)."""
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+
+def cifar10_archive():
+    """Path of the CIFAR-10 JPEG archive, or None (tests needing it skip with a reason)."""
+    path = os.environ.get("KERAS_VARINIT_CIFAR10")
+    if path and pathlib.Path(path).exists():
+        return pathlib.Path(path)
+    if SHARED_CIFAR10.exists():
+        return SHARED_CIFAR10
+    return None
+
+
+@pytest.fixture
+def cifar10_path():
+    path = cifar10_archive()
+    if path is None:
+        pytest.skip("CIFAR-10 archive not found: set KERAS_VARINIT_CIFAR10 to "
+                    "cifar10-jpeg.tar.gz (CI uses ../shared/datasets/cifar10-jpeg.tar.gz)")
+    return path
+
+
+@pytest.fixture
+def backend():
+    return keras.backend.backend()
+
+
+@pytest.fixture(autouse=True)
+def _clear_session():
+    yield
+    keras.backend.clear_session()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
