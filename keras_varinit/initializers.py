@@ -22,6 +22,7 @@ from keras_varinit.fans import (  # noqa: F401  (re-exported)
     gain,
     scaled_variance,
 )
+from keras_varinit.lsuv import lsuv  # noqa: F401  (re-exported)
 
 DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
 
@@ -382,12 +383,3 @@ def get(identifier, seed=None):
                 init = type(init).from_config({**config, "seed": seed})
         return init
     return keras.initializers.get(identifier)
-
-
-def __getattr__(name):
-    # lsuv lives in its own module (it needs models); imported lazily to keep this one light.
-    if name == "lsuv":
-        from keras_varinit.lsuv import lsuv
-
-        return lsuv
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
