@@ -1,0 +1,382 @@
+"""Tests for keras_varinit.training (run_training and the run-directory contract)."""
+import csv
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import keras
+import pytest
+
+from keras_varinit import run_files as rf
+from keras_varinit.training import TrainConfig, TrainResult, run_training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+STATUS_KEYS = {"state", "epoch", "step", "total_steps", "images_per_second", "eta_seconds",
+               "device", "started_at", "updated_at", "error"}
+STEP_KEYS = {"step", "epoch", "loss", "accuracy"}
+METRICS_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
+LAYER_KEYS = {"step", "epoch", "layer", "layer_index", "layer_type", "activation_mean",
+              "activation_std", "zero_fraction", "saturated_fraction", "activation_grad_std",
+              "weight_std", "weight_grad_std", "update_ratio", "nan_count", "inf_count"}
+
+
+def tiny(**overrides):
+    """A config that trains in about a second on CPU (synthetic data)."""
+    base = dict(model="cnn", depth=3, width=4, init="kaiming_normal", activation="relu",
+                data="synthetic", subset=256, val_subset=64, epochs=2, batch_size=64,
+                stats_every_n_steps=2, lr=0.01)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def read_metrics(run_dir):
+    with open(pathlib.Path(run_dir) / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Sets a threading.Event after n training batches (simulates a user pressing Stop)."""
+
+    def __init__(self, event, n):
+        super().__init__()
+        self.event, self.n, self.seen = event, n, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen >= self.n:
+            self.event.set()
+
+
+# --------------------------------------------------------------------------- config
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("overrides, match", [
+    ({"depth": 1}, "depth=1"),
+    ({"depth": 2.5}, "depth=2.5"),
+    ({"init": "no_such_init"}, "init='no_such_init'"),
+    ({"init": "normal:-1"}, "init='normal:-1'"),
+    ({"activation": "bogus"}, "activation='bogus'"),
+    ({"model": "resnet"}, "model='resnet'"),
+    ({"batch_norm": "group"}, "batch_norm='group'"),
+    ({"model": "mlp", "batch_norm": "per_sample"}, "per_sample"),
+    ({"optimizer": "lamb"}, "optimizer='lamb'"),
+    ({"lr": 0.0}, "lr=0.0"),
+    ({"lr": float("nan")}, "lr=nan"),
+    ({"momentum": 1.0}, "momentum=1.0"),
+    ({"epochs": 0}, "epochs=0"),
+    ({"batch_size": 0}, "batch_size=0"),
+    ({"subset": -5}, "subset=-5"),
+    ({"distribute": "tpu"}, "distribute='tpu'"),
+    ({"stats_every_n_steps": -1}, "stats_every_n_steps=-1"),
+])
+def test_bad_config_raises_with_received_and_allowed(overrides, match):
+    config = TrainConfig(**{**tiny().to_dict(), **overrides})
+    with pytest.raises(ValueError, match="Received") as info:
+        config.validate()
+    assert match in str(info.value)
+    assert "Allowed" in str(info.value)
+
+
+@pytest.mark.backend_independent
+def test_missing_data_path_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        tiny(data=str(tmp_path / "no_such_dir")).validate()
+
+
+@pytest.mark.backend_independent
+def test_config_roundtrip_and_slug():
+    config = tiny(init="normal:0.01", batch_norm="pooled", subset=0)
+    assert config.subset is None  # 0 = all
+    data = config.to_dict()
+    assert TrainConfig.from_dict(dict(data, synthetic=True, device="CPU")) == config
+    with pytest.raises(ValueError, match="depht"):
+        TrainConfig.from_dict(dict(data, depht=3))
+    slug = config.slug()
+    assert slug.startswith("cnn-d3-w4-normal0.01-relu-bn_pooled-sgd-lr0.01")
+    assert "/" not in slug and ":" not in slug
+    assert TrainConfig(batch_norm="none").batch_norm is None
+
+
+def test_bad_config_writes_nothing(tmp_path):
+    with pytest.raises(ValueError):
+        run_training(tiny(depth=1), tmp_path / "run", verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- a run
+
+def test_tiny_run_writes_every_file_of_the_contract(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_training(tiny(), run_dir, verbose=0)
+    assert isinstance(result, TrainResult)
+    assert result.state == "finished"
+    assert result.epochs_completed == 2 and result.step == result.total_steps == 8
+    assert result.synthetic is True
+    for name in ("config.json", "status.json", "steps.jsonl", "metrics.csv",
+                 "layer_stats.jsonl", "tensorboard"):
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / "checkpoint").exists()  # deleted once the run finished
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert TrainConfig.from_dict(config) == tiny()
+    assert config["synthetic"] is True and config["device"] == result.device
+
+    status = json.loads((run_dir / "status.json").read_text())
+    assert STATUS_KEYS <= set(status)
+    assert status["state"] == "finished" and status["error"] is None
+    assert status["step"] == status["total_steps"] == 8
+    assert status["epoch"] == 2
+    assert status["device"] in ("CPU",) or status["device"].startswith("GPU:0")
+    assert status["images_per_second"] > 0
+    assert status["started_at"] <= status["updated_at"]
+
+    steps = rf.read_jsonl(run_dir / "steps.jsonl")
+    assert [s["step"] for s in steps] == list(range(1, 9))
+    assert all(set(s) == STEP_KEYS for s in steps)
+    assert [s["epoch"] for s in steps] == [1] * 4 + [2] * 4
+    assert all(math.isfinite(s["loss"]) and 0 <= s["accuracy"] <= 1 for s in steps)
+
+    columns, rows = read_metrics(run_dir)
+    assert columns == METRICS_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        assert all(math.isfinite(float(row[c])) for c in METRICS_COLUMNS)
+    assert result.metrics["val_accuracy"] == pytest.approx(float(rows[-1]["val_accuracy"]))
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+    records = rf.read_jsonl(run_dir / "layer_stats.jsonl")
+    assert records and all(set(r) == LAYER_KEYS for r in records)
+    assert min(r["step"] for r in records) == 0
+    assert {r["layer"] for r in records} >= {"conv_01", "logits"}
+
+    events = [p for p in (run_dir / "tensorboard").rglob("events.out.tfevents*")]
+    assert events
+
+
+def test_mlp_with_lsuv_and_adam(tmp_path):
+    result = run_training(tiny(model="mlp", width=16, init="lsuv", activation="tanh",
+                               optimizer="adam", lr=1e-3, epochs=1, stats_every_n_steps=0),
+                          tmp_path / "run", verbose=0)
+    assert result.state == "finished"
+    assert not (tmp_path / "run" / "layer_stats.jsonl").exists()  # statistics off
+    assert math.isfinite(result.metrics["loss"])
+
+
+def test_inputs_are_normalized_with_pooled_training_statistics():
+    from keras_varinit.training import load_data
+
+    (x, y), (xv, yv), info = load_data(tiny(subset=200, val_subset=50))
+    assert x.dtype.name == "float32" and x.shape == (200, 32, 32, 3)
+    assert y.dtype.name == "int32" and y.shape == (200,)
+    assert xv.shape == (50, 32, 32, 3)
+    assert info["synthetic"] is True
+    # Per channel over N*H*W: mean 0, pooled std 1 on the training subset.
+    assert abs(x.mean(axis=(0, 1, 2))).max() < 1e-4
+    assert abs(x.std(axis=(0, 1, 2)) - 1).max() < 1e-4
+
+
+def test_mixed_precision_run_restores_policy(tmp_path):
+    before = keras.mixed_precision.dtype_policy().name
+    result = run_training(tiny(mixed_precision=True, epochs=1, stats_every_n_steps=0),
+                          tmp_path / "run", verbose=0)
+    assert result.state == "finished"
+    assert keras.mixed_precision.dtype_policy().name == before
+
+
+# --------------------------------------------------------------------------- divergence
+
+def test_huge_learning_rate_ends_diverged(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_training(tiny(lr=1e6, epochs=3), run_dir, verbose=0)
+    assert result.state == "diverged"
+    assert "loss became" in result.error
+    assert result.step < result.total_steps
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "diverged" and "loss became" in status["error"]
+    steps = rf.read_jsonl(run_dir / "steps.jsonl")
+    assert steps[-1]["loss"] is None  # NaN written as null, the file stays valid JSON
+    records = rf.read_jsonl(run_dir / "layer_stats.jsonl")
+    assert records  # the logger recorded the explosion without crashing
+
+
+# --------------------------------------------------------------------------- run directories
+
+def test_refuses_a_directory_holding_a_different_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(tiny(epochs=1, stats_every_n_steps=0), run_dir, verbose=0)
+    with pytest.raises(ValueError, match="different run.*depth") as info:
+        run_training(tiny(epochs=1, depth=4), run_dir, verbose=0)
+    assert "overwrite" in str(info.value)
+    with pytest.raises(ValueError, match="different run"):
+        run_training(tiny(epochs=1, depth=4), run_dir, resume=True, verbose=0)
+    # The same run again needs --resume or --overwrite too.
+    with pytest.raises(ValueError, match="already holds this run"):
+        run_training(tiny(epochs=1, stats_every_n_steps=0), run_dir, verbose=0)
+    # Resuming a finished run trains nothing.
+    again = run_training(tiny(epochs=1, stats_every_n_steps=0), run_dir, resume=True,
+                         verbose=0)
+    assert again.state == "finished" and again.epochs_completed == 1
+    result = run_training(tiny(epochs=1, depth=4, stats_every_n_steps=0), run_dir,
+                          overwrite=True, verbose=0)
+    assert result.state == "finished"
+    assert json.loads((run_dir / "config.json").read_text())["depth"] == 4
+    assert len(read_metrics(run_dir)[1]) == 1
+
+
+def test_other_files_in_the_run_directory_are_kept(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "stdout.log").write_text("launcher output\n")
+    rf.write_json_atomic(run_dir / "status.json", {"state": "queued"})
+    run_training(tiny(epochs=1, stats_every_n_steps=0), run_dir, verbose=0)
+    assert (run_dir / "stdout.log").read_text() == "launcher output\n"
+
+
+# --------------------------------------------------------------------------- stop and resume
+
+def test_stop_event_then_resume_continues_from_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny(epochs=3)
+    event = threading.Event()
+    # 4 steps per epoch; stopping after 6 batches interrupts epoch 2 (the control callback
+    # sees the event at the next batch end, so the run stops after batch 7).
+    stopped = run_training(config, run_dir, stop_event=event, callbacks=[StopAfter(event, 6)],
+                           verbose=0)
+    assert stopped.state == "stopped"
+    assert stopped.epochs_completed == 1
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == stopped.step
+    meta = json.loads((run_dir / "checkpoint" / "training_metadata.json").read_text())
+    assert meta["epoch"] == 1  # epoch 2 was not finished
+    assert (run_dir / "checkpoint" / "latest.weights.h5").exists()
+    assert len(read_metrics(run_dir)[1]) == 1  # the partial epoch has no row
+
+    resumed = run_training(config, run_dir, resume=True, verbose=0)
+    assert resumed.state == "finished"
+    assert resumed.epochs_completed == 3
+    # Optimizer steps continue from the checkpoint; the interrupted epoch runs again in full.
+    assert resumed.step == stopped.step + 2 * 4
+    assert [int(r["epoch"]) for r in read_metrics(run_dir)[1]] == [1, 2, 3]
+    steps = [s["step"] for s in rf.read_jsonl(run_dir / "steps.jsonl")]
+    assert steps == list(range(1, resumed.step + 1))
+    layer_steps = [r["step"] for r in rf.read_jsonl(run_dir / "layer_stats.jsonl")]
+    assert layer_steps == sorted(layer_steps)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert not (run_dir / "checkpoint").exists()
+
+
+def test_resume_restores_weights_not_a_fresh_model(tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny(epochs=2, stats_every_n_steps=0)
+    event = threading.Event()
+    run_training(config, run_dir, stop_event=event, callbacks=[StopAfter(event, 4)],
+                 verbose=0)  # stops after epoch 1 is complete (during its validation/at end)
+
+    class FirstLoss(keras.callbacks.Callback):
+        loss = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            if FirstLoss.loss is None:
+                FirstLoss.loss = float(logs["loss"])
+
+    resumed = run_training(config, run_dir, resume=True, callbacks=[FirstLoss()], verbose=0)
+    assert resumed.state == "finished"
+    first_epoch_loss = float(read_metrics(run_dir)[1][0]["loss"])
+    # A fresh model starts near ln 10; the restored one continues below its epoch-1 mean.
+    assert FirstLoss.loss < first_epoch_loss
+
+
+_SIGINT_SCRIPT = """
+import sys
+from keras_varinit.training import TrainConfig, run_training
+config = TrainConfig(model="cnn", depth=3, width=4, data="synthetic", subset=128,
+                     val_subset=32, epochs=200, batch_size=32, stats_every_n_steps=4)
+result = run_training(config, sys.argv[1], verbose=0)
+print("STATE", result.state, result.step)
+"""
+
+
+def _wait_for(predicate, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sigint_stops_gracefully_with_logs_and_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen([PYTHON, "-c", _SIGINT_SCRIPT, str(run_dir)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        status_path = run_dir / "status.json"
+        assert _wait_for(status_path.exists, 60), "status.json did not appear"
+        assert rf.read_json(status_path)["state"] == "running"
+
+        def training_started():
+            status = rf.read_json(status_path) or {}
+            return (status.get("step") or 0) >= 6
+
+        assert _wait_for(training_started, 120), rf.read_json(status_path)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "STATE stopped" in out
+    status = rf.read_json(run_dir / "status.json")
+    assert status["state"] == "stopped"
+    assert (run_dir / "checkpoint" / "latest.weights.h5").exists()
+    assert rf.read_jsonl(run_dir / "steps.jsonl")[-1]["step"] == status["step"]
+    assert (run_dir / "config.json").exists() and (run_dir / "metrics.csv").exists()
+
+
+# --------------------------------------------------------------------------- distribution
+
+_MIRRORED_SCRIPT = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+from keras_varinit.training import TrainConfig, make_strategy, run_training
+print("REPLICAS", make_strategy("mirrored").num_replicas_in_sync)
+config = TrainConfig(model="cnn", depth=3, width=4, data="synthetic", subset=256,
+                     val_subset=64, epochs=1, batch_size=64, distribute="mirrored",
+                     stats_every_n_steps=2)
+result = run_training(config, sys.argv[1], verbose=0)
+print("STATE", result.state, result.step, result.metrics["loss"])
+"""
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, backend):
+    if backend != "tensorflow":
+        pytest.skip("tf.distribute needs the TensorFlow backend")
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3",
+               KERAS_BACKEND="tensorflow")
+    proc = subprocess.run([PYTHON, "-c", _MIRRORED_SCRIPT, str(tmp_path / "run")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REPLICAS 2" in proc.stdout
+    assert "STATE finished 4" in proc.stdout
+    assert rf.read_json(tmp_path / "run" / "status.json")["state"] == "finished"
+
+
+def test_distribute_on_jax_is_a_clear_error(tmp_path, backend):
+    if backend != "jax":
+        pytest.skip("only meaningful on the JAX backend")
+    with pytest.raises(ValueError, match="TensorFlow backend"):
+        run_training(tiny(distribute="mirrored"), tmp_path / "run", verbose=0)
+    assert rf.read_json(tmp_path / "run" / "status.json")["state"] == "failed"
