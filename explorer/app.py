@@ -1,0 +1,401 @@
+"""keras_varinit explorer: ``streamlit run explorer/app.py`` (or ``make run``).
+
+Layout and widgets only. The work happens in plain-Python helpers: ``explorer.presets``
+(settings, URL round-trip, validation), ``explorer.profile`` (the network at initialization),
+``explorer.worker`` (background training subprocesses), ``explorer.run_store`` (run directories
+on disk) and ``explorer.charts`` (Altair charts).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:  # `streamlit run explorer/app.py` puts explorer/ on the path
+    sys.path.insert(0, str(_REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from explorer import charts, presets  # noqa: E402
+from explorer.run_store import ACTIVE_STATES, RunStore, default_runs_dir  # noqa: E402
+from explorer.worker import JobManager, detect_devices  # noqa: E402
+
+POLL_SECONDS = 1.5
+
+st.set_page_config(page_title="keras_varinit explorer", page_icon="\U0001F4C8", layout="wide")
+
+
+# --------------------------------------------------------------------------------------------
+# Long-lived objects (survive reruns and browser reloads)
+# --------------------------------------------------------------------------------------------
+def runs_dir() -> pathlib.Path:
+    return default_runs_dir().resolve()
+
+
+@st.cache_resource(show_spinner=False)
+def get_store(root: str) -> RunStore:
+    return RunStore(root)
+
+
+@st.cache_resource(show_spinner=False)
+def get_jobs(root: str) -> JobManager:
+    return JobManager(get_store(root))
+
+
+@st.cache_resource(show_spinner=False)
+def get_devices():
+    return detect_devices()
+
+
+@st.cache_resource(show_spinner=False)
+def get_data_info():
+    from explorer.profile import data_info
+
+    return data_info()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def cached_profile(key: tuple) -> dict:
+    """The init profile for a settings key (st.cache_data: pickled, shared by sessions)."""
+    from explorer.profile import compute_profile
+
+    profile = compute_profile(dict(key), hist_layers="all")
+    return {"table": profile.table, "verdict": profile.verdict,
+            "activations": profile.activations, "layer_names": profile.layer_names,
+            "synthetic": profile.synthetic, "seconds": profile.seconds,
+            "lsuv": None if profile.lsuv_report is None else str(profile.lsuv_report)}
+
+
+# --------------------------------------------------------------------------------------------
+# Settings: URL -> session state once, widgets, session state -> URL
+# --------------------------------------------------------------------------------------------
+if "_settings_loaded" not in st.session_state:
+    _settings, _notes = presets.from_query(st.query_params.to_dict())
+    for _k, _v in _settings.items():
+        st.session_state[_k] = _v
+    st.session_state["_url_notes"] = _notes
+    st.session_state["_settings_loaded"] = True
+    st.session_state.setdefault("view_run", None)
+
+
+def _on_model_change():
+    model = st.session_state["model"]
+    other = "mlp" if model == "cnn" else "cnn"
+    if st.session_state.get("width") == presets.DEFAULT_WIDTH[other]:
+        st.session_state["width"] = presets.DEFAULT_WIDTH[model]
+
+
+def _use_synthetic():
+    st.session_state["data"] = "synthetic"
+
+
+def _preset(init=None, activation=None, depth=None, batch_norm=None):
+    def apply():
+        for key, value in (("init", init), ("activation", activation), ("depth", depth),
+                           ("batch_norm", batch_norm)):
+            if value is not None:
+                st.session_state[key] = value
+    return apply
+
+
+with st.sidebar:
+    st.header("Network")
+    st.radio("Model", list(presets.MODELS.values()), key="model", horizontal=True,
+             format_func=lambda v: {"cnn": "Plain CNN", "mlp": "MLP"}[v],
+             on_change=_on_model_change,
+             help="Plain CNN: 3x3 convolutions in three stages (16/32/64 channels at width 16), "
+                  "no skip connections. MLP: dense layers on the flattened image.")
+    st.slider("Depth (weight layers)", *presets.DEPTH_RANGE, key="depth")
+    st.number_input("Width (channels of the first stage / units)", *presets.WIDTH_RANGE,
+                    step=1, key="width")
+    st.selectbox("Activation", presets.ACTIVATIONS, key="activation")
+    st.selectbox("Initializer", list(presets.INITIALIZERS.values()), key="init",
+                 format_func=lambda v: presets.INIT_LABELS.get(v, v),
+                 help="\n\n".join(f"**{presets.INIT_LABELS[k]}**: {v}"
+                                  for k, v in presets.INIT_HELP.items()))
+    st.radio("Batch norm", presets.BATCH_NORMS, key="batch_norm", horizontal=True,
+             help="pooled: variance over all pixels of the batch (what BN computes); "
+                  "per_sample: the mean of each image's own std (CNN only).")
+    st.caption("Quick presets")
+    c1, c2, c3 = st.columns(3)
+    c1.button("Xavier", on_click=_preset("xavier_normal", "relu", 30, "none"),
+              help="30 layers, ReLU, Xavier normal, no BN (stalls in He et al. 2015)",
+              width="stretch")
+    c2.button("Kaiming", on_click=_preset("kaiming_normal", "relu", 30, "none"),
+              help="30 layers, ReLU, Kaiming normal, no BN (trains)", width="stretch")
+    c3.button("tanh 0.01", on_click=_preset("normal:0.01", "tanh", 10, "none"),
+              help="tanh with weights too small: activations shrink to 0",
+              width="stretch")
+
+    st.header("Training")
+    st.radio("Data", list(presets.DATA_SOURCES.values()), key="data",
+             format_func=lambda v: {"auto": "CIFAR-10", "synthetic": "Synthetic"}[v],
+             horizontal=True)
+    st.selectbox("Optimizer", presets.OPTIMIZERS, key="optimizer")
+    st.select_slider("Learning rate", presets.LR_OPTIONS, key="lr",
+                     format_func=lambda v: f"{v:g}")
+    st.slider("Momentum (SGD)", 0.0, 0.99, step=0.01, key="momentum",
+              disabled=st.session_state.get("optimizer") == "adam")
+    st.select_slider("Batch size", presets.BATCH_SIZES, key="batch_size")
+    st.number_input("Epochs", *presets.EPOCH_RANGE, step=1, key="epochs")
+    st.number_input("Training subset (images)", *presets.SUBSET_RANGE, step=256, key="subset")
+    st.number_input("Seed", 0, 2**31 - 1, step=1, key="seed")
+    st.checkbox("Allow two runs at once on one device", key="parallel",
+                help="By default one training job runs per device and the others wait in the "
+                     "queue, so that runs do not slow each other down.")
+
+settings = {k: st.session_state[k] for k in presets.DEFAULTS}
+query = presets.to_query(settings)
+if query != {k: v for k, v in st.query_params.to_dict().items()}:
+    st.query_params.from_dict(query)
+
+# --------------------------------------------------------------------------------------------
+# Header, banners, validation
+# --------------------------------------------------------------------------------------------
+st.title("keras_varinit explorer")
+st.markdown("Pick a depth and an initializer: see how the signal propagates **at "
+            "initialization**, then **train** on CIFAR-10 and **compare** runs. "
+            "The settings live in the URL; copy it to share this configuration.")
+
+for note in st.session_state.get("_url_notes", []):
+    st.warning(note, icon="\U0001F517")
+
+data_info = get_data_info()
+if settings["data"] == "auto" and not data_info.available:
+    with st.container(border=True):
+        st.warning(data_info.message, icon="\u26A0\uFE0F")
+        st.button("Use the synthetic CIFAR-shaped set", on_click=_use_synthetic,
+                  type="primary", key="use_synthetic")
+elif settings["data"] == "synthetic":
+    st.info("Data: the **synthetic** CIFAR-shaped set (oriented gratings per class, not "
+            "CIFAR-10). Every chart of such a run says so.", icon="\U0001F9EA")
+
+problems = presets.validate(settings)
+blocking = presets.blocking_problems(settings)
+for problem in problems:
+    (st.error if problem in blocking else st.warning)(problem)
+
+store = get_store(str(runs_dir()))
+jobs = get_jobs(str(runs_dir()))
+jobs.set_max_per_device(2 if st.session_state.get("parallel") else 1)
+
+tab_init, tab_train, tab_compare = st.tabs(["At initialization", "Training", "Compare"])
+
+# --------------------------------------------------------------------------------------------
+# At initialization
+# --------------------------------------------------------------------------------------------
+with tab_init:
+    st.subheader(presets.describe(settings))
+    if blocking:
+        st.info("Change the settings above to see the profile: this combination cannot be "
+                "built.")
+    else:
+        from explorer.profile import histogram_layers, signal_summary
+
+        try:
+            with st.spinner("Building the network and measuring one batch..."):
+                started = time.perf_counter()
+                result = cached_profile(presets.profile_key(settings))
+                elapsed = time.perf_counter() - started
+        except Exception as error:  # an explanation, not a traceback
+            st.error(f"Could not compute the profile for this configuration: "
+                     f"{type(error).__name__}: {error}")
+            result = None
+        if result is not None:
+            table = result["table"]
+            ratios = signal_summary(table)
+            fwd, bwd = ratios.get("forward"), ratios.get("backward")
+            healthy = all(r is not None and r == r and 1e-2 <= r <= 1e2 for r in (fwd, bwd))
+            verdict = result["verdict"] or "No verdict available."
+            (st.success if healthy else st.error)(verdict, icon="\u2705" if healthy else "\u26A0\uFE0F")
+            m1, m2, m3 = st.columns(3)
+            m1.metric("Forward variance, last / first layer",
+                      "n/a" if fwd is None or fwd != fwd else f"{fwd:.2g}\u00d7")
+            m2.metric("Gradient variance, first / last layer",
+                      "n/a" if bwd is None or bwd != bwd else f"{bwd:.2g}\u00d7")
+            m3.metric("Profile time", f"{result['seconds']:.2f} s",
+                      help=f"Computed in {result['seconds']:.2f} s; this page render took "
+                           f"{elapsed:.2f} s (cached profiles are instant).")
+            st.altair_chart(charts.profile_chart(table, synthetic=result["synthetic"]),
+                            width="stretch")
+            names = result["layer_names"]
+            defaults = [names[i - 1] for i in histogram_layers(settings["depth"])
+                        if 0 < i <= len(names)]
+            chosen = st.multiselect("Activation histograms for layers", names,
+                                    default=defaults, max_selections=5, key="hist_layers")
+            if chosen:
+                acts = {n: result["activations"][n] for n in chosen
+                        if n in result["activations"]}
+                st.altair_chart(charts.histogram_chart(acts, synthetic=result["synthetic"]),
+                                width="content")
+            if result.get("lsuv"):
+                st.caption(f"LSUV: {result['lsuv']}")
+            with st.expander("Per-layer table"):
+                st.dataframe(table, hide_index=True, width="stretch")
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+STATE_ICON = {"queued": "\u23F3", "running": "\u25B6\uFE0F", "finished": "\u2705",
+              "stopped": "\u23F9\uFE0F", "diverged": "\U0001F4A5", "failed": "\u274C"}
+
+
+def _submit(settings_list):
+    try:
+        ids = jobs.submit_many(settings_list)
+    except ValueError as error:
+        st.session_state["submit_error"] = str(error)
+        return
+    st.session_state["submit_error"] = None
+    st.session_state["view_run"] = ids[0]
+
+
+def _stop(run_id):
+    jobs.stop(run_id)
+
+
+with tab_train:
+    devices = get_devices()
+    b1, b2, b3 = st.columns([1, 2, 3])
+    b1.button("Train", type="primary", disabled=bool(blocking), key="train",
+              on_click=_submit, args=([settings],), width="stretch",
+              help="Start this configuration in the background (queued if a run is going).")
+    b2.button("Queue preset: 30 layers, Xavier vs Kaiming", key="preset_pair",
+              on_click=_submit, args=(presets.reference_pair(settings),),
+              width="stretch",
+              help="He et al. 2015, Fig. 3: the same 30-layer ReLU CNN without BN, once with "
+                   "Xavier and once with Kaiming (your training settings).")
+    b3.markdown("**Device:** " + ", ".join(d["name"] for d in devices)
+                + f" &nbsp;\u00b7&nbsp; {'two runs' if st.session_state.get('parallel') else 'one run'}"
+                " per device at a time; the rest wait in the queue.")
+    if st.session_state.get("submit_error"):
+        st.error(st.session_state["submit_error"])
+
+    @st.fragment(run_every=POLL_SECONDS)
+    def training_panel():
+        runs = store.list_runs()
+        if not runs:
+            st.info("No runs yet. Press **Train** to start one; it runs in the background "
+                    "and is saved under `" + str(store.root) + "`.")
+            return
+        active = [r for r in runs if r.state in ACTIVE_STATES]
+        if active:
+            st.markdown("**Queue**")
+            for info in sorted(active, key=lambda r: r.created):
+                q1, q2, q3 = st.columns([5, 3, 1])
+                q1.markdown(f"{STATE_ICON.get(info.state, '')} `{info.label}`")
+                q2.progress(info.progress, text=f"{info.state} \u00b7 "
+                            f"{info.progress:.0%}")
+                q3.button("Stop" if info.state == "running" else "Cancel",
+                          key=f"stop_{info.run_id}", on_click=_stop, args=(info.run_id,))
+        ids = [r.run_id for r in runs]
+        by_id = {r.run_id: r for r in runs}
+        view = st.session_state.get("view_run")
+        if view not in by_id:
+            view = (active[0].run_id if active else ids[0])
+        run_id = st.selectbox("Show run", ids, index=ids.index(view), key="view_select",
+                              format_func=lambda r: f"{STATE_ICON.get(by_id[r].state, '')} "
+                                                    f"{by_id[r].label}")
+        st.session_state["view_run"] = run_id
+        info = by_id[run_id]
+        status, config = info.status, info.config
+        synthetic = info.synthetic
+        s1, s2, s3, s4 = st.columns(4)
+        s1.metric("State", info.state)
+        s2.metric("Step", f"{status.get('step') or 0} / {status.get('total_steps') or '?'}")
+        ips = status.get("images_per_second")
+        s3.metric("Images / s", f"{ips:,.0f}" if isinstance(ips, (int, float)) else "\u2013")
+        s4.metric("Device", info.device or "\u2013")
+        if info.state == "running":
+            eta = charts.fmt_seconds(status.get("eta_seconds"))
+            st.progress(info.progress, text=f"epoch {status.get('epoch')}/"
+                        f"{status.get('epochs') or config.get('epochs', '?')} \u00b7 "
+                        f"{status.get('phase') or ''} \u00b7 ETA {eta}")
+            if st.button("Stop this run", key="stop_view"):
+                _stop(run_id)
+        elif info.state == "queued":
+            st.info("Queued: it starts when the device is free.")
+        elif info.state == "diverged":
+            st.error(f"Diverged: {status.get('error') or 'the loss became NaN/Inf'}. "
+                     "The charts show the values up to that point.", icon="\U0001F4A5")
+        elif info.state == "failed":
+            reason = status.get("error") or "the training process ended without a final state"
+            st.error(f"Failed: {reason}", icon="\u274C")
+            tail = store.log_tail(run_id, 12)
+            if tail:
+                st.code(tail, language=None)
+        elif info.state == "stopped":
+            st.info(f"Stopped at step {status.get('step')}."
+                    + (f" {status['error']}" if status.get("error") else ""))
+        if synthetic:
+            st.caption("\U0001F9EA This run uses SYNTHETIC data (not CIFAR-10).")
+
+        steps = store.steps(run_id)
+        metrics = store.metrics(run_id)
+        total, epochs = status.get("total_steps"), config.get("epochs")
+        spe = int(total) // int(epochs) if total and epochs else None
+        diverged = info.state == "diverged"
+        c1, c2 = st.columns(2)
+        c1.altair_chart(charts.training_chart(steps, metrics, spe, "loss", synthetic=synthetic,
+                                              diverged=diverged), width="stretch")
+        c2.altair_chart(charts.training_chart(steps, metrics, spe, "accuracy",
+                                              synthetic=synthetic, diverged=diverged),
+                        width="stretch")
+        stats = store.layer_stats(run_id)
+        h1, h2 = st.columns(2)
+        h1.altair_chart(charts.heatmap(stats, "activation_std", synthetic=synthetic),
+                        width="stretch")
+        h2.altair_chart(charts.heatmap(stats, "activation_grad_std", synthetic=synthetic),
+                        width="stretch")
+        st.altair_chart(charts.fractions_chart(stats, synthetic=synthetic),
+                        width="stretch")
+        if len(metrics):
+            st.dataframe(metrics, hide_index=True, width="stretch")
+
+    training_panel()
+
+# --------------------------------------------------------------------------------------------
+# Compare
+# --------------------------------------------------------------------------------------------
+with tab_compare:
+    runs = store.list_runs()
+    if not runs:
+        st.info(f"No saved runs in `{store.root}` yet.")
+    else:
+        labels = {}
+        for info in runs:
+            label = info.label if info.label not in labels else f"{info.label} ({info.run_id})"
+            labels[label] = info
+        finished = [lab for lab, info in labels.items() if info.state not in ACTIVE_STATES]
+        selected = st.multiselect("Runs to overlay", list(labels), default=finished[:4],
+                                  key="compare_runs")
+        chosen = [labels[lab] for lab in selected]
+        any_synth = any(i.synthetic for i in chosen)
+        if chosen:
+            epoch_frames = {lab: store.metrics(labels[lab].run_id) for lab in selected}
+            step_frames = {lab: store.steps(labels[lab].run_id) for lab in selected}
+            c1, c2 = st.columns(2)
+            c1.altair_chart(charts.compare_chart(epoch_frames, "epoch", "val_accuracy",
+                                                 title="Validation accuracy",
+                                                 synthetic=any_synth),
+                            width="stretch")
+            c2.altair_chart(charts.compare_chart(step_frames, "step", "loss",
+                                                 title="Training loss", synthetic=any_synth),
+                            width="stretch")
+        st.markdown("**All runs** (final epoch)")
+        st.dataframe(store.final_metrics(chosen or runs), hide_index=True,
+                     width="stretch",
+                     column_config={"train_acc": st.column_config.NumberColumn(format="%.3f"),
+                                    "val_acc": st.column_config.NumberColumn(format="%.3f"),
+                                    "train_loss": st.column_config.NumberColumn(format="%.3f"),
+                                    "val_loss": st.column_config.NumberColumn(format="%.3f"),
+                                    "images_per_s": st.column_config.NumberColumn(format="%.0f")})
+        st.markdown("**TensorBoard** (metrics and per-layer statistics of these runs):")
+        if chosen:
+            spec = ",".join(f"{i.run_id}:{i.path / 'tensorboard'}" for i in chosen)
+            st.code(f"tensorboard --logdir_spec {spec}", language="bash")
+        st.code(f"tensorboard --logdir {store.root}", language="bash")

@@ -1,0 +1,323 @@
+"""Altair chart builders for the explorer. Plain Python (no Streamlit): each function takes
+DataFrames and returns an ``alt.Chart`` (or a compound chart), so tests can build and inspect
+them without a page.
+
+Every builder takes ``synthetic``: when true the title says "SYNTHETIC data", so a chart of a
+run on the synthetic stand-in can never be mistaken for CIFAR-10.
+"""
+from __future__ import annotations
+
+import math
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+FORWARD_COLOR = "#1f77b4"
+BACKWARD_COLOR = "#ff7f0e"
+SYNTHETIC_TAG = " \u2014 SYNTHETIC data (not CIFAR-10)"
+HEIGHT = 260
+
+
+def _title(text: str, synthetic: bool = False, subtitle: str | None = None):
+    text = text + (SYNTHETIC_TAG if synthetic else "")
+    if subtitle:
+        return alt.TitleParams(text, subtitle=subtitle, anchor="start")
+    return alt.TitleParams(text, anchor="start")
+
+
+def _positive(series: pd.Series) -> pd.Series:
+    values = pd.to_numeric(series, errors="coerce").astype(float)
+    return values.where(np.isfinite(values) & (values > 0))
+
+
+def empty_chart(message: str) -> alt.Chart:
+    """A small placeholder chart that shows ``message`` (instead of an empty/broken plot)."""
+    return alt.Chart(pd.DataFrame({"text": [message]})).mark_text(
+        size=13, color="gray").encode(text="text:N").properties(height=60)
+
+
+# --------------------------------------------------------------------------------------------
+# At initialization
+# --------------------------------------------------------------------------------------------
+def profile_long(profile: pd.DataFrame) -> pd.DataFrame:
+    """The variance profile in long form: one row per (layer, direction, measured/predicted).
+
+    Uses the cumulative predictions (the variance predicted from the input through every
+    layer, which is what the measured curve should follow) when present, else the per-layer
+    ones. Non-positive and non-finite values are dropped (they cannot sit on a log axis).
+    """
+    series = [
+        ("forward", "measured", "forward_var"),
+        ("forward", "predicted", "predicted_forward_var_cumulative"),
+        ("backward", "measured", "backward_var"),
+        ("backward", "predicted", "predicted_backward_var_cumulative"),
+    ]
+    fallback = {"predicted_forward_var_cumulative": "predicted_forward_var",
+                "predicted_backward_var_cumulative": "predicted_backward_var"}
+    rows = []
+    index = profile["index"] if "index" in profile else pd.Series(range(len(profile)))
+    index = pd.to_numeric(index, errors="coerce")
+    if index.min() == 0:
+        index = index + 1  # show layers 1..depth
+    for direction, kind, column in series:
+        if column not in profile and fallback.get(column) in profile:
+            column = fallback[column]
+        if column not in profile:
+            continue
+        values = _positive(profile[column])
+        rows.append(pd.DataFrame({
+            "layer_number": index.values,
+            "layer": profile.get("layer", index.astype(str)).values,
+            "direction": direction,
+            "kind": kind,
+            "series": f"{direction}, {kind}",
+            "variance": values.values,
+        }))
+    if not rows:
+        return pd.DataFrame(columns=["layer_number", "layer", "direction", "kind", "series",
+                                     "variance"])
+    out = pd.concat(rows, ignore_index=True)
+    return out[out["variance"].notna()]
+
+
+def profile_chart(profile: pd.DataFrame, *, synthetic: bool = False, title: str | None = None,
+                  height: int = 320) -> alt.Chart:
+    """Per-layer forward and backward variance, measured (solid, dots) and predicted (dashed),
+    on a log scale."""
+    data = profile_long(profile)
+    if data.empty:
+        return empty_chart("No finite positive variances to plot (the signal is 0, NaN or Inf "
+                           "everywhere).")
+    base = alt.Chart(data).encode(
+        x=alt.X("layer_number:Q", title="layer (1 = nearest the input)",
+                axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y("variance:Q", scale=alt.Scale(type="log"), title="variance (log scale)",
+                axis=alt.Axis(format=".0e")),
+        color=alt.Color("direction:N", title="signal",
+                        scale=alt.Scale(domain=["forward", "backward"],
+                                        range=[FORWARD_COLOR, BACKWARD_COLOR]),
+                        legend=alt.Legend(orient="top")),
+        strokeDash=alt.StrokeDash("kind:N", title="",
+                                  scale=alt.Scale(domain=["measured", "predicted"],
+                                                  range=[[1, 0], [6, 4]]),
+                                  legend=alt.Legend(orient="top")),
+        tooltip=[alt.Tooltip("layer:N"), alt.Tooltip("layer_number:Q", title="#"),
+                 alt.Tooltip("series:N"), alt.Tooltip("variance:Q", format=".3e")],
+    )
+    lines = base.mark_line(strokeWidth=2)
+    points = base.transform_filter(alt.datum.kind == "measured").mark_circle(size=28)
+    subtitle = ("forward: variance of each layer's pre-activation output; backward: variance "
+                "of the loss gradient at each layer. Dashed: the formula's prediction.")
+    return (lines + points).properties(
+        height=height, title=_title(title or "Signal variance at initialization", synthetic,
+                                    subtitle)).interactive(bind_y=False)
+
+
+def histograms_long(activations: dict, bins: int = 40) -> pd.DataFrame:
+    """Histogram rows (layer, left, right, center, fraction) from ``{layer_name: array}``."""
+    rows = []
+    for name, values in activations.items():
+        values = np.asarray(values, dtype=np.float64).ravel()
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            continue
+        lo, hi = np.percentile(finite, [0.5, 99.5])
+        if not hi > lo:
+            lo, hi = lo - 1e-6, hi + 1e-6
+        counts, edges = np.histogram(np.clip(finite, lo, hi), bins=bins, range=(lo, hi))
+        std = float(finite.std())
+        for c, left, right in zip(counts, edges[:-1], edges[1:]):
+            rows.append({"layer": f"{name} (std {std:.2g})", "left": left, "right": right,
+                         "fraction": c / finite.size})
+    return pd.DataFrame(rows, columns=["layer", "left", "right", "fraction"])
+
+
+def histogram_chart(activations: dict, *, synthetic: bool = False, bins: int = 40,
+                    width: int = 200) -> alt.HConcatChart | alt.Chart:
+    """Activation histograms of a few layers side by side (each with its own x range)."""
+    data = histograms_long(activations, bins)
+    if data.empty:
+        return empty_chart("No finite activations to show.")
+    charts = []
+    for layer in data["layer"].unique():
+        part = data[data["layer"] == layer]
+        charts.append(alt.Chart(part).mark_bar(color="#4c78a8", opacity=0.85).encode(
+            x=alt.X("left:Q", bin="binned", title="activation value"),
+            x2="right:Q",
+            y=alt.Y("fraction:Q", title="fraction of units", axis=alt.Axis(format="%")),
+            tooltip=[alt.Tooltip("left:Q", format=".3g"), alt.Tooltip("right:Q", format=".3g"),
+                     alt.Tooltip("fraction:Q", format=".1%")],
+        ).properties(width=width, height=170, title=alt.TitleParams(layer, fontSize=12)))
+    return alt.hconcat(*charts).properties(
+        title=_title("Activation histograms (after the nonlinearity)", synthetic))
+
+
+# --------------------------------------------------------------------------------------------
+# Training curves
+# --------------------------------------------------------------------------------------------
+def curves_long(steps: pd.DataFrame, metrics: pd.DataFrame, steps_per_epoch: int | None,
+                metric: str = "loss") -> pd.DataFrame:
+    """Train (every logged step) and validation (each epoch's end) values of ``metric``."""
+    parts = []
+    if len(steps) and metric in steps:
+        s = steps[["step", metric]].rename(columns={metric: "value"})
+        s["split"] = "train (running mean)"
+        parts.append(s)
+    if len(metrics) and f"val_{metric}" in metrics and steps_per_epoch:
+        m = metrics[["epoch", f"val_{metric}"]].rename(columns={f"val_{metric}": "value"})
+        m["step"] = m["epoch"] * steps_per_epoch
+        m["split"] = "validation"
+        parts.append(m[["step", "value", "split"]])
+    if not parts:
+        return pd.DataFrame(columns=["step", "value", "split"])
+    out = pd.concat(parts, ignore_index=True)
+    out["value"] = pd.to_numeric(out["value"], errors="coerce")
+    return out
+
+
+def training_chart(steps: pd.DataFrame, metrics: pd.DataFrame, steps_per_epoch: int | None,
+                   metric: str = "loss", *, synthetic: bool = False,
+                   diverged: bool = False, height: int = HEIGHT) -> alt.Chart:
+    """Loss or accuracy of one run over steps: train line, validation points."""
+    data = curves_long(steps, metrics, steps_per_epoch, metric)
+    if data.empty:
+        return empty_chart(f"No {metric} logged yet.")
+    finite = data[np.isfinite(data["value"])]
+    title = "Loss" if metric == "loss" else "Accuracy"
+    subtitle = "DIVERGED: the loss became NaN/Inf; later values are missing" if diverged else None
+    base = alt.Chart(finite).encode(
+        x=alt.X("step:Q", title="step"),
+        y=alt.Y("value:Q", title=metric,
+                scale=alt.Scale(zero=False) if metric == "loss" else alt.Scale(domain=[0, 1])),
+        color=alt.Color("split:N", title="", legend=alt.Legend(orient="top"),
+                        scale=alt.Scale(domain=["train (running mean)", "validation"],
+                                        range=["#4c78a8", "#e45756"])),
+        tooltip=["split:N", "step:Q", alt.Tooltip("value:Q", format=".4f")],
+    )
+    chart = (base.transform_filter(alt.datum.split != "validation").mark_line()
+             + base.transform_filter(alt.datum.split == "validation").mark_line(
+                 point=alt.OverlayMarkDef(size=60), strokeDash=[4, 3]))
+    return chart.properties(height=height, title=_title(title, synthetic, subtitle))
+
+
+# --------------------------------------------------------------------------------------------
+# Layer statistics
+# --------------------------------------------------------------------------------------------
+STAT_TITLES = {
+    "activation_std": "Activation std (layer \u00d7 step)",
+    "activation_grad_std": "Gradient std at each layer's output (layer \u00d7 step)",
+    "zero_fraction": "Dead fraction: units exactly 0 (layer \u00d7 step)",
+    "saturated_fraction": "Saturated fraction (layer \u00d7 step)",
+    "update_ratio": "Update / weight ratio (layer \u00d7 step)",
+}
+
+
+def heatmap(layer_stats: pd.DataFrame, stat: str, *, synthetic: bool = False,
+            log: bool = True, height: int | None = None) -> alt.Chart:
+    """A layer x step heatmap of one layer statistic (log colour scale for std-like stats)."""
+    if layer_stats is None or layer_stats.empty or stat not in layer_stats:
+        return empty_chart(f"No layer statistics ({stat}) logged yet.")
+    data = layer_stats[["step", "layer", "layer_index", stat]].copy()
+    data["value"] = pd.to_numeric(data[stat], errors="coerce").astype(float)
+    data = data[np.isfinite(data["value"])]
+    if log:
+        data = data[data["value"] > 0]
+    if data.empty:
+        return empty_chart(f"{stat}: no finite{' positive' if log else ''} values yet "
+                           "(NaN/Inf or exactly 0 everywhere).")
+    order = (data.drop_duplicates("layer").sort_values("layer_index")["layer"].tolist())
+    n_layers = len(order)
+    color_scale = (alt.Scale(type="log", scheme="viridis") if log
+                   else alt.Scale(domain=[0, 1], scheme="magma", reverse=True))
+    return alt.Chart(data).mark_rect().encode(
+        x=alt.X("step:O", title="step", axis=alt.Axis(labelOverlap=True, labelAngle=0)),
+        y=alt.Y("layer:N", sort=order, title="layer (input at the top)",
+                axis=alt.Axis(labelOverlap=True)),
+        color=alt.Color("value:Q", scale=color_scale, title=stat,
+                        legend=alt.Legend(format=".0e" if log else "%")),
+        tooltip=["layer:N", "step:Q", alt.Tooltip("value:Q", title=stat, format=".3e")],
+    ).properties(height=height or max(160, min(420, 12 * n_layers)),
+                 title=_title(STAT_TITLES.get(stat, stat), synthetic))
+
+
+def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,
+                    height: int = 220) -> alt.Chart:
+    """Dead (zero) and saturated fractions over steps: mean over layers (solid) and the worst
+    layer (dashed)."""
+    if layer_stats is None or layer_stats.empty:
+        return empty_chart("No layer statistics logged yet.")
+    rows = []
+    for stat, name in (("zero_fraction", "dead (= 0)"), ("saturated_fraction", "saturated")):
+        if stat not in layer_stats:
+            continue
+        values = pd.to_numeric(layer_stats[stat], errors="coerce")
+        grouped = values.groupby(layer_stats["step"])
+        for how, agg in (("mean over layers", grouped.mean()), ("worst layer", grouped.max())):
+            rows.append(pd.DataFrame({"step": agg.index, "fraction": agg.values,
+                                      "stat": name, "aggregate": how}))
+    if not rows:
+        return empty_chart("No dead/saturated fractions logged.")
+    data = pd.concat(rows, ignore_index=True).dropna()
+    return alt.Chart(data).mark_line().encode(
+        x=alt.X("step:Q"),
+        y=alt.Y("fraction:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+        color=alt.Color("stat:N", title="", legend=alt.Legend(orient="top"),
+                        scale=alt.Scale(domain=["dead (= 0)", "saturated"],
+                                        range=["#54a24b", "#b279a2"])),
+        strokeDash=alt.StrokeDash("aggregate:N", title="", legend=alt.Legend(orient="top"),
+                                  scale=alt.Scale(domain=["mean over layers", "worst layer"],
+                                                  range=[[1, 0], [5, 3]])),
+        tooltip=["stat:N", "aggregate:N", "step:Q", alt.Tooltip("fraction:Q", format=".1%")],
+    ).properties(height=height, title=_title("Dead and saturated units", synthetic))
+
+
+# --------------------------------------------------------------------------------------------
+# Compare
+# --------------------------------------------------------------------------------------------
+def compare_chart(frames: dict, x: str, y: str, *, title: str, synthetic: bool = False,
+                  log_y: bool = False, height: int = HEIGHT) -> alt.Chart:
+    """Overlay ``y`` against ``x`` for several runs: ``frames`` maps run label -> DataFrame."""
+    parts = []
+    for label, df in frames.items():
+        if df is None or df.empty or x not in df or y not in df:
+            continue
+        part = df[[x, y]].copy()
+        part["run"] = label
+        parts.append(part)
+    if not parts:
+        return empty_chart(f"Nothing to compare yet ({y}).")
+    data = pd.concat(parts, ignore_index=True)
+    data[y] = pd.to_numeric(data[y], errors="coerce")
+    data = data[np.isfinite(data[y])]
+    if log_y:
+        data = data[data[y] > 0]
+    if data.empty:
+        return empty_chart(f"No finite values of {y} yet.")
+    scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
+    if y.endswith("accuracy"):
+        scale = alt.Scale(domain=[0, 1])
+    mark = alt.Chart(data).mark_line(point=x == "epoch")
+    return mark.encode(
+        x=alt.X(f"{x}:Q", title=x, axis=alt.Axis(tickMinStep=1) if x == "epoch" else alt.Axis()),
+        y=alt.Y(f"{y}:Q", title=y, scale=scale),
+        color=alt.Color("run:N", title="run", legend=alt.Legend(orient="bottom", columns=1,
+                                                                labelLimit=400)),
+        tooltip=["run:N", f"{x}:Q", alt.Tooltip(f"{y}:Q", format=".4f")],
+    ).properties(height=height, title=_title(title, synthetic))
+
+
+def fmt_seconds(seconds) -> str:
+    """'1 h 02 min', '3 min 05 s', '12 s' (or '?' when unknown)."""
+    try:
+        seconds = float(seconds)
+    except (TypeError, ValueError):
+        return "?"
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"

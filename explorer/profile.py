@@ -1,0 +1,188 @@
+"""The "At initialization" computation: build the network the page describes, push one batch
+through it, and return the per-layer variance profile, a plain-language verdict and the
+activations of a few layers for histograms. Plain Python (Keras, no Streamlit).
+
+The page caches :func:`compute_profile` by settings (``st.cache_data``); the probe batch is
+loaded once per process (:func:`probe_batch`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from explorer import presets
+
+# Images pushed through the network: 32 CNN images give 32x32x32 samples per channel at the first
+# stage, plenty for a variance, and keep a 30-layer profile near a second on 2 CPU cores.
+PROBE_IMAGES = {"cnn": 32, "mlp": 128}
+HIST_SAMPLE = 20_000  # activation values kept per layer for histograms
+
+
+@dataclass
+class DataInfo:
+    """Whether real CIFAR-10 can be had without a download, and what the page should say."""
+
+    source: str            # "dir" | "tfds" | "keras" | "synthetic" | "unavailable"
+    available: bool        # real CIFAR-10 without a network download
+    message: str
+
+
+def data_info() -> DataInfo:
+    """What ``load_cifar10("auto")`` would use, without loading (and without downloading)."""
+    import os
+
+    from keras_varinit import datasets
+
+    try:
+        source = datasets.resolve_source("auto")
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        return DataInfo("unavailable", False, str(error))
+    if source == "dir":
+        path = os.environ.get(getattr(datasets, "ENV_PATH", "KERAS_VARINIT_CIFAR10"))
+        if path and not os.path.exists(os.path.expanduser(path)):
+            return DataInfo("unavailable", False,
+                            f"$KERAS_VARINIT_CIFAR10 points to {path!r}, which does not exist.")
+        return DataInfo("dir", True, f"CIFAR-10 from {path or 'the decoded cache'}")
+    if source == "tfds":
+        return DataInfo("tfds", True, "CIFAR-10 from TensorFlow Datasets")
+    if source == "keras":
+        cached = getattr(datasets, "_keras_cached", lambda: None)()
+        if cached is not None:
+            return DataInfo("keras", True, f"CIFAR-10 from the Keras cache ({cached})")
+        return DataInfo(
+            "unavailable", False,
+            "Real CIFAR-10 is not available offline: $KERAS_VARINIT_CIFAR10 is not set and "
+            "nothing is cached (Keras, TFDS or the decoded cache). Training with data 'auto' "
+            "would try to download it (about 170 MB). Set KERAS_VARINIT_CIFAR10 to a "
+            "cifar10-jpeg.tar.gz or go online once, or use the synthetic CIFAR-shaped set.")
+    return DataInfo(source, source != "synthetic", source)
+
+
+@functools.lru_cache(maxsize=4)
+def probe_batch(data: str, n: int = 128, seed: int = 0):
+    """A normalized batch of ``n`` training images and labels, and whether it is synthetic.
+
+    ``data="auto"`` uses real CIFAR-10 when it is available without a download, else the
+    synthetic set (the page says so). Images are normalized per channel with the batch's
+    pooled mean and standard deviation, as training normalizes with the subset's.
+    """
+    from keras_varinit import datasets
+
+    synthetic = data == "synthetic" or not data_info().available
+    if synthetic:
+        (x, y), _ = datasets.synthetic_cifar10(n, 0, seed=seed)
+    else:
+        (x, y), _ = datasets.load_cifar10("auto", progress=False)
+        rng = np.random.default_rng(seed)
+        index = np.sort(rng.permutation(len(x))[:n])
+        x, y = x[index], y[index]
+    x = x.astype("float32")
+    mean = x.mean(axis=(0, 1, 2), keepdims=True)
+    std = x.std(axis=(0, 1, 2), keepdims=True)
+    x = (x - mean) / np.where(std > 0, std, 1.0)
+    return x.astype("float32"), np.asarray(y).reshape(-1).astype("int32"), synthetic
+
+
+@dataclass
+class Profile:
+    table: pd.DataFrame
+    verdict: str
+    activations: dict = field(default_factory=dict)   # layer name -> activation sample
+    layer_names: list = field(default_factory=list)   # every activation layer, in order
+    synthetic: bool = False
+    seconds: float = 0.0
+    lsuv_report: object = None
+
+
+def _train_config(settings: dict):
+    from keras_varinit.training import TrainConfig
+
+    s = {**presets.DEFAULTS, **settings}
+    return TrainConfig(model=s["model"], depth=int(s["depth"]), width=int(s["width"]),
+                       init=s["init"], activation=s["activation"],
+                       batch_norm=None if s["batch_norm"] == "none" else s["batch_norm"],
+                       seed=int(s["seed"]), data=s["data"])
+
+
+def build_model(settings: dict, input_shape=(32, 32, 3)):
+    """The network of these settings at initialization (exactly what training builds)."""
+    from keras_varinit import training
+
+    return training.build(_train_config(settings), tuple(input_shape))
+
+
+def histogram_layers(depth: int) -> list[int]:
+    """Default layers for histograms: first, one in the middle, last hidden (1-based)."""
+    hidden = max(1, depth - 1)
+    picks = sorted({1, max(1, (hidden + 1) // 2), hidden})
+    return picks
+
+
+def compute_profile(settings: dict, hist_layers=None, n_images: int | None = None) -> Profile:
+    """Variance profile, verdict and activation samples for ``settings`` (see module doc)."""
+    import keras
+
+    from keras_varinit import diagnostics
+
+    problems = presets.blocking_problems(settings)
+    if problems:
+        raise ValueError(problems[0])
+    start = time.perf_counter()
+    n_images = n_images or PROBE_IMAGES.get(settings.get("model"), 32)
+    x, y, synthetic = probe_batch(settings.get("data", "auto"), n_images)
+    keras.utils.set_random_seed(int(settings.get("seed", 0)))
+    model = build_model(settings, x.shape[1:])
+    x_in = x.reshape(len(x), -1) if len(model.inputs[0].shape) == 2 else x
+    report = None
+    if settings.get("init") == "lsuv":
+        from keras_varinit import initializers
+
+        report = initializers.lsuv(model, x_in)
+    table = diagnostics.variance_profile(model, x_in, y)
+    summarize = getattr(diagnostics, "summarize_profile", None)
+    verdict = summarize(table) if summarize is not None else ""
+
+    act_layers = [layer for layer in model.layers if layer.name.startswith("act_")]
+    names = [layer.name for layer in act_layers]
+    if hist_layers == "all":
+        chosen = act_layers
+    else:
+        wanted = hist_layers or histogram_layers(int(settings.get("depth", 2)))
+        chosen = [act_layers[i - 1] for i in wanted if 1 <= i <= len(act_layers)]
+    activations = {}
+    if chosen:
+        probe = keras.Model(model.inputs, [layer.output for layer in chosen])
+        outputs = probe([x_in[:32]], training=False)
+        if not isinstance(outputs, (list, tuple)):
+            outputs = [outputs]
+        rng = np.random.default_rng(0)
+        for layer, out in zip(chosen, outputs):
+            values = np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32).ravel()
+            if values.size > HIST_SAMPLE:
+                values = values[rng.choice(values.size, HIST_SAMPLE, replace=False)]
+            activations[layer.name] = values
+    return Profile(table=table, verdict=verdict, activations=activations, layer_names=names,
+                   synthetic=synthetic, seconds=time.perf_counter() - start,
+                   lsuv_report=report)
+
+
+def signal_summary(table: pd.DataFrame) -> dict:
+    """Ratios of the last layer's measured variance to the first's (forward and backward)."""
+    out = {}
+    for direction, column in (("forward", "forward_var"), ("backward", "backward_var")):
+        if column not in table or len(table) < 2:
+            continue
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
+        first, last = values[0], values[-1]
+        if direction == "backward":
+            first, last = values[-1], values[0]  # gradients flow from the last layer back
+        if math.isfinite(first) and math.isfinite(last) and first > 0:
+            out[direction] = last / first
+        else:
+            out[direction] = float("nan")
+    return out

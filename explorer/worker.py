@@ -1,0 +1,388 @@
+"""Background training jobs for the explorer: a queue, one job per device at a time (unless
+asked for more), each job a ``keras-varinit train`` subprocess writing its run directory.
+
+Plain Python (no Streamlit import). The page holds one :class:`JobManager` in
+``st.cache_resource`` so it survives reruns; a daemon thread launches queued runs, reaps
+finished ones and enforces stops. The training process is started in its own session, so
+browser reloads, page reruns and even an explorer restart do not kill it; a restarted
+explorer adopts runs whose process is still alive.
+
+Stop = SIGINT (the trainer finishes the current batch, writes complete logs and the state
+"stopped"), then SIGKILL after a grace period. A process that exits without writing a final
+state (crash, out of memory, killed) is marked "failed" with the tail of its log.
+
+Example::
+
+    store = RunStore("runs")
+    jobs = JobManager(store)
+    run_id = jobs.submit({"model": "cnn", "depth": 3, "width": 4, "data": "synthetic",
+                          "subset": 256, "epochs": 1, "batch_size": 64})
+    jobs.wait(run_id, timeout=300)
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from explorer import presets
+from explorer.run_store import (ACTIVE_STATES, JOB_FILE, LOG_FILE, STATUS_FILE,
+                                TERMINAL_STATES, RunStore, pid_alive, read_json, utc_now,
+                                write_json_atomic)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def detect_devices() -> list[dict]:
+    """The devices a job can run on: one entry per NVIDIA GPU (``nvidia-smi -L``), else CPU.
+
+    Each entry: ``{"id": "gpu:0", "name": "NVIDIA H100 80GB HBM3", "env": {...}}``; the env
+    pins the subprocess to that device. Cheap (no TensorFlow import).
+    """
+    devices = []
+    smi = shutil.which("nvidia-smi")
+    if smi and os.environ.get("CUDA_VISIBLE_DEVICES", None) != "":
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        for line in out.splitlines():
+            if line.startswith("GPU "):
+                index = line.split()[1].rstrip(":")
+                name = line.split(":", 1)[1].split("(UUID")[0].strip()
+                devices.append({"id": f"gpu:{index}", "name": name,
+                                "env": {"CUDA_VISIBLE_DEVICES": index}})
+    if not devices:
+        cores = os.cpu_count() or 1
+        devices.append({"id": "cpu", "name": f"CPU ({cores} cores)",
+                        "env": {"CUDA_VISIBLE_DEVICES": ""}})
+    return devices
+
+
+@dataclass
+class Job:
+    run_id: str
+    run_dir: pathlib.Path
+    settings: dict
+    argv: list
+    phase: str = "queued"  # queued | running | done
+    device: dict | None = None
+    proc: subprocess.Popen | None = None
+    pid: int | None = None
+    adopted: bool = False
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    stop_requested_at: float | None = None
+    returncode: int | None = None
+    final_state: str | None = None
+
+
+class JobManager:
+    """Queue of training runs executed as subprocesses, ``max_per_device`` at a time per device.
+
+    Args:
+        store: the :class:`RunStore` whose root receives the run directories.
+        max_per_device: jobs that may share one device (1 by default: one job per device).
+        devices: as returned by :func:`detect_devices` (detected when None).
+        grace_seconds: how long a stopped job may take to finish its batch before SIGKILL.
+        poll_interval: seconds between monitor ticks (launch, reap, enforce stops).
+        python: interpreter for the subprocess (``sys.executable``).
+        env: extra environment variables for the subprocess.
+        start: start the monitor thread (tests may call :meth:`poll` themselves).
+    """
+
+    def __init__(self, store: RunStore, *, max_per_device: int = 1, devices=None,
+                 grace_seconds: float = 20.0, poll_interval: float = 0.5,
+                 python: str | None = None, env: dict | None = None, start: bool = True):
+        self.store = store
+        self.max_per_device = max(1, int(max_per_device))
+        self.devices = devices if devices is not None else detect_devices()
+        self.grace_seconds = float(grace_seconds)
+        self.poll_interval = float(poll_interval)
+        self.python = python or sys.executable
+        self.env = dict(env or {})
+        self._jobs: dict[str, Job] = {}
+        self._order: list[str] = []
+        self._lock = threading.RLock()
+        self._stop_event = threading.Event()
+        self._thread = None
+        self._adopt_existing()
+        if start:
+            self.start()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self):
+        if self._thread is None or not self._thread.is_alive():
+            self._stop_event.clear()
+            self._thread = threading.Thread(target=self._loop, name="explorer-jobs", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop_event.wait(self.poll_interval):
+            try:
+                self.poll()
+            except Exception:  # never let the monitor die; the next tick retries
+                pass
+
+    def shutdown(self, stop_running: bool = True, timeout: float = 30.0):
+        """Stop the monitor; with ``stop_running``, cancel the queue and stop running jobs."""
+        if stop_running:
+            for run_id in list(self._order):
+                self.stop(run_id)
+            deadline = time.time() + timeout
+            while time.time() < deadline and self.active():
+                self.poll()
+                time.sleep(0.1)
+            for job in self.active():
+                self._kill(job)
+            self.poll()
+        self._stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # -- submitting ----------------------------------------------------------------------
+    def submit(self, settings: dict, *, stats_every: int | None = None) -> str:
+        """Queue a run; returns its id (the run directory's name under the store's root)."""
+        settings = {**presets.DEFAULTS, **settings}
+        problems = presets.blocking_problems(settings)
+        if problems:
+            raise ValueError(problems[0])
+        if stats_every is None:
+            stats_every = presets.default_stats_every(settings)
+        run_dir = self.store.new_run_dir(presets.slug(settings))
+        argv = [self.python, "-m", "keras_varinit.cli",
+                *presets.cli_args(settings, run_dir, stats_every=stats_every)]
+        job = Job(run_id=run_dir.name, run_dir=run_dir, settings=settings, argv=argv)
+        self._write_job_file(job)
+        write_json_atomic(run_dir / STATUS_FILE, {
+            "state": "queued", "epoch": 0, "step": 0, "total_steps": None,
+            "images_per_second": None, "eta_seconds": None, "device": None,
+            "started_at": None, "updated_at": utc_now(), "error": None})
+        with self._lock:
+            self._jobs[job.run_id] = job
+            self._order.append(job.run_id)
+        self.poll()
+        return job.run_id
+
+    def submit_many(self, settings_list, **kwargs) -> list[str]:
+        return [self.submit(s, **kwargs) for s in settings_list]
+
+    # -- stopping ------------------------------------------------------------------------
+    def stop(self, run_id: str) -> bool:
+        """Cancel a queued run, or ask a running one to stop (SIGINT; SIGKILL after grace)."""
+        with self._lock:
+            job = self._jobs.get(run_id)
+            if job is None or job.phase == "done":
+                return False
+            if job.phase == "queued":
+                job.phase, job.final_state, job.ended_at = "done", "stopped", time.time()
+                self._order.remove(run_id)
+                self._set_status(job, "stopped", error="cancelled before it started")
+                return True
+            if job.stop_requested_at is None:
+                job.stop_requested_at = time.time()
+                self._signal(job, signal.SIGINT)
+            return True
+
+    def stop_all(self):
+        for run_id in list(self._order):
+            self.stop(run_id)
+
+    # -- state ---------------------------------------------------------------------------
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return [self._jobs[r] for r in self._order]
+
+    def active(self) -> list[Job]:
+        return [j for j in self.jobs() if j.phase == "running"]
+
+    def queued(self) -> list[Job]:
+        return [j for j in self.jobs() if j.phase == "queued"]
+
+    def job(self, run_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(run_id)
+
+    def busy(self) -> bool:
+        return bool(self.active() or self.queued())
+
+    def set_max_per_device(self, n: int):
+        self.max_per_device = max(1, int(n))
+        self.poll()
+
+    def wait(self, run_id: str, timeout: float = 600.0) -> str | None:
+        """Block until the run has ended (or ``timeout``); returns its final state."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            self.poll()
+            job = self.job(run_id)
+            if job is None or job.phase == "done":
+                return job.final_state if job else None
+            time.sleep(0.2)
+        return None
+
+    # -- the monitor tick ----------------------------------------------------------------
+    def poll(self):
+        """Reap ended processes, enforce stop deadlines, start queued runs on free devices."""
+        with self._lock:
+            now = time.time()
+            for job in [j for j in self._jobs.values() if j.phase == "running"]:
+                returncode = self._returncode(job)
+                if returncode is None:
+                    if (job.stop_requested_at is not None
+                            and now - job.stop_requested_at > self.grace_seconds):
+                        self._kill(job)
+                    continue
+                self._finish(job, returncode)
+            for job in self._jobs.values():
+                if job.phase != "queued":
+                    continue
+                device = self._free_device()
+                if device is None:
+                    break
+                self._launch(job, device)
+
+    def _returncode(self, job: Job):
+        if job.proc is not None:
+            return job.proc.poll()
+        return None if pid_alive(job.pid) else -1
+
+    def _free_device(self):
+        load = {d["id"]: 0 for d in self.devices}
+        for job in self._jobs.values():
+            if job.phase == "running" and job.device is not None:
+                load[job.device["id"]] = load.get(job.device["id"], 0) + 1
+        for device in self.devices:
+            if load.get(device["id"], 0) < self.max_per_device:
+                return device
+        return None
+
+    def _launch(self, job: Job, device: dict):
+        env = dict(os.environ)
+        env.update({"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
+        env.update(device.get("env", {}))
+        env.update(self.env)
+        pythonpath = env.get("PYTHONPATH", "")
+        if str(REPO_ROOT) not in pythonpath.split(os.pathsep):
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), pythonpath) if p)
+        job.device = device
+        try:
+            with open(job.run_dir / LOG_FILE, "ab") as log:
+                log.write(f"$ {' '.join(job.argv)}\n".encode())
+                log.flush()
+                job.proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=env,
+                                            cwd=str(REPO_ROOT), start_new_session=True)
+        except OSError as error:
+            job.phase, job.final_state, job.ended_at = "done", "failed", time.time()
+            self._set_status(job, "failed", error=f"could not start training: {error}")
+            return
+        job.pid = job.proc.pid
+        job.phase, job.started_at = "running", time.time()
+        self._write_job_file(job)
+        status = read_json(job.run_dir / STATUS_FILE, {}) or {}
+        if status.get("state") in (None, "queued"):
+            self._set_status(job, "running", device=device["name"])
+
+    def _finish(self, job: Job, returncode: int):
+        job.returncode, job.ended_at, job.phase = returncode, time.time(), "done"
+        if job.proc is not None:
+            try:
+                job.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        status = read_json(job.run_dir / STATUS_FILE, {}) or {}
+        state = status.get("state")
+        if state in TERMINAL_STATES:
+            job.final_state = state
+        elif job.stop_requested_at is not None:
+            job.final_state = "stopped"
+            self._set_status(job, "stopped",
+                             error=f"stopped (process exited with code {returncode} before "
+                                   "writing its final state)")
+        else:
+            job.final_state = "failed"
+            tail = self.store.log_tail(job.run_id, 15).strip()
+            self._set_status(job, "failed",
+                             error=f"training process exited with code {returncode} without "
+                                   f"finishing" + (f":\n{tail}" if tail else ""))
+        self._write_job_file(job)
+
+    def _signal(self, job: Job, sig):
+        try:
+            if job.proc is not None:
+                job.proc.send_signal(sig)
+            elif job.pid is not None:
+                os.kill(job.pid, sig)
+        except (ProcessLookupError, OSError):
+            pass
+
+    def _kill(self, job: Job):
+        self._signal(job, signal.SIGKILL)
+
+    # -- files ---------------------------------------------------------------------------
+    def _write_job_file(self, job: Job):
+        write_json_atomic(job.run_dir / JOB_FILE, {
+            "run_id": job.run_id,
+            "settings": job.settings,
+            "argv": job.argv,
+            "created": job.submitted_at,
+            "owner_pid": os.getpid(),
+            "pid": job.pid,
+            "device": job.device["name"] if job.device else None,
+            "device_id": job.device["id"] if job.device else None,
+            "returncode": job.returncode,
+            "final_state": job.final_state,
+        })
+
+    def _set_status(self, job: Job, state: str, **fields):
+        path = job.run_dir / STATUS_FILE
+        status = read_json(path, {}) or {}
+        status.update(fields)
+        status["state"] = state
+        status["updated_at"] = utc_now()
+        try:
+            write_json_atomic(path, status)
+        except OSError:
+            pass
+
+    def _adopt_existing(self):
+        """After a restart: keep watching live runs of an earlier explorer, settle dead ones."""
+        for run_id in self.store.run_ids():
+            path = self.store.path(run_id)
+            job_file = read_json(path / JOB_FILE, None)
+            if not isinstance(job_file, dict):
+                continue
+            status = read_json(path / STATUS_FILE, {}) or {}
+            if status.get("state") not in ACTIVE_STATES:
+                continue
+            owner = job_file.get("owner_pid")
+            if owner == os.getpid():
+                continue
+            pid = job_file.get("pid")
+            job = Job(run_id=run_id, run_dir=path, settings=job_file.get("settings") or {},
+                      argv=job_file.get("argv") or [], pid=pid, adopted=True,
+                      submitted_at=job_file.get("created") or time.time())
+            if pid is not None and pid_alive(pid):
+                device_id = job_file.get("device_id")
+                job.device = next((d for d in self.devices if d["id"] == device_id),
+                                  self.devices[0])
+                job.phase, job.started_at = "running", time.time()
+                self._jobs[run_id] = job
+                self._order.append(run_id)
+            elif pid is None and owner is not None and pid_alive(owner):
+                continue  # queued by another explorer that is still alive: its business
+            else:
+                job.phase, job.final_state = "done", "failed"
+                reason = ("the explorer that queued it stopped before it started"
+                          if pid is None else "its training process is gone (explorer or "
+                          "machine restarted while it ran)")
+                self._set_status(job, "failed", error=reason)
