@@ -74,6 +74,13 @@ def _matcher(specs, argname):
     return match, specs
 
 
+def _variable_to_numpy(variable):
+    """A float64 host copy of a Keras variable (TF, TF-distributed or JAX)."""
+    value = variable.value
+    value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+    return np.array(value, dtype=np.float64)
+
+
 def _to_jsonable(record):
     out = {}
     for k, v in record.items():
@@ -375,7 +382,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
                 row["weight_std"] = None
                 row["weight_grad_std"] = None
             else:
-                w_now = np.array(keras.ops.convert_to_numpy(w), dtype=np.float64)
+                w_now = _variable_to_numpy(w)
                 prev = self._prev_weights.get(id(layer))
                 if prev is not None:
                     with np.errstate(all="ignore"):

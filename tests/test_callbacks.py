@@ -1,0 +1,428 @@
+"""Tests for keras_varinit.callbacks.LayerStatsLogger (record contract in CONTRIBUTING.md)."""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_varinit.callbacks import RECORD_FIELDS, LayerStatsLogger
+
+bi = pytest.mark.backend_independent
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _mlp(activation="relu", init=None, width=16, n_in=8, n_out=3, seed=0, sequential=True):
+    init = init or keras.initializers.GlorotNormal(seed=seed)
+    layers = [
+        keras.layers.Dense(width, kernel_initializer=init, name="d1"),
+        keras.layers.Activation(activation, name="a1"),
+        keras.layers.Dense(width, activation=activation, kernel_initializer=init, name="d2"),
+        keras.layers.Dense(n_out, kernel_initializer=init, name="logits"),
+    ]
+    if sequential:
+        return keras.Sequential([keras.Input((n_in,))] + layers, name="seq")
+    inp = keras.Input((n_in,))
+    h = inp
+    for layer in layers:
+        h = layer(h)
+    return keras.Model(inp, h, name="func")
+
+
+def _data(n=64, n_in=8, n_out=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, n_in)).astype("float32"), rng.integers(0, n_out, n)
+
+
+def _probe_now(model, probe, **kw):
+    """Run the logger once on the current weights, outside fit (step 0 record)."""
+    cb = LayerStatsLogger(probe, **kw)
+    cb.set_model(model)
+    cb.on_train_begin()
+    return cb
+
+
+def _rec(cb, layer, step=None):
+    rows = [r for r in cb.history if r["layer"] == layer and (step is None or r["step"] == step)]
+    assert rows, (layer, step)
+    return rows[-1]
+
+
+def _sub_outputs(model, x, names):
+    graph = model._functional if isinstance(model, keras.Sequential) else model
+    sub = keras.Model(graph.inputs[0], [model.get_layer(n).output for n in names])
+    outs = sub(x, training=False)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    return [np.asarray(o) for o in outs]
+
+
+# -- schedule and record format ----------------------------------------------------------------
+
+@bi
+def test_records_at_step_zero_every_n_steps_and_epoch_end(tmp_path):
+    x, y = _data(64)
+    model = _mlp()
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cb = LayerStatsLogger((x[:32], y[:32]), every_n_steps=3)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)  # 4 steps/epoch
+    steps = sorted({r["step"] for r in cb.history})
+    assert steps == [0, 3, 4, 6, 8]
+    assert {(r["step"], r["epoch"]) for r in cb.history} == {(0, 0), (3, 0), (4, 0), (6, 1),
+                                                             (8, 1)}
+    assert [r["layer"] for r in cb.history if r["step"] == 0] == ["d1", "a1", "d2", "logits"]
+    assert [r["layer_index"] for r in cb.history if r["step"] == 0] == [0, 1, 2, 3]
+    assert _rec(cb, "a1", 0)["layer_type"] == "Activation"
+    for r in cb.history:
+        assert tuple(r) == RECORD_FIELDS
+    df = cb.to_dataframe()
+    assert list(df.columns) == list(RECORD_FIELDS)
+    assert len(df) == 5 * 4
+    # update ratio: null at the first log, > 0 once training moved the weights; null for
+    # layers without weights.
+    assert all(r["update_ratio"] is None for r in cb.history if r["step"] == 0)
+    assert all(r["update_ratio"] > 0 for r in cb.history
+               if r["step"] > 0 and r["layer"] != "a1")
+    assert all(r["update_ratio"] is None and r["weight_std"] is None
+               for r in cb.history if r["layer"] == "a1")
+    assert df["update_ratio"].isna().sum() == 4 + 4  # step 0 (4 layers) + a1 at 4 later logs
+    assert cb.loss_source == "compiled"
+
+
+@bi
+def test_every_n_steps_none_logs_only_begin_and_epoch_ends():
+    x, y = _data(64)
+    model = _mlp()
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    cb = LayerStatsLogger((x[:16], y[:16]), every_n_steps=None)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
+    assert sorted({r["step"] for r in cb.history}) == [0, 4, 8]
+
+
+# -- values against independent computations ---------------------------------------------------
+
+@bi
+@pytest.mark.parametrize("sequential", [True, False])
+def test_activation_stats_match_a_direct_forward_pass(sequential):
+    x, y = _data(128)
+    model = _mlp(sequential=sequential)
+    cb = _probe_now(model, (x, y))
+    names = ["d1", "a1", "d2", "logits"]
+    for name, a in zip(names, _sub_outputs(model, x, names)):
+        r = _rec(cb, name, 0)
+        np.testing.assert_allclose(r["activation_mean"], a.mean(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r["activation_std"], a.std(), rtol=1e-4)
+        np.testing.assert_allclose(r["zero_fraction"], np.mean(a == 0), atol=1e-7)
+    # the ReLU layer kills about half its inputs; the Dense before it none
+    assert 0.3 < _rec(cb, "a1")["zero_fraction"] < 0.7
+    assert _rec(cb, "d1")["zero_fraction"] == 0.0
+    w = np.asarray(model.get_layer("d2").kernel)
+    np.testing.assert_allclose(_rec(cb, "d2")["weight_std"], w.std(), rtol=1e-5)
+
+
+@bi
+def test_gradient_stats_match_a_manual_backward_pass():
+    """Tiny tanh net, cross-entropy from logits; dL/da and dL/dW by hand in numpy."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 5)).astype("float32")
+    y = rng.integers(0, 3, 32)
+    inp = keras.Input((5,))
+    h = keras.layers.Dense(4, activation="tanh", bias_initializer="glorot_uniform", name="h")(inp)
+    out = keras.layers.Dense(3, bias_initializer="glorot_uniform", name="out")(h)
+    model = keras.Model(inp, out)
+    cb = _probe_now(model, (x, y))
+    assert cb.loss_source == "cross_entropy"  # not compiled: sparse CE from logits
+
+    w1, b1 = (np.asarray(v, dtype=np.float64) for v in model.get_layer("h").weights)
+    w2, b2 = (np.asarray(v, dtype=np.float64) for v in model.get_layer("out").weights)
+    a1 = np.tanh(x @ w1 + b1)
+    logits = a1 @ w2 + b2
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d_logits = (p - np.eye(3)[y]) / len(x)
+    d_a1 = d_logits @ w2.T
+    d_w2 = a1.T @ d_logits
+    d_w1 = x.T @ (d_a1 * (1 - a1 ** 2))
+
+    h_rec, o_rec = _rec(cb, "h"), _rec(cb, "out")
+    np.testing.assert_allclose(o_rec["activation_grad_std"], d_logits.std(), rtol=1e-4)
+    np.testing.assert_allclose(h_rec["activation_grad_std"], d_a1.std(), rtol=1e-4)
+    np.testing.assert_allclose(o_rec["weight_grad_std"], d_w2.std(), rtol=1e-4)
+    np.testing.assert_allclose(h_rec["weight_grad_std"], d_w1.std(), rtol=1e-4)
+    np.testing.assert_allclose(h_rec["activation_std"], a1.std(), rtol=1e-4)
+
+
+@bi
+def test_compiled_loss_is_used_and_bad_compiled_loss_falls_back():
+    x, y = _data(32)
+    model = _mlp()
+    # compiled MSE on one-hot targets: dL/dlogits = 2 (z - t) / (N * C)
+    y1h = np.eye(3, dtype="float32")[y]
+    model.compile("sgd", "mean_squared_error")
+    cb = _probe_now(model, (x, y1h))
+    assert cb.loss_source == "compiled"
+    z = _sub_outputs(model, x, ["logits"])[0].astype(np.float64)
+    np.testing.assert_allclose(_rec(cb, "logits")["activation_grad_std"],
+                               (2 * (z - y1h) / z.size).std(), rtol=1e-4)
+
+    def bad_loss(y_true, y_pred):
+        raise TypeError("not for this probe")
+
+    model.compile("sgd", bad_loss)
+    with pytest.warns(UserWarning, match="compiled loss"):
+        cb = _probe_now(model, (x, y))
+    assert cb.loss_source == "cross_entropy"
+    assert len(cb.history) == 4
+
+
+@bi
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_saturated_fraction_large_vs_small_weights(activation):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 64)).astype("float32")
+    y = rng.integers(0, 10, 256)
+
+    def net(std):
+        init = keras.initializers.RandomNormal(stddev=std, seed=0)
+        layers = [keras.Input((64,))]
+        for i in range(4):
+            layers.append(keras.layers.Dense(64, activation=activation, kernel_initializer=init,
+                                             name=f"h{i}"))
+        layers.append(keras.layers.Dense(10, kernel_initializer=init, name="logits"))
+        return keras.Sequential(layers)
+
+    big = _probe_now(net(1.0), (x, y))       # pre-activation std ~ 8: saturates
+    small = _probe_now(net(0.001), (x, y))   # pre-activation std ~ 0.008: linear regime
+    for i in range(4):
+        assert _rec(big, f"h{i}")["saturated_fraction"] > 0.5
+        if activation == "tanh":
+            assert _rec(small, f"h{i}")["saturated_fraction"] < 0.01
+    if activation == "sigmoid":  # small weights keep sigmoid at 0.5: inside [0.03, 0.97]
+        assert _rec(small, "h0")["saturated_fraction"] < 0.01
+    # the logits layer has no saturating activation
+    assert _rec(big, "logits")["saturated_fraction"] == 0.0
+    # check the tanh figure against numpy on the first layer
+    a = _sub_outputs(big.model, x, ["h0"])[0]
+    expected = (np.mean(np.abs(a) > 0.97) if activation == "tanh"
+                else np.mean((a < 0.03) | (a > 0.97)))
+    np.testing.assert_allclose(_rec(big, "h0")["saturated_fraction"], expected, atol=1e-6)
+
+
+# -- divergence ----------------------------------------------------------------------------------
+
+@bi
+def test_nan_weights_are_logged_with_counts_not_raised(tmp_path):
+    x, y = _data(64)
+    model = _mlp()
+    model.compile(keras.optimizers.SGD(1e30), keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    k = model.get_layer("d2").kernel
+    bad = np.asarray(k).copy()
+    bad[0, 0] = np.nan
+    k.assign(bad)
+    path = tmp_path / "stats.jsonl"
+    cb = LayerStatsLogger((x[:16], y[:16]), every_n_steps=2, jsonl_path=path,
+                          log_dir=tmp_path / "tb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the probe itself must not fail
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    first = {r["layer"]: r for r in cb.history if r["step"] == 0}
+    # upstream of the NaN weight the forward pass is clean; the NaN kernel itself is counted
+    assert math.isfinite(first["d1"]["activation_std"])
+    assert first["d1"]["inf_count"] == 0
+    assert first["d2"]["nan_count"] >= 1
+    # after a step with lr 1e30 and NaN gradients every kernel is NaN: logged, not raised
+    last = {r["layer"]: r for r in cb.history if r["step"] == 4}
+    for name in ("d1", "d2", "logits"):
+        assert last[name]["nan_count"] >= last_kernel_size(model, name)
+        assert math.isnan(last[name]["weight_std"])
+    assert math.isnan(last["logits"]["activation_std"])
+    assert sorted({r["step"] for r in cb.history}) == [0, 2, 4]
+    for line in path.read_text().splitlines():
+        rec = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in JSONL"))
+        assert rec["nan_count"] is not None
+    assert json.loads(path.read_text().splitlines()[-1])["activation_std"] is None
+
+
+def last_kernel_size(model, name):
+    return int(np.prod(model.get_layer(name).kernel.shape))
+
+
+# -- filters and errors --------------------------------------------------------------------------
+
+@bi
+def test_layers_and_exclude_filters_by_name_and_type():
+    x, y = _data(16)
+    model = _mlp()
+    names = lambda cb: [r["layer"] for r in cb.history]
+    assert names(_probe_now(model, (x, y), layers=["d2"])) == ["d2"]
+    assert names(_probe_now(model, (x, y), layers=[keras.layers.Activation])) == ["a1"]
+    assert names(_probe_now(model, (x, y), layers="Dense")) == ["d1", "d2", "logits"]
+    assert names(_probe_now(model, (x, y), exclude=["logits", "Activation"])) == ["d1", "d2"]
+    assert names(_probe_now(model, (x, y), layers=["Dense", "a1"], exclude=keras.layers.Dense)) \
+        == ["a1"]
+
+
+@bi
+def test_bad_arguments_raise_clear_errors():
+    x, y = _data(16)
+    model = _mlp()
+    with pytest.raises(ValueError, match="matches no layer"):
+        _probe_now(model, (x, y), layers=["nope"])
+    with pytest.raises(ValueError, match="tracks no layer"):
+        _probe_now(model, (x, y), exclude=["Dense", "Activation"])
+    with pytest.raises(ValueError, match="layer names, layer classes"):
+        LayerStatsLogger((x, y), layers=[3])
+    with pytest.raises(ValueError, match="every_n_steps"):
+        LayerStatsLogger((x, y), every_n_steps=0)
+    with pytest.raises(ValueError, match="pair"):
+        LayerStatsLogger(x)
+    with pytest.raises(ValueError, match="same number"):
+        LayerStatsLogger((x, y[:3]))
+
+
+@bi
+def test_subclassed_model_gets_a_clear_error():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.d(x)
+
+    x, y = _data(16)
+    model = Net()
+    model(x)
+    with pytest.raises(ValueError, match="subclassed model of type 'Net'"):
+        _probe_now(model, (x, y))
+
+
+@bi
+def test_functional_model_with_branches():
+    x, y = _data(64)
+    inp = keras.Input((8,))
+    a = keras.layers.Dense(8, activation="relu", name="a")(inp)
+    b = keras.layers.Dense(8, name="b")(inp)
+    s = keras.layers.Add(name="add")([a, b])
+    t = keras.layers.Activation("tanh", name="t")(s)
+    out = keras.layers.Dense(3, name="out")(t)
+    model = keras.Model(inp, out)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cb = LayerStatsLogger((x, y), every_n_steps=2)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    assert [r["layer"] for r in cb.history if r["step"] == 0] == ["a", "b", "t", "out"]
+    last = max(r["step"] for r in cb.history)
+    for name, act in zip(["a", "t"], _sub_outputs(model, x, ["a", "t"])):
+        np.testing.assert_allclose(_rec(cb, name, last)["activation_std"], act.std(), rtol=1e-4)
+
+
+# -- sinks ---------------------------------------------------------------------------------------
+
+@bi
+def test_jsonl_file_is_tailable_with_contract_fields(tmp_path):
+    x, y = _data(64)
+    model = _mlp()
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = tmp_path / "sub" / "layer_stats.jsonl"
+    seen = []
+
+    class Tail(keras.callbacks.Callback):  # another reader, during training
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(len(path.read_text().splitlines()) if path.exists() else 0)
+
+    cb = LayerStatsLogger((x[:16], y[:16]), every_n_steps=2, jsonl_path=path)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb, Tail()], verbose=0)
+    assert seen == [4, 8, 8, 12]  # flushed after every log, before training goes on
+    text = path.read_text()
+    assert text.endswith("\n")
+    lines = text.splitlines()
+    assert len(lines) == len(cb.history) == 3 * 4
+    for line, rec in zip(lines, cb.history):
+        parsed = json.loads(line)
+        assert tuple(parsed) == RECORD_FIELDS
+        assert parsed["step"] == rec["step"] and parsed["layer"] == rec["layer"]
+    assert json.loads(lines[0])["update_ratio"] is None
+
+
+@bi
+def test_tensorboard_scalars_grouped_per_statistic(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    from tensorboard.util import tensor_util
+
+    x, y = _data(64)
+    model = _mlp()
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cb = LayerStatsLogger((x[:16], y[:16]), log_dir=tmp_path / "tb", every_n_steps=2,
+                          histograms=True)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    acc = ea.EventAccumulator(str(tmp_path / "tb"), size_guidance={ea.TENSORS: 0})
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    for layer in ("d1", "a1", "d2", "logits"):
+        assert f"layer_stats/activation_std/{layer}" in tags
+        assert f"layer_stats/activation_grad_std/{layer}" in tags
+        assert f"layer_hist/activation/{layer}" in tags
+    assert "layer_stats/weight_std/a1" not in tags  # no weights, nothing written
+    events = acc.Tensors("layer_stats/activation_std/d1")
+    assert [e.step for e in events] == [0, 2, 4]
+    np.testing.assert_allclose(
+        float(tensor_util.make_ndarray(events[0].tensor_proto)),
+        _rec(cb, "d1", 0)["activation_std"], rtol=1e-6)
+
+
+# -- distribution --------------------------------------------------------------------------------
+
+MIRRORED_SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import numpy as np, keras
+    from keras_varinit.callbacks import LayerStatsLogger
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 8, 8, 3)).astype("float32"); y = rng.integers(0, 4, 128)
+    with strategy.scope():
+        m = keras.Sequential([keras.Input((8, 8, 3)),
+                              keras.layers.Conv2D(4, 3, activation="relu", name="c1"),
+                              keras.layers.Flatten(), keras.layers.Dense(4, name="out")])
+        m.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cb = LayerStatsLogger((x[:32], y[:32]), every_n_steps=2, log_dir=sys.argv[1],
+                          jsonl_path=sys.argv[2])
+    m.fit(x, y, batch_size=32, epochs=1, callbacks=[cb], verbose=0)
+    sub = keras.Model(m.inputs, m.get_layer("c1").output)
+    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "history": cb.history,
+                      "c1_std": float(np.std(np.asarray(sub(x[:32]))))}))
+''')
+
+
+def test_mirrored_strategy_two_logical_cpus(tmp_path, backend):
+    if backend != "tensorflow":
+        pytest.skip("tf.distribute.MirroredStrategy is TensorFlow only")
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "tb"),
+                           str(tmp_path / "s.jsonl")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    hist = out["history"]
+    assert sorted({r["step"] for r in hist}) == [0, 2, 4]
+    last = [r for r in hist if r["step"] == 4]
+    assert all(r["weight_grad_std"] > 0 and r["update_ratio"] > 0 for r in last)
+    c1 = [r for r in last if r["layer"] == "c1"][0]
+    np.testing.assert_allclose(c1["activation_std"], out["c1_std"], rtol=1e-4)
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == len(hist)
+    assert list((tmp_path / "tb").iterdir())
