@@ -114,6 +114,7 @@ def test_bad_config_writes_nothing(tmp_path):
 
 # --------------------------------------------------------------------------- a run
 
+@pytest.mark.backend_independent
 def test_tiny_run_writes_every_file_of_the_contract(tmp_path):
     run_dir = tmp_path / "run"
     result = run_training(tiny(), run_dir, verbose=0)
@@ -194,6 +195,7 @@ def test_mixed_precision_run_restores_policy(tmp_path):
 
 # --------------------------------------------------------------------------- divergence
 
+@pytest.mark.backend_independent
 def test_huge_learning_rate_ends_diverged(tmp_path):
     run_dir = tmp_path / "run"
     result = run_training(tiny(lr=1e6, epochs=3), run_dir, verbose=0)
@@ -243,6 +245,7 @@ def test_other_files_in_the_run_directory_are_kept(tmp_path):
 
 # --------------------------------------------------------------------------- stop and resume
 
+@pytest.mark.backend_independent
 def test_stop_event_then_resume_continues_from_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     config = tiny(epochs=3)
@@ -374,6 +377,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, backend):
     assert rf.read_json(tmp_path / "run" / "status.json")["state"] == "finished"
 
 
+@pytest.mark.backend_independent
 def test_distribute_on_jax_is_a_clear_error(tmp_path, backend):
     if backend != "jax":
         pytest.skip("only meaningful on the JAX backend")

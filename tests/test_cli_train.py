@@ -1,0 +1,161 @@
+"""Tests for `keras-varinit train` (keras_varinit/cli/train.py)."""
+import argparse
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from keras_varinit import run_files as rf
+from keras_varinit.cli import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+TINY = ["--model", "cnn", "--depth", "3", "--width", "4", "--data", "synthetic",
+        "--subset", "256", "--val-subset", "64", "--epochs", "1", "--batch-size", "64",
+        "--stats-every", "2"]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="keras-varinit")
+    subparsers = parser.add_subparsers(dest="command")
+    train.add_parser(subparsers)
+    return parser.parse_args(["train", *argv])
+
+
+def dispatcher_ready():
+    cli = REPO / "keras_varinit" / "cli"
+    return (cli / "profile.py").exists() and (cli / "stats.py").exists()
+
+
+needs_dispatcher = pytest.mark.skipif(
+    not dispatcher_ready(), reason="keras_varinit/cli/profile.py and stats.py (imported by the "
+    "dispatcher) are not there yet")
+
+
+def cli(*argv, timeout=300, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([PYTHON, "-m", "keras_varinit.cli", "train", *argv], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.mark.backend_independent
+def test_arguments_map_to_the_config():
+    args = parse(["--model", "mlp", "--depth", "12", "--width", "64", "--init", "normal:0.01",
+                  "--activation", "tanh", "--batch-norm", "none", "--optimizer", "adam",
+                  "--lr", "0.001", "--momentum", "0", "--epochs", "3", "--batch-size", "32",
+                  "--subset", "0", "--data", "synthetic", "--seed", "7", "--mixed-precision",
+                  "--stats-every", "10"])
+    config = train.config_from_args(args)
+    assert (config.model, config.depth, config.width, config.init) == \
+        ("mlp", 12, 64, "normal:0.01")
+    assert config.batch_norm is None and config.subset is None
+    assert (config.optimizer, config.lr, config.momentum, config.epochs) == ("adam", 1e-3, 0, 3)
+    assert config.seed == 7 and config.mixed_precision is True
+    assert config.stats_every_n_steps == 10 and config.distribute is None
+    assert parse(["--batch-norm", "per_sample"]).batch_norm == "per_sample"
+    assert parse(["--distribute", "mirrored"]).distribute == "mirrored"
+    with pytest.raises(SystemExit):
+        parse(["--resume", "--overwrite"])
+    with pytest.raises(SystemExit):
+        parse(["--optimizer", "lamb"])
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("argv, match", [
+    (["--depth", "1"], "depth=1"),
+    (["--init", "bogus_init"], "init='bogus_init'"),
+    (["--activation", "bogus"], "activation='bogus'"),
+    (["--batch-norm", "group"], "batch_norm='group'"),
+])
+def test_bad_arguments_raise_value_error(tmp_path, argv, match):
+    args = parse([*TINY, *argv, "--log-dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=match):
+        train.run(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_needs_a_log_dir():
+    with pytest.raises(ValueError, match="--log-dir"):
+        train.run(parse([*TINY, "--resume"]))
+
+
+def test_run_in_process_prints_device_metrics_and_tensorboard(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = train.run(parse([*TINY, "--quiet", "--log-dir", str(run_dir)]))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Run finished after 1/1 epochs" in out
+    assert "SYNTHETIC" in out
+    assert "val_accuracy" in out
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in out
+    assert rf.read_json(run_dir / "status.json")["state"] == "finished"
+
+
+def test_default_log_dir_is_runs_timestamp_slug(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train.run(parse([*TINY, "--quiet", "--stats-every", "0"])) == 0
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    assert run_dir.name.endswith("-cnn-d3-w4-kaiming_normal-relu-sgd-lr0.01-synthetic-s0")
+    assert (run_dir / "metrics.csv").exists()
+
+
+@needs_dispatcher
+def test_cli_subprocess_run_and_refusal(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = cli(*TINY, "--log-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training on " in proc.stdout  # the device line
+    assert "tensorboard --logdir" in proc.stdout
+    for name in ("config.json", "status.json", "steps.jsonl", "metrics.csv",
+                 "layer_stats.jsonl", "tensorboard"):
+        assert (run_dir / name).exists(), name
+    # A different run in the same directory: one-line error, exit 2.
+    proc = cli(*TINY, "--depth", "4", "--log-dir", str(run_dir))
+    assert proc.returncode == 2
+    assert "keras-varinit train: error:" in proc.stderr and "different run" in proc.stderr
+    proc = cli(*TINY, "--init", "bogus", "--log-dir", str(tmp_path / "other"))
+    assert proc.returncode == 2 and "init='bogus'" in proc.stderr
+
+
+@needs_dispatcher
+def test_cli_ctrl_c_then_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [*TINY, "--epochs", "30", "--subset", "128", "--batch-size", "32",
+            "--log-dir", str(run_dir)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen([PYTHON, "-m", "keras_varinit.cli", "train", *argv], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            status = rf.read_json(run_dir / "status.json") or {}
+            if (status.get("step") or 0) >= 6:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"training did not start: {status}")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "--resume" in out
+    status = rf.read_json(run_dir / "status.json")
+    assert status["state"] == "stopped"
+    assert (run_dir / "checkpoint" / "latest.weights.h5").exists()
+    # Resuming with a shorter run is a different config: refused.
+    proc = cli(*TINY, "--log-dir", str(run_dir), "--resume")
+    assert proc.returncode == 2 and "different run" in proc.stderr
+    # The same command with --resume finishes the run.
+    proc = cli(*argv, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout
+    assert rf.read_json(run_dir / "status.json")["state"] == "finished"
+    epochs = [int(r["epoch"]) for r in rf.MetricsCsv(run_dir / "metrics.csv").read()]
+    assert epochs == list(range(1, 31))
