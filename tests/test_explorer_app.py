@@ -1,0 +1,130 @@
+"""The Streamlit page through `streamlit.testing.v1.AppTest` (no browser): it renders, the init
+profile follows depth and initializer, invalid combinations are explained, the offline-data
+banner offers the synthetic set, and a tiny synthetic training run completes on the page."""
+import pathlib
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = str(pathlib.Path(__file__).resolve().parents[1] / "explorer" / "app.py")
+TIMEOUT = 240
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch):
+    path = tmp_path / "runs"
+    monkeypatch.setenv("KERAS_VARINIT_RUNS_DIR", str(path))
+    return path
+
+
+def _app(**query):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for key, value in query.items():
+        at.query_params[key] = str(value)
+    return at
+
+
+def _no_exceptions(at):
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _verdict(at):
+    texts = [e.value for e in at.success] + [e.value for e in at.error]
+    return [t for t in texts if "variance" in t]
+
+
+def _metric(at, label):
+    for m in at.metric:
+        if m.label.startswith(label):
+            return m.value
+    raise AssertionError(f"no metric {label!r} in {[m.label for m in at.metric]}")
+
+
+def test_page_renders_and_profile_follows_depth_and_initializer(runs_dir):
+    at = _app(data="synthetic", depth=30, init="kaiming_normal").run()
+    _no_exceptions(at)
+    assert [t.label for t in at.tabs] == ["At initialization", "Training", "Compare"]
+    assert any("30-layer CNN" in s.value for s in at.subheader)
+    first = (_verdict(at), _metric(at, "Forward variance"), _metric(at, "Gradient variance"))
+    assert first[0] and "30 layers" in first[0][0]
+
+    at.slider(key="depth").set_value(10)
+    at.selectbox(key="init").set_value("xavier_normal")
+    at.run()
+    _no_exceptions(at)
+    second = (_verdict(at), _metric(at, "Forward variance"), _metric(at, "Gradient variance"))
+    assert second != first
+    assert "10 layers" in second[0][0]
+    assert any("10-layer CNN" in s.value and "Xavier" in s.value for s in at.subheader)
+    # the settings are in the URL, so the configuration can be shared
+    assert at.query_params["depth"] == ["10"] or at.query_params["depth"] == "10"
+    assert "xavier_normal" in str(at.query_params["init"])
+
+
+def test_invalid_combination_is_explained_not_crashed(runs_dir):
+    at = _app(data="synthetic", model="mlp", batch_norm="per_sample", depth=5).run()
+    _no_exceptions(at)
+    assert any("Per-sample batch normalization" in e.value for e in at.error)
+    assert at.button(key="train").disabled
+
+
+def test_bad_url_values_are_reported(runs_dir):
+    at = _app(data="synthetic", depth=500, init="nonsense", depth_extra="x").run()
+    _no_exceptions(at)
+    notes = " ".join(w.value for w in at.warning)
+    assert "depth" in notes and "init" in notes
+    assert at.slider(key="depth").value == 60
+
+
+def test_offline_banner_offers_synthetic_data(runs_dir, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.delenv("KERAS_VARINIT_CIFAR10", raising=False)
+    monkeypatch.setenv("KERAS_VARINIT_CACHE_DIR", str(empty))
+    monkeypatch.setenv("KERAS_HOME", str(empty))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(empty))
+    from explorer.profile import data_info
+
+    if data_info().available:
+        pytest.skip("a CIFAR-10 copy is visible despite the empty cache dirs")
+    import streamlit as st
+
+    st.cache_resource.clear()  # the page caches what data_info found
+    try:
+        at = _app(depth=4).run()
+        _no_exceptions(at)
+        assert any("not available offline" in w.value for w in at.warning)
+        at.button(key="use_synthetic").click().run()
+        _no_exceptions(at)
+        assert at.radio(key="data").value == "synthetic"
+        assert any("synthetic" in i.value for i in at.info)
+    finally:
+        st.cache_resource.clear()
+
+
+def test_tiny_synthetic_training_run_completes_on_the_page(runs_dir):
+    at = _app(data="synthetic", depth=3, width=4, subset=256, batch_size=64, epochs=1,
+              lr=0.01).run()
+    _no_exceptions(at)
+    at.button(key="train").click().run()
+    _no_exceptions(at)
+    deadline = time.time() + TIMEOUT
+    state = None
+    while time.time() < deadline:
+        time.sleep(2)
+        at.run()
+        _no_exceptions(at)
+        state = _metric(at, "State")
+        if state in ("finished", "failed", "stopped", "diverged"):
+            break
+    assert state == "finished"
+    runs = [p for p in runs_dir.iterdir() if p.is_dir()]
+    assert len(runs) == 1 and (runs[0] / "metrics.csv").exists()
+    # metrics appear: the epoch table, images/s and the run in the Compare tab
+    assert any("val_accuracy" in df.value.columns for df in at.dataframe)
+    assert _metric(at, "Images / s") not in ("\u2013", "")
+    assert any("SYNTHETIC" in c.value for c in at.caption)
+    compare = [df.value for df in at.dataframe if "val_acc" in df.value.columns]
+    assert compare and compare[0]["state"].tolist() == ["finished"]
+    assert any("tensorboard --logdir" in c.value for c in at.code)

@@ -1,0 +1,221 @@
+"""Explorer helpers without a subprocess: settings/URL round trip, validation, the run store
+(reading run directories written per the contract), and the chart builders."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from explorer import charts, presets
+from explorer.run_store import RunStore, pid_alive
+
+pytestmark = pytest.mark.backend_independent
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+def test_query_round_trip():
+    for overrides in ({}, {"model": "mlp", "depth": 12, "init": "normal:0.01"},
+                      {"depth": 60, "lr": 0.1, "batch_norm": "per_sample", "data": "synthetic",
+                       "activation": "tanh", "width": 32, "seed": 7}):
+        width = presets.DEFAULT_WIDTH[overrides.get("model", "cnn")]
+        settings = {**presets.DEFAULTS, "width": width, **overrides}
+        back, notes = presets.from_query(presets.to_query(settings))
+        assert back == settings
+        assert notes == []
+
+
+def test_query_bad_values_fall_back_with_notes():
+    settings, notes = presets.from_query({"depth": "999", "init": "bogus", "lr": "abc",
+                                          "batch_size": "100", "unknown": "1"})
+    assert settings["depth"] == presets.DEPTH_RANGE[1]
+    assert settings["init"] == presets.DEFAULTS["init"]
+    assert settings["lr"] == presets.DEFAULTS["lr"]
+    assert settings["batch_size"] == 128
+    assert len(notes) == 4 and any("depth" in n for n in notes)
+
+
+def test_every_initializer_is_known_to_the_package():
+    from keras_varinit import initializers
+
+    for name in presets.INITIALIZERS.values():
+        if name == "lsuv":
+            continue
+        assert initializers.get(name) is not None
+
+
+def test_invalid_combinations_are_explained():
+    problems = presets.blocking_problems(dict(presets.DEFAULTS, model="mlp",
+                                              batch_norm="per_sample"))
+    assert problems and "MLP" in problems[0]
+    assert presets.blocking_problems(presets.DEFAULTS) == []
+    too_big = presets.blocking_problems(dict(presets.DEFAULTS, batch_size=512, subset=256))
+    assert too_big and "batch" in too_big[0].lower()
+    # a huge learning rate is a warning, not a refusal: the run is shown as diverged
+    assert presets.validate(dict(presets.DEFAULTS, lr=3.0))
+    assert presets.blocking_problems(dict(presets.DEFAULTS, lr=3.0)) == []
+
+
+def test_cli_args_are_accepted_by_the_train_command(tmp_path):
+    from keras_varinit.cli import build_parser
+
+    args = presets.cli_args(dict(presets.DEFAULTS, init="normal:0.01", batch_norm="pooled"),
+                            tmp_path / "run", stats_every=5)
+    parsed = build_parser().parse_args(args)
+    assert parsed.depth == 30 and parsed.init == "normal:0.01"
+    assert str(parsed.log_dir) == str(tmp_path / "run")
+
+
+def test_reference_pair():
+    pair = presets.reference_pair(dict(presets.DEFAULTS, model="mlp", epochs=5))
+    assert [p["init"] for p in pair] == ["xavier_normal", "kaiming_normal"]
+    assert all(p["depth"] == 30 and p["model"] == "cnn" and p["activation"] == "relu"
+               and p["batch_norm"] == "none" and p["epochs"] == 5 for p in pair)
+
+
+# --------------------------------------------------------------------------------------------
+# run store
+def _write_run(root, name, *, state="finished", losses=(2.3, 2.1, 1.9), synthetic=True,
+               epochs=1):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({
+        "model": "cnn", "depth": 3, "width": 4, "init": "kaiming_normal",
+        "activation": "relu", "batch_norm": None, "optimizer": "sgd", "lr": 0.01,
+        "epochs": epochs, "batch_size": 64, "subset": 192, "data": "synthetic",
+        "seed": 0, "synthetic": synthetic, "device": "CPU"}))
+    (run / "status.json").write_text(json.dumps({
+        "state": state, "epoch": 1, "step": len(losses), "total_steps": len(losses),
+        "images_per_second": 500.0, "eta_seconds": 0, "device": "CPU",
+        "started_at": "2026-01-01T00:00:00.000Z", "updated_at": "2026-01-01T00:00:05.000Z",
+        "error": None}))
+    with open(run / "steps.jsonl", "w") as f:
+        for i, loss in enumerate(losses, 1):
+            value = None if (loss is None or not math.isfinite(loss)) else loss
+            f.write(json.dumps({"step": i, "epoch": 1, "loss": value, "accuracy": 0.1 * i})
+                    + "\n")
+    (run / "metrics.csv").write_text(
+        "epoch,loss,accuracy,val_loss,val_accuracy,seconds\n1,2.0,0.2,2.1,0.15,3.5\n")
+    with open(run / "layer_stats.jsonl", "w") as f:
+        for step in (0, 2):
+            for index, layer in enumerate(("conv_01", "conv_02", "logits"), 1):
+                f.write(json.dumps({
+                    "step": step, "epoch": 0, "layer": layer, "layer_index": index,
+                    "layer_type": "Conv2D", "activation_mean": 0.1,
+                    "activation_std": 1.0 / index, "zero_fraction": 0.5,
+                    "saturated_fraction": 0.0, "activation_grad_std": 1e-3 * index,
+                    "weight_std": 0.1, "weight_grad_std": 0.01,
+                    "update_ratio": None if step == 0 else 1e-3,
+                    "nan_count": 0, "inf_count": 0}) + "\n")
+    return run
+
+
+def test_store_lists_and_reads_runs(tmp_path):
+    _write_run(tmp_path, "20260101-000000-a")
+    _write_run(tmp_path, "20260101-000100-b", state="diverged", losses=(2.3, float("nan")))
+    (tmp_path / "not-a-run").mkdir()
+    store = RunStore(tmp_path)
+    runs = store.list_runs()
+    assert {r.run_id for r in runs} == {"20260101-000000-a", "20260101-000100-b"}
+    info = store.info("20260101-000000-a")
+    assert info.state == "finished" and info.synthetic and info.progress == 1.0
+    assert "[synthetic]" in info.label
+    steps = store.steps("20260101-000000-a")
+    assert list(steps["loss"]) == [2.3, 2.1, 1.9]
+    metrics = store.metrics("20260101-000000-a")
+    assert metrics["val_accuracy"].iloc[-1] == pytest.approx(0.15)
+    stats = store.layer_stats("20260101-000000-a")
+    assert len(stats) == 6 and stats["update_ratio"].isna().sum() == 3
+    # NaN loss is kept as NaN (null in JSON), and the run counts as diverged
+    diverged = store.steps("20260101-000100-b")
+    assert math.isnan(diverged["loss"].iloc[-1])
+    assert store.diverged("20260101-000100-b") and not store.diverged("20260101-000000-a")
+    table = store.final_metrics()
+    assert set(table["state"]) == {"finished", "diverged"}
+    assert (table["data"] == "synthetic").all()
+    # a new store object (a restarted explorer) sees the same runs
+    assert [r.run_id for r in RunStore(tmp_path).list_runs()] == [r.run_id for r in runs]
+
+
+def test_store_reads_growing_files_incrementally(tmp_path):
+    run = _write_run(tmp_path, "20260101-000000-a", losses=(2.3,))
+    store = RunStore(tmp_path)
+    assert len(store.steps(run.name)) == 1
+    with open(run / "steps.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "epoch": 1, "loss": 2.0, "accuracy": 0.2}) + "\n")
+        f.write('{"step": 3, "epoch": 1, "lo')  # a line being written right now
+    assert list(store.steps(run.name)["step"]) == [1, 2]
+    with open(run / "steps.jsonl", "a") as f:
+        f.write('ss": 1.5, "accuracy": 0.3}\n')
+    assert list(store.steps(run.name)["loss"]) == [2.3, 2.0, 1.5]
+    # rewritten shorter (a resumed run truncates its logs): read again from the start
+    (run / "steps.jsonl").write_text(json.dumps({"step": 1, "epoch": 1, "loss": 9.0,
+                                                 "accuracy": 0.0}) + "\n")
+    assert list(store.steps(run.name)["loss"]) == [9.0]
+
+
+def test_store_marks_runs_with_a_dead_process_failed(tmp_path):
+    run = _write_run(tmp_path, "20260101-000000-a", state="running")
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert not pid_alive(proc.pid) and pid_alive(os.getpid())
+    (run / "explorer_job.json").write_text(json.dumps({"pid": proc.pid,
+                                                       "owner_pid": os.getpid()}))
+    assert RunStore(tmp_path).info(run.name).state == "failed"
+    (run / "explorer_job.json").write_text(json.dumps({"pid": os.getpid()}))
+    assert RunStore(tmp_path).info(run.name).state == "running"
+
+
+def test_store_rejects_paths_outside_its_root(tmp_path):
+    with pytest.raises(ValueError, match="run_id"):
+        RunStore(tmp_path / "runs").path("../elsewhere")
+
+
+# --------------------------------------------------------------------------------------------
+# charts
+def test_charts_build_and_label_synthetic_data(tmp_path):
+    run = _write_run(tmp_path, "20260101-000000-a")
+    store = RunStore(tmp_path)
+    steps, metrics, stats = (store.steps(run.name), store.metrics(run.name),
+                             store.layer_stats(run.name))
+    built = [
+        charts.training_chart(steps, metrics, 3, "loss", synthetic=True),
+        charts.training_chart(steps, metrics, 3, "accuracy", synthetic=True),
+        charts.heatmap(stats, "activation_std", synthetic=True),
+        charts.heatmap(stats, "activation_grad_std", synthetic=True),
+        charts.fractions_chart(stats, synthetic=True),
+        charts.compare_chart({"a": metrics}, "epoch", "val_accuracy", title="Val",
+                             synthetic=True),
+    ]
+    for chart in built:
+        spec = json.dumps(chart.to_dict())
+        assert "SYNTHETIC" in spec
+    real = json.dumps(charts.heatmap(stats, "activation_std").to_dict())
+    assert "SYNTHETIC" not in real
+
+
+def test_profile_chart_uses_log_scale_and_drops_non_positive_values():
+    table = pd.DataFrame({
+        "layer": ["conv_01", "conv_02", "logits"], "index": [1, 2, 3],
+        "forward_var": [1.0, 1e-5, 0.0], "backward_var": [1e-3, 1e-4, float("nan")],
+        "predicted_forward_var_cumulative": [1.0, 1e-5, 1e-10],
+        "predicted_backward_var_cumulative": [1e-3, 1e-4, 1e-5],
+    })
+    long = charts.profile_long(table)
+    assert (long["variance"] > 0).all()
+    assert len(long) == 10  # 12 values minus the 0 and the NaN
+    spec = charts.profile_chart(table).to_dict()
+    assert '"type": "log"' in json.dumps(spec)
+
+
+def test_histogram_and_empty_charts():
+    import numpy as np
+
+    chart = charts.histogram_chart({"act_01": np.random.default_rng(0).normal(size=1000),
+                                    "act_02": np.zeros(10)})
+    assert "hconcat" in chart.to_dict()
+    assert charts.heatmap(pd.DataFrame(), "activation_std").to_dict()["mark"]["type"] == "text"
+    assert charts.fmt_seconds(3725) == "1 h 02 min" and charts.fmt_seconds(None) == "?"
