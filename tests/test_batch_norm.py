@@ -62,17 +62,20 @@ def run_layer(layer, x, w, training, mask=None):
         import jax
         import jax.numpy as jnp
 
-        tv = [v.value for v in layer.trainable_variables]
-        ntv = [v.value for v in layer.non_trainable_variables]
+        tvars, ntvars = layer.trainable_variables, layer.non_trainable_variables
 
-        def loss_fn(xv, tvv):
-            y, new_ntv = layer.stateless_call(tvv, ntv, xv, training=training, mask=mask)
+        def loss_fn(xv, pvals):
+            # gradients for gamma / beta also when the layer is frozen (non-trainable)
+            sub = {id(p): v for p, v in zip(params, pvals)}
+            tvv = [sub.get(id(v), v.value) for v in tvars]
+            ntvv = [sub.get(id(v), v.value) for v in ntvars]
+            y, new_ntv = layer.stateless_call(tvv, ntvv, xv, training=training, mask=mask)
             return jnp.sum(y.astype("float32") * w), (y, new_ntv)
 
         (_, (y, new_ntv)), (dx, dparams) = jax.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True
-        )(jnp.asarray(x), tv)
-        for var, value in zip(layer.non_trainable_variables, new_ntv):
+        )(jnp.asarray(x), [p.value for p in params])
+        for var, value in zip(ntvars, new_ntv):
             var.assign(value)
         mm, mv = np.asarray(layer.moving_mean.value), np.asarray(layer.moving_variance.value)
     else:  # pragma: no cover
