@@ -79,6 +79,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     Example:
 
+    >>> import numpy as np
     >>> import keras_varinit as kv
     >>> layer = kv.layers.BatchNormalization(variance_estimator="per_sample")
     >>> y = layer(np.random.rand(8, 4, 4, 3).astype("float32"), training=True)

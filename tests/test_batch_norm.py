@@ -247,6 +247,16 @@ def test_jit_compiled_training_step_matches_keras():
     assert not np.allclose(weights["ours"][3], 0.0)  # moving mean moved
 
 
+@backend_independent
+def test_renorm_is_keras_renorm():
+    x, w = _data(CONV_SHAPE, seed=21)
+    ref, ours = _pair(CONV_SHAPE, renorm=True, renorm_clipping={"rmax": 2.0})
+    ours.set_weights(ref.get_weights())
+    for a, b in zip(run_layer(ours, x, w, True), run_layer(ref, x, w, True)):
+        np.testing.assert_allclose(a, b, **F32)
+    assert ours.get_config()["renorm"] is True
+
+
 # ---------------------------------------------------------------------------- per-sample
 @backend_independent
 @pytest.mark.parametrize("shape", [CONV_SHAPE, (5, 7, 3)], ids=["NHWC", "NTC"])
