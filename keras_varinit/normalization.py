@@ -386,27 +386,47 @@ class _Accumulator:
         return a.reshape(-1, self.channels).sum(axis=0)
 
     def _update_float(self, batch):
-        b = self._channels_last(batch).astype(np.float64, copy=False)  # (B, P, C)
+        # (B, C, P) float64, contiguous: every reduction below runs over a contiguous last axis
+        # (the fast numpy case), and the buffer is reused in place.
+        view = self._channels_last(batch).transpose(0, 2, 1)
+        b = np.empty(view.shape, np.float64)
+        b[...] = view
+        p = b.shape[2]
+        s = b.sum(axis=2)                                           # (B, C) per-sample sums
         finite = None
-        total = b.sum(axis=(0, 1))
-        if not np.all(np.isfinite(total)):
+        if not np.all(np.isfinite(s)):
             finite = np.isfinite(b)
             nan = np.isnan(b)
-            self.nan_by_channel += nan.sum(axis=(0, 1))
-            self.inf_by_channel += (~finite & ~nan).sum(axis=(0, 1))
+            self.nan_by_channel += nan.sum(axis=(0, 2))
+            self.inf_by_channel += (~finite & ~nan).sum(axis=(0, 2))
             if not self.ignore_nan:
                 return  # keep counting, raise at the end
-        if finite is None:
-            n_b = np.full(self.channels, float(b.shape[0] * b.shape[1]))
-            mean_b = total / n_b
-            m2_b = np.square(b - mean_b).sum(axis=(0, 1))
+            k = finite.sum(axis=2).astype(np.float64)                # (B, C) values per sample
+            b[~finite] = 0.0
+            s = b.sum(axis=2)
         else:
-            n_b = finite.sum(axis=(0, 1)).astype(np.float64)
-            clean = np.where(finite, b, 0.0)
-            mean_b = np.divide(clean.sum(axis=(0, 1)), n_b, out=np.zeros(self.channels),
-                               where=n_b > 0)
-            m2_b = np.square(np.where(finite, b - mean_b, 0.0)).sum(axis=(0, 1))
-        # Chan et al. merge of (count, mean, M2)
+            k = np.full(s.shape, float(p))
+        n_b = k.sum(axis=0)                                         # (C,)
+        mean_b = np.divide(s.sum(axis=0), n_b, out=np.zeros(self.channels), where=n_b > 0)
+        if self.per_sample:
+            # per-sample centring; the pooled M2 follows by merging the samples (Chan et al.)
+            m_i = np.divide(s, k, out=np.zeros_like(s), where=k > 0)
+            b -= m_i[:, :, None]
+            if finite is not None:
+                b[~finite] = 0.0
+            b *= b
+            ss_i = b.sum(axis=2)                                    # (B, C)
+            m2_b = ss_i.sum(axis=0) + (k * np.square(m_i - mean_b)).sum(axis=0)
+            std = np.sqrt(np.divide(ss_i, k, out=np.zeros_like(ss_i), where=k > 0))
+            self.std_sum += std.sum(axis=0)
+            self.std_count += (k > 0).sum(axis=0)
+        else:
+            b -= mean_b[None, :, None]
+            if finite is not None:
+                b[~finite] = 0.0
+            b *= b
+            m2_b = b.sum(axis=2).sum(axis=0)
+        # Chan et al. merge of (count, mean, M2) with the running totals
         n_a = self.count
         n = n_a + n_b
         safe = np.where(n > 0, n, 1.0)
@@ -414,20 +434,6 @@ class _Accumulator:
         self.mean = self.mean + delta * n_b / safe
         self.m2 = self.m2 + m2_b + delta * delta * n_a * n_b / safe
         self.count = n
-        if self.per_sample:
-            if finite is None:
-                m = b.mean(axis=1, keepdims=True)
-                std = np.sqrt(np.square(b - m).mean(axis=1))  # (B, C)
-                self.std_sum += std.sum(axis=0)
-                self.std_count += len(b)
-            else:
-                k = finite.sum(axis=1)  # (B, C)
-                ks = np.where(k > 0, k, 1)
-                m = np.where(finite, b, 0.0).sum(axis=1) / ks
-                var = np.square(np.where(finite, b - m[:, None, :], 0.0)).sum(axis=1) / ks
-                std = np.where(k > 0, np.sqrt(var), 0.0)
-                self.std_sum += std.sum(axis=0)
-                self.std_count += (k > 0).sum(axis=0)
 
     # ---------------------------------------------------------------- result
     def result(self, scale):
