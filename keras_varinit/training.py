@@ -263,6 +263,8 @@ class TrainResult:
     synthetic: bool
     seconds: float
     error: str | None = None
+    model: object = dataclasses.field(default=None, repr=False, compare=False)
+    data: object = dataclasses.field(default=None, repr=False, compare=False)
 
 
 # --------------------------------------------------------------------------- device, strategy
@@ -679,7 +681,7 @@ def _row_floats(row):
 
 
 def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=None,
-                 callbacks=(), verbose=1):
+                 callbacks=(), verbose=1, keep_data=False):
     """Train ``config`` and write the run directory ``run_dir``; returns a ``TrainResult``.
 
     Args:
@@ -690,6 +692,8 @@ def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=N
         stop_event: a ``threading.Event``; setting it stops after the current batch.
         callbacks: extra Keras callbacks for ``fit``.
         verbose: 0 silent, 1 progress bar and summary lines, 2 one line per epoch.
+        keep_data: also return the normalized arrays in ``result.data``
+            (``((x_train, y_train), (x_val, y_val))``); ``result.model`` is the trained model.
 
     Raises:
         ValueError: a bad config, or a run directory holding a different run.
@@ -832,7 +836,8 @@ def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=N
             run_dir=run_dir, epochs_completed=len(history), step=run["step"],
             total_steps=run.get("total_steps", total_steps), device=device,
             synthetic=info["synthetic"],
-            seconds=time.perf_counter() - started, error=run["error"])
+            seconds=time.perf_counter() - started, error=run["error"], model=model,
+            data=((x_train, y_train), (x_val, y_val)) if keep_data else None)
         status.close(state=state, phase="done", error=run["error"],
                      step=run["step"], eta_seconds=0.0 if state == "finished" else None)
         return result
