@@ -113,7 +113,8 @@ def _kaiming_nonlinearity(activation):
     return "linear" if activation is None else activation
 
 
-def make_initializer(spec, activation="relu", negative_slope=DEFAULT_NEGATIVE_SLOPE, seed=None):
+def make_initializer(spec, activation="relu", negative_slope=DEFAULT_NEGATIVE_SLOPE, seed=None,
+                     index=0):
     """One weight layer's initializer from `spec`, matched to `activation` for Kaiming names.
 
     Args:
@@ -124,6 +125,8 @@ def make_initializer(spec, activation="relu", negative_slope=DEFAULT_NEGATIVE_SL
         activation: one of ACTIVATIONS, or "linear"/None for the first layer's 1/fan_in choice.
         negative_slope: leaky ReLU slope (only used with "leaky_relu").
         seed: int or None.
+        index: the layer's 1-based index: an instance with an int seed and `seed=None` is
+            cloned with seed `its seed + index` (an int-seeded instance repeats its values).
 
     >>> make_initializer("kaiming_normal", "leaky_relu", 0.2, seed=1)
     Kaiming(mode='fan_in', distribution='normal', nonlinearity='leaky_relu', ...)
@@ -141,6 +144,8 @@ def make_initializer(spec, activation="relu", negative_slope=DEFAULT_NEGATIVE_SL
             # instance repeats itself on every call). SeedGenerator seeds advance by themselves.
             if seed is not None:
                 config["seed"] = seed
+            elif isinstance(config["seed"], numbers.Integral):
+                config["seed"] = int(config["seed"]) + index
             return type(spec).from_config(config)
         return spec
     return _initializers.get(spec, seed=seed)
@@ -264,10 +269,10 @@ def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="
                     x = keras.layers.MaxPooling2D(2, name=f"pool_{stage + 1}")(x)
             if index == 1 and first_layer_initializer is not None:
                 init = make_initializer(first_layer_initializer, "linear", negative_slope,
-                                        _seed_for(seed, index))
+                                        _seed_for(seed, index), index)
             else:
                 init = make_initializer(kernel_initializer, activation, negative_slope,
-                                        _seed_for(seed, index))
+                                        _seed_for(seed, index), index)
             x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same",
                                     activation=None, use_bias=batch_norm is None,
                                     kernel_initializer=init, bias_initializer="zeros",
@@ -277,13 +282,13 @@ def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="
             x = _activation_layer(activation, negative_slope, f"act_{index:02d}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = _logits(x, num_classes, kernel_initializer, activation, negative_slope,
-                      _seed_for(seed, depth))
+                      _seed_for(seed, depth), depth)
     return keras.Model(inputs, outputs, name=name or _default_name(
         "cnn", depth, kernel_initializer, activation, batch_norm))
 
 
-def _logits(x, num_classes, kernel_initializer, activation, negative_slope, seed):
-    init = make_initializer(kernel_initializer, activation, negative_slope, seed)
+def _logits(x, num_classes, kernel_initializer, activation, negative_slope, seed, index):
+    init = make_initializer(kernel_initializer, activation, negative_slope, seed, index)
     return keras.layers.Dense(num_classes, activation=None, kernel_initializer=init,
                               bias_initializer="zeros", name="logits")(x)
 
@@ -349,10 +354,10 @@ def plain_mlp(depth, width=256, kernel_initializer="xavier_normal", activation="
     for index in range(1, depth):
         if index == 1 and first_layer_initializer is not None:
             init = make_initializer(first_layer_initializer, "linear", negative_slope,
-                                    _seed_for(seed, index))
+                                    _seed_for(seed, index), index)
         else:
             init = make_initializer(kernel_initializer, activation, negative_slope,
-                                    _seed_for(seed, index))
+                                    _seed_for(seed, index), index)
         x = keras.layers.Dense(width, activation=None, use_bias=batch_norm is None,
                                kernel_initializer=init, bias_initializer="zeros",
                                name=f"dense_{index:02d}")(x)
@@ -360,7 +365,7 @@ def plain_mlp(depth, width=256, kernel_initializer="xavier_normal", activation="
             x = _batch_norm_layer(batch_norm, f"bn_{index:02d}")(x)
         x = _activation_layer(activation, negative_slope, f"act_{index:02d}")(x)
     outputs = _logits(x, num_classes, kernel_initializer, activation, negative_slope,
-                      _seed_for(seed, depth))
+                      _seed_for(seed, depth), depth)
     return keras.Model(inputs, outputs, name=name or _default_name(
         "mlp", depth, kernel_initializer, activation, batch_norm))
 
