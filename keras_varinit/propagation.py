@@ -1,0 +1,168 @@
+"""Predicted forward and backward variances of a plain network at initialization (pure math).
+
+The recursion of He et al. 2015 (see ../shared/DESIGN.md). Weight layer l computes
+y_l = W_l x_l (+ 0 bias), x_(l+1) = f(y_l), weights zero-mean i.i.d. with variance Var[W_l]:
+
+    forward:   Var[y_l]      = fan_in_l * Var[W_l] * E[x_l^2]
+               E[x_(l+1)^2]  = c_f(f) * Var[y_l]
+    backward:  Var[dL/dx_l]  = fan_out_l * Var[W_l] * Var[dL/dy_l]          (stride 1)
+               Var[dL/dy_l]  = c_b(f) * Var[dL/dx_(l+1)]
+
+with the activation factors c_f = E[f(y)^2] / Var[y] and c_b = E[f'(y)^2] for symmetric y:
+
+    relu        1/2                 (He et al.: half the units are zero)
+    leaky_relu  (1 + a^2) / 2       (slope a on the negative side)
+    linear      1
+    tanh        1                   (tanh(y) ~ y near 0; ignores saturation)
+    selu        1                   (its self-normalizing fixed point; approximate)
+    sigmoid     c_f undefined (sigmoid(0) = 1/2 is not centred), c_b = 1/16 (slope 1/4 at 0)
+
+Convolutions: fan_in = k*k*c_in and fan_out = k*k*c_out (DESIGN.md); a strided convolution
+reaches each input position from fan_out / prod(strides) output terms on average, so the
+backward step divides by the product of the strides.
+
+"One-step" predictions use the measured input (forward) or the measured gradient of the next
+layer (backward), and test a single application of the formula. "Cumulative" predictions run
+the whole recursion from the data's second moment (forward) or from the gradient at the logits
+(backward) and show what the theory predicts for the network as a whole.
+
+Everything here is plain numpy on numbers: tests call it with hand-computed values.
+"""
+import math
+
+import numpy as np
+
+#: Activations with a known factor.
+FACTOR_ACTIVATIONS = ("relu", "leaky_relu", "linear", "tanh", "selu", "sigmoid")
+DEFAULT_LEAKY_SLOPE = 0.2  # keras.activations.leaky_relu's default
+
+
+def forward_factor(activation, negative_slope=None):
+    """c_f = E[f(y)^2] / Var[y] for zero-mean symmetric y (NaN when not defined).
+
+    >>> forward_factor("relu")
+    0.5
+    >>> forward_factor("leaky_relu", 0.2)  # (1 + 0.04) / 2
+    0.52
+    """
+    if activation in (None, "linear", "identity"):
+        return 1.0
+    if activation == "relu":
+        return 0.5
+    if activation == "leaky_relu":
+        a = DEFAULT_LEAKY_SLOPE if negative_slope is None else float(negative_slope)
+        return (1.0 + a * a) / 2.0
+    if activation in ("tanh", "selu"):
+        return 1.0
+    return float("nan")  # sigmoid, softmax, gelu, ...: not part of the recursion
+
+
+def backward_factor(activation, negative_slope=None):
+    """c_b = E[f'(y)^2] for zero-mean symmetric y (NaN when unknown).
+
+    >>> backward_factor("relu")
+    0.5
+    >>> backward_factor("sigmoid")  # sigmoid'(0)^2
+    0.0625
+    """
+    if activation == "sigmoid":
+        return 1.0 / 16.0
+    return forward_factor(activation, negative_slope)
+
+
+def one_step_forward(fan_in, weight_var, input_second_moment):
+    """Var[y_l] = fan_in * Var[W_l] * E[x_l^2] (the layer's measured input).
+
+    >>> one_step_forward(144, 2 / 144, 0.5)
+    1.0
+    """
+    return np.asarray(fan_in, dtype=float) * np.asarray(weight_var, dtype=float) * \
+        np.asarray(input_second_moment, dtype=float)
+
+
+def one_step_backward(fan_out_next, weight_var_next, grad_var_next, factor=1.0,
+                      stride_next=1.0):
+    """Var[dL/dy_l] = c_b * fan_out_(l+1) / stride_(l+1) * Var[W_(l+1)] * Var[dL/dy_(l+1)].
+
+    `fan_out_next`, `weight_var_next`, `grad_var_next` and `stride_next` (product of the strides)
+    belong to the *next* weight layer; `factor` is everything between y_l and the next layer's
+    input (the activation's c_b times any pooling factor).
+
+    >>> one_step_backward(144, 2 / 144, 1e-6, factor=0.5)
+    1e-06
+    """
+    return np.asarray(factor, dtype=float) * np.asarray(fan_out_next, dtype=float) / \
+        np.asarray(stride_next, dtype=float) * np.asarray(weight_var_next, dtype=float) * \
+        np.asarray(grad_var_next, dtype=float)
+
+
+def _as_array(values, n, default):
+    if values is None:
+        return np.full(n, default, dtype=float)
+    values = np.asarray(values, dtype=float)
+    if values.shape != (n,):
+        raise ValueError(f"Expected {n} values, one per weight layer. Received: shape "
+                         f"{values.shape}")
+    return values
+
+
+def cumulative_forward(fan_in, weight_var, input_second_moment, transfer=None, reset=None):
+    """Var[y_l] for every weight layer from the data's second moment alone.
+
+    Args:
+        fan_in, weight_var: per weight layer (length L).
+        input_second_moment: E[x^2] of the first weight layer's input (the data).
+        transfer: per layer, E[x_(l+1)^2] / Var[y_l] (activation factor c_f times any
+            structural ratio up to the next weight layer); default 1. The last entry is unused.
+        reset: per layer, NaN or a value that replaces Var[y_l] before `transfer` (a batch
+            normalization re-normalizes the signal); default all NaN.
+
+    >>> cumulative_forward([27, 144, 144], [2/27, 2/144, 2/144], 1.0, transfer=[.5, .5, .5])
+    array([2., 2., 2.])
+    """
+    fan_in = np.asarray(fan_in, dtype=float)
+    n = fan_in.shape[0]
+    weight_var = _as_array(weight_var, n, np.nan)
+    transfer = _as_array(transfer, n, 1.0)
+    reset = _as_array(reset, n, np.nan)
+    out = np.empty(n)
+    m2 = float(input_second_moment)
+    for layer in range(n):
+        out[layer] = fan_in[layer] * weight_var[layer] * m2
+        var = out[layer] if math.isnan(reset[layer]) else reset[layer]
+        m2 = transfer[layer] * var
+    return out
+
+
+def cumulative_backward(fan_out, weight_var, top_grad_var, transfer=None, stride=None):
+    """Var[dL/dy_l] for every weight layer from the gradient at the last layer's output.
+
+    Args:
+        fan_out, weight_var: per weight layer (length L).
+        top_grad_var: Var[dL/dy_L] of the last weight layer (e.g. the logits).
+        transfer: per layer l, the backward factor between y_l and the next layer's input
+            (c_b times pooling factors); default 1. The last entry is unused.
+        stride: per layer, product of its strides; default 1.
+
+    >>> cumulative_backward([144, 144, 10], [2/144, 2/144, 2/64], 1e-4, transfer=[.5, .5, .5])
+    array([1.5625e-04, 1.5625e-04, 1.0000e-04])
+    """
+    fan_out = np.asarray(fan_out, dtype=float)
+    n = fan_out.shape[0]
+    weight_var = _as_array(weight_var, n, np.nan)
+    transfer = _as_array(transfer, n, 1.0)
+    stride = _as_array(stride, n, 1.0)
+    out = np.empty(n)
+    out[-1] = float(top_grad_var)
+    for layer in range(n - 2, -1, -1):
+        out[layer] = one_step_backward(fan_out[layer + 1], weight_var[layer + 1],
+                                       out[layer + 1], transfer[layer], stride[layer + 1])
+    return out
+
+
+def variance_ratio(first, last):
+    """last / first, NaN when either is missing or first is 0."""
+    first, last = float(first), float(last)
+    if not (math.isfinite(first) and first > 0) or math.isnan(last):
+        return float("nan")
+    return last / first
