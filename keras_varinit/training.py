@@ -583,6 +583,52 @@ def _make_callback_classes():
 
 # --------------------------------------------------------------------------- the run
 
+def _tensorboard_callback(log_dir):
+    """keras.callbacks.TensorBoard when TensorFlow is importable (it needs tf.summary); else
+    epoch metrics through tensorboard's TF-free writer (JAX without TensorFlow)."""
+    import keras
+
+    try:
+        import tensorflow  # noqa: F401
+
+        return keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False)
+    except ImportError:
+        pass
+
+    class EpochScalars(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.writers = None
+
+        def on_train_begin(self, logs=None):
+            try:
+                from tensorboard.summary import Writer
+
+                self.writers = {split: Writer(str(pathlib.Path(log_dir) / split))
+                                for split in ("train", "validation")}
+            except ImportError:
+                self.writers = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not self.writers:
+                return
+            for key, value in (logs or {}).items():
+                split = "validation" if key.startswith("val_") else "train"
+                name = "epoch_" + (key[4:] if split == "validation" else key)
+                try:
+                    self.writers[split].add_scalar(name, float(value), step=epoch)
+                except (TypeError, ValueError):
+                    continue
+            for writer in self.writers.values():
+                writer.flush()
+
+        def on_train_end(self, logs=None):
+            for writer in (self.writers or {}).values():
+                writer.close()
+
+    return EpochScalars()
+
+
 def _prepare_run_dir(config, run_dir, resume, overwrite):
     """Create ``run_dir``; refuse one that holds a different run unless resume/overwrite."""
     run_dir = pathlib.Path(run_dir)
@@ -817,8 +863,7 @@ def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=N
                     log_dir=str(run_dir / rf.TENSORBOARD_DIR),
                     every_n_steps=config.stats_every_n_steps,
                     jsonl_path=str(layer_stats_path)))
-            cbs.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / rf.TENSORBOARD_DIR),
-                                                   write_graph=False))
+            cbs.append(_tensorboard_callback(run_dir / rf.TENSORBOARD_DIR))
             cbs.extend(callbacks)
             # The model must be built before BackupAndRestore restores weights.
             if not model.built:
