@@ -12,6 +12,13 @@ from keras_varinit.cli import stats
 pytestmark = pytest.mark.backend_independent
 
 
+@pytest.fixture(autouse=True)
+def _clear_session():
+    """Overrides conftest's keras.backend.clear_session() after every test (~0.8 s each on a
+    loaded 2-core machine): these tests build no Keras models."""
+    yield
+
+
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="keras-varinit")
     sub = parser.add_subparsers(dest="command")
