@@ -203,7 +203,16 @@ def load_cifar10(source: str = "auto", path=None, *, data_dir=None, cache: bool 
     if source == "tfds":
         return _load_tfds(data_dir)
     if source == "keras":
-        return _load_keras()
+        try:
+            return _load_keras()
+        except Exception as error:
+            if _keras_cached() is not None:
+                raise
+            raise DatasetUnavailableError(
+                f"keras.datasets.cifar10 could not download CIFAR-10 ({type(error).__name__}: "
+                f"{error}) and {' / '.join(str(d) for d in _keras_cifar_dirs())} is absent. "
+                f"Go online once, or use source='dir' with {ENV_PATH} or path=, or "
+                "source='synthetic' (not CIFAR-10).") from error
     return _load_auto(path, data_dir, cache=cache, progress=progress)
 
 

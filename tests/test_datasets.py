@@ -340,6 +340,8 @@ def test_auto_offline_nothing_cached(monkeypatch, tmp_path):
                      str(tmp_path / "cache"), str(tmp_path / "tfds"),
                      "cifar-10-batches-py"):
         assert expected in message
+    with pytest.raises(datasets.DatasetUnavailableError, match=r"could not download.*synthetic"):
+        load_cifar10("keras")
 
 
 def test_auto_prefers_full_decode_cache(tmp_path, monkeypatch):
