@@ -26,7 +26,8 @@ from explorer.worker import JobManager, detect_devices  # noqa: E402
 
 POLL_SECONDS = 1.5
 
-st.set_page_config(page_title="keras_varinit explorer", page_icon="\U0001F4C8", layout="wide")
+st.set_page_config(page_title="keras_varinit explorer", page_icon=":material/insights:",
+                   layout="wide")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,16 +121,19 @@ with st.sidebar:
     st.radio("Batch norm", presets.BATCH_NORMS, key="batch_norm", horizontal=True,
              help="pooled: variance over all pixels of the batch (what BN computes); "
                   "per_sample: the mean of each image's own std (CNN only).")
-    st.caption("Quick presets")
-    c1, c2, c3 = st.columns(3)
-    c1.button("Xavier", on_click=_preset("xavier_normal", "relu", 30, "none"),
-              help="30 layers, ReLU, Xavier normal, no BN (stalls in He et al. 2015)",
+    st.caption("Quick presets (30 layers unless noted)")
+    p1, p2 = st.columns(2)
+    p1.button("ReLU Xavier", on_click=_preset("xavier_normal", "relu", 30, "none"),
+              help="30 layers, ReLU, Xavier normal, no BN: stalls (He et al. 2015, Fig. 3)",
               width="stretch")
-    c2.button("Kaiming", on_click=_preset("kaiming_normal", "relu", 30, "none"),
-              help="30 layers, ReLU, Kaiming normal, no BN (trains)", width="stretch")
-    c3.button("tanh 0.01", on_click=_preset("normal:0.01", "tanh", 10, "none"),
-              help="tanh with weights too small: activations shrink to 0",
+    p2.button("ReLU Kaiming", on_click=_preset("kaiming_normal", "relu", 30, "none"),
+              help="30 layers, ReLU, Kaiming normal, no BN: trains", width="stretch")
+    p3, p4 = st.columns(2)
+    p3.button("tanh small", on_click=_preset("normal:0.01", "tanh", 10, "none"),
+              help="10 layers, tanh, N(0, 0.01^2): activations shrink to 0",
               width="stretch")
+    p4.button("tanh large", on_click=_preset("normal:1.0", "tanh", 10, "none"),
+              help="10 layers, tanh, N(0, 1): every unit saturates at +-1", width="stretch")
 
     st.header("Training")
     st.radio("Data", list(presets.DATA_SOURCES.values()), key="data",
@@ -162,17 +166,17 @@ st.markdown("Pick a depth and an initializer: see how the signal propagates **at
             "The settings live in the URL; copy it to share this configuration.")
 
 for note in st.session_state.get("_url_notes", []):
-    st.warning(note, icon="\U0001F517")
+    st.warning(note, icon=":material/link:")
 
 data_info = get_data_info()
 if settings["data"] == "auto" and not data_info.available:
     with st.container(border=True):
-        st.warning(data_info.message, icon="\u26A0\uFE0F")
+        st.warning(data_info.message, icon=":material/cloud_off:")
         st.button("Use the synthetic CIFAR-shaped set", on_click=_use_synthetic,
                   type="primary", key="use_synthetic")
 elif settings["data"] == "synthetic":
     st.info("Data: the **synthetic** CIFAR-shaped set (oriented gratings per class, not "
-            "CIFAR-10). Every chart of such a run says so.", icon="\U0001F9EA")
+            "CIFAR-10). Every chart of such a run says so.", icon=":material/science:")
 
 problems = presets.validate(settings)
 blocking = presets.blocking_problems(settings)
@@ -209,14 +213,24 @@ with tab_init:
             table = result["table"]
             ratios = signal_summary(table)
             fwd, bwd = ratios.get("forward"), ratios.get("backward")
-            healthy = all(r is not None and r == r and 1e-2 <= r <= 1e2 for r in (fwd, bwd))
             verdict = result["verdict"] or "No verdict available."
-            (st.success if healthy else st.error)(verdict, icon="\u2705" if healthy else "\u26A0\uFE0F")
+            troubled = any(w in verdict for w in ("expect", "overflow", "vanish", "undefined"))
+            if troubled:
+                st.error(verdict, icon=":material/warning:")
+            else:
+                st.success(verdict, icon=":material/check_circle:")
+            hidden = ratios.get("hidden_layers", len(table))
             m1, m2, m3 = st.columns(3)
-            m1.metric("Forward variance, last / first layer",
-                      "n/a" if fwd is None or fwd != fwd else f"{fwd:.2g}\u00d7")
-            m2.metric("Gradient variance, first / last layer",
-                      "n/a" if bwd is None or bwd != bwd else f"{bwd:.2g}\u00d7")
+            m1.metric(f"Forward variance, layer {hidden} / layer 1",
+                      "n/a" if fwd is None or fwd != fwd else f"{fwd:.2g}\u00d7",
+                      help="Measured variance of the pre-activations of the last hidden layer "
+                           "over the first one's (the classifier after global pooling is left "
+                           "out). Near 1: the signal keeps its scale through depth.")
+            m2.metric(f"Gradient variance, layer 1 / layer {hidden}",
+                      "n/a" if bwd is None or bwd != bwd else f"{bwd:.2g}\u00d7",
+                      help="Measured variance of the loss gradient reaching the first layer "
+                           "over that at the last hidden layer. Far below 1: the first layers "
+                           "barely learn.")
             m3.metric("Profile time", f"{result['seconds']:.2f} s",
                       help=f"Computed in {result['seconds']:.2f} s; this page render took "
                            f"{elapsed:.2f} s (cached profiles are instant).")
@@ -240,8 +254,9 @@ with tab_init:
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-STATE_ICON = {"queued": "\u23F3", "running": "\u25B6\uFE0F", "finished": "\u2705",
-              "stopped": "\u23F9\uFE0F", "diverged": "\U0001F4A5", "failed": "\u274C"}
+STATE_ICON = {"queued": ":material/schedule:", "running": ":material/play_circle:",
+              "finished": ":material/check_circle:", "stopped": ":material/stop_circle:",
+              "diverged": ":material/warning:", "failed": ":material/error:"}
 
 
 def _submit(settings_list):
@@ -287,7 +302,7 @@ with tab_train:
             st.markdown("**Queue**")
             for info in sorted(active, key=lambda r: r.created):
                 q1, q2, q3 = st.columns([5, 3, 1])
-                q1.markdown(f"{STATE_ICON.get(info.state, '')} `{info.label}`")
+                q1.markdown(f"{STATE_ICON.get(info.state, '')} {info.label}")
                 q2.progress(info.progress, text=f"{info.state} \u00b7 "
                             f"{info.progress:.0%}")
                 q3.button("Stop" if info.state == "running" else "Cancel",
@@ -298,8 +313,8 @@ with tab_train:
         if view not in by_id:
             view = (active[0].run_id if active else ids[0])
         run_id = st.selectbox("Show run", ids, index=ids.index(view), key="view_select",
-                              format_func=lambda r: f"{STATE_ICON.get(by_id[r].state, '')} "
-                                                    f"{by_id[r].label}")
+                              format_func=lambda r: f"{by_id[r].label} \u2014 "
+                                                    f"{by_id[r].state}")
         st.session_state["view_run"] = run_id
         info = by_id[run_id]
         status, config = info.status, info.config
@@ -321,10 +336,10 @@ with tab_train:
             st.info("Queued: it starts when the device is free.")
         elif info.state == "diverged":
             st.error(f"Diverged: {status.get('error') or 'the loss became NaN/Inf'}. "
-                     "The charts show the values up to that point.", icon="\U0001F4A5")
+                     "The charts show the values up to that point.", icon=":material/warning:")
         elif info.state == "failed":
             reason = status.get("error") or "the training process ended without a final state"
-            st.error(f"Failed: {reason}", icon="\u274C")
+            st.error(f"Failed: {reason}", icon=":material/error:")
             tail = store.log_tail(run_id, 12)
             if tail:
                 st.code(tail, language=None)
@@ -332,7 +347,7 @@ with tab_train:
             st.info(f"Stopped at step {status.get('step')}."
                     + (f" {status['error']}" if status.get("error") else ""))
         if synthetic:
-            st.caption("\U0001F9EA This run uses SYNTHETIC data (not CIFAR-10).")
+            st.caption(":material/science: This run uses SYNTHETIC data (not CIFAR-10).")
 
         steps = store.steps(run_id)
         metrics = store.metrics(run_id)

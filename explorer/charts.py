@@ -15,7 +15,7 @@ import pandas as pd
 
 FORWARD_COLOR = "#1f77b4"
 BACKWARD_COLOR = "#ff7f0e"
-SYNTHETIC_TAG = " \u2014 SYNTHETIC data (not CIFAR-10)"
+SYNTHETIC_TAG = " \u2014 SYNTHETIC data"
 HEIGHT = 260
 
 
@@ -97,11 +97,14 @@ def profile_chart(profile: pd.DataFrame, *, synthetic: bool = False, title: str 
         color=alt.Color("direction:N", title="signal",
                         scale=alt.Scale(domain=["forward", "backward"],
                                         range=[FORWARD_COLOR, BACKWARD_COLOR]),
-                        legend=alt.Legend(orient="top")),
+                        legend=alt.Legend(orient="top", symbolType="stroke",
+                                          symbolStrokeWidth=3)),
         strokeDash=alt.StrokeDash("kind:N", title="",
                                   scale=alt.Scale(domain=["measured", "predicted"],
                                                   range=[[1, 0], [6, 4]]),
-                                  legend=alt.Legend(orient="top")),
+                                  legend=alt.Legend(orient="top", symbolType="stroke",
+                                                    symbolStrokeColor="gray",
+                                                    symbolStrokeWidth=2)),
         tooltip=[alt.Tooltip("layer:N"), alt.Tooltip("layer_number:Q", title="#"),
                  alt.Tooltip("series:N"), alt.Tooltip("variance:Q", format=".3e")],
     )
@@ -205,20 +208,42 @@ def training_chart(steps: pd.DataFrame, metrics: pd.DataFrame, steps_per_epoch: 
 # Layer statistics
 # --------------------------------------------------------------------------------------------
 STAT_TITLES = {
-    "activation_std": "Activation std (layer \u00d7 step)",
-    "activation_grad_std": "Gradient std at each layer's output (layer \u00d7 step)",
+    "activation_std": "Signal std at each layer (layer \u00d7 step)",
+    "activation_grad_std": "Gradient std at each layer (layer \u00d7 step)",
     "zero_fraction": "Dead fraction: units exactly 0 (layer \u00d7 step)",
     "saturated_fraction": "Saturated fraction (layer \u00d7 step)",
     "update_ratio": "Update / weight ratio (layer \u00d7 step)",
 }
 
 
+def _activation_rows(layer_stats: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the activation layers (ReLU/tanh outputs), or all rows if there are none."""
+    names = layer_stats["layer"].astype(str)
+    types = layer_stats.get("layer_type", pd.Series("", index=layer_stats.index)).astype(str)
+    mask = names.str.startswith("act_") | types.isin(["Activation", "ReLU", "LeakyReLU", "ELU"])
+    return layer_stats[mask] if mask.any() else layer_stats
+
+
+def _weight_rows(layer_stats: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the weight layers (conv/dense outputs), or all rows if there are none."""
+    acts = _activation_rows(layer_stats)
+    if len(acts) == len(layer_stats):
+        return layer_stats
+    return layer_stats.drop(acts.index)
+
+
 def heatmap(layer_stats: pd.DataFrame, stat: str, *, synthetic: bool = False,
-            log: bool = True, height: int | None = None) -> alt.Chart:
-    """A layer x step heatmap of one layer statistic (log colour scale for std-like stats)."""
+            log: bool = True, rows: str = "weight") -> alt.Chart:
+    """A layer x step heatmap of one layer statistic (log colour scale for std-like stats).
+
+    ``rows="weight"`` shows the weight layers' outputs (pre-activations; the same layers as the
+    init profile), ``"activation"`` the nonlinearities' outputs, ``"all"`` every tracked layer.
+    """
     if layer_stats is None or layer_stats.empty or stat not in layer_stats:
         return empty_chart(f"No layer statistics ({stat}) logged yet.")
-    data = layer_stats[["step", "layer", "layer_index", stat]].copy()
+    picked = {"weight": _weight_rows, "activation": _activation_rows}.get(
+        rows, lambda df: df)(layer_stats)
+    data = picked[["step", "layer", "layer_index", stat]].copy()
     data["value"] = pd.to_numeric(data[stat], errors="coerce").astype(float)
     data = data[np.isfinite(data["value"])]
     if log:
@@ -227,18 +252,22 @@ def heatmap(layer_stats: pd.DataFrame, stat: str, *, synthetic: bool = False,
         return empty_chart(f"{stat}: no finite{' positive' if log else ''} values yet "
                            "(NaN/Inf or exactly 0 everywhere).")
     order = (data.drop_duplicates("layer").sort_values("layer_index")["layer"].tolist())
-    n_layers = len(order)
+    step = 14 if len(order) <= 20 else (9 if len(order) <= 40 else 7)
     color_scale = (alt.Scale(type="log", scheme="viridis") if log
                    else alt.Scale(domain=[0, 1], scheme="magma", reverse=True))
+    n_steps = data["step"].nunique()
     return alt.Chart(data).mark_rect().encode(
-        x=alt.X("step:O", title="step", axis=alt.Axis(labelOverlap=True, labelAngle=0)),
-        y=alt.Y("layer:N", sort=order, title="layer (input at the top)",
-                axis=alt.Axis(labelOverlap=True)),
-        color=alt.Color("value:Q", scale=color_scale, title=stat,
-                        legend=alt.Legend(format=".0e" if log else "%")),
+        x=alt.X("step:O", title="step",
+                axis=alt.Axis(labelAngle=0, labelOverlap=True,
+                              values=sorted(data["step"].unique())[::max(1, n_steps // 12)])),
+        y=alt.Y("layer:N", sort=order, title=None,
+                axis=alt.Axis(labelOverlap=False, labelFontSize=9 if step < 10 else 10)),
+        color=alt.Color("value:Q", scale=color_scale, title=None,
+                        legend=alt.Legend(format=".0e" if log else "%", gradientLength=120)),
         tooltip=["layer:N", "step:Q", alt.Tooltip("value:Q", title=stat, format=".3e")],
-    ).properties(height=height or max(160, min(420, 12 * n_layers)),
-                 title=_title(STAT_TITLES.get(stat, stat), synthetic))
+    ).properties(height=alt.Step(step), width="container",
+                 title=_title(STAT_TITLES.get(stat, stat), synthetic,
+                              "rows: layers from the input (top) to the classifier (bottom)"))
 
 
 def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,
@@ -247,6 +276,7 @@ def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,
     layer (dashed)."""
     if layer_stats is None or layer_stats.empty:
         return empty_chart("No layer statistics logged yet.")
+    layer_stats = _activation_rows(layer_stats)
     rows = []
     for stat, name in (("zero_fraction", "dead (= 0)"), ("saturated_fraction", "saturated")):
         if stat not in layer_stats:
@@ -260,14 +290,16 @@ def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,
         return empty_chart("No dead/saturated fractions logged.")
     data = pd.concat(rows, ignore_index=True).dropna()
     return alt.Chart(data).mark_line().encode(
-        x=alt.X("step:Q"),
+        x=alt.X("step:Q", axis=alt.Axis(format="d", tickMinStep=1)),
         y=alt.Y("fraction:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
         color=alt.Color("stat:N", title="", legend=alt.Legend(orient="top"),
                         scale=alt.Scale(domain=["dead (= 0)", "saturated"],
                                         range=["#54a24b", "#b279a2"])),
-        strokeDash=alt.StrokeDash("aggregate:N", title="", legend=alt.Legend(orient="top"),
+        strokeDash=alt.StrokeDash("aggregate:N", title="",
                                   scale=alt.Scale(domain=["mean over layers", "worst layer"],
-                                                  range=[[1, 0], [5, 3]])),
+                                                  range=[[1, 0], [5, 3]]),
+                                  legend=alt.Legend(orient="top", symbolType="stroke",
+                                                    symbolStrokeColor="gray")),
         tooltip=["stat:N", "aggregate:N", "step:Q", alt.Tooltip("fraction:Q", format=".1%")],
     ).properties(height=height, title=_title("Dead and saturated units", synthetic))
 

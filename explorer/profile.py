@@ -172,17 +172,22 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
 
 
 def signal_summary(table: pd.DataFrame) -> dict:
-    """Ratios of the last layer's measured variance to the first's (forward and backward)."""
-    out = {}
+    """Measured variance ratios across the hidden layers (the classifier is left out: after
+    global pooling its scale says nothing about propagation through depth).
+
+    ``forward``: Var[y] of the last hidden layer / the first's; ``backward``: Var[dL/dy] at the
+    first layer / at the last hidden layer; ``hidden_layers``: how many layers that spans.
+    """
+    hidden = table.iloc[:-1] if len(table) > 2 else table
+    out = {"hidden_layers": len(hidden)}
     for direction, column in (("forward", "forward_var"), ("backward", "backward_var")):
-        if column not in table or len(table) < 2:
+        if column not in hidden or len(hidden) < 2:
             continue
-        values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
+        values = pd.to_numeric(hidden[column], errors="coerce").to_numpy(dtype=float)
         first, last = values[0], values[-1]
-        if direction == "backward":
-            first, last = values[-1], values[0]  # gradients flow from the last layer back
-        if math.isfinite(first) and math.isfinite(last) and first > 0:
-            out[direction] = last / first
+        num, den = (last, first) if direction == "forward" else (first, last)
+        if math.isfinite(num) and math.isfinite(den) and den > 0:
+            out[direction] = num / den
         else:
             out[direction] = float("nan")
     return out

@@ -93,7 +93,8 @@ class JobManager:
         devices: as returned by :func:`detect_devices` (detected when None).
         grace_seconds: how long a stopped job may take to finish its batch before SIGKILL.
         poll_interval: seconds between monitor ticks (launch, reap, enforce stops).
-        python: interpreter for the subprocess (``sys.executable``).
+        python: interpreter for the subprocess (default ``$KERAS_VARINIT_EXPLORER_PYTHON`` or
+            ``sys.executable``).
         env: extra environment variables for the subprocess.
         start: start the monitor thread (tests may call :meth:`poll` themselves).
     """
@@ -106,7 +107,9 @@ class JobManager:
         self.devices = devices if devices is not None else detect_devices()
         self.grace_seconds = float(grace_seconds)
         self.poll_interval = float(poll_interval)
-        self.python = python or sys.executable
+        # The interpreter of the training subprocess: this one, unless overridden (e.g. a
+        # different venv) through the argument or $KERAS_VARINIT_EXPLORER_PYTHON.
+        self.python = python or os.environ.get("KERAS_VARINIT_EXPLORER_PYTHON") or sys.executable
         self.env = dict(env or {})
         self._jobs: dict[str, Job] = {}
         self._order: list[str] = []

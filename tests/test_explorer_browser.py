@@ -1,0 +1,140 @@
+"""Real-browser test of the explorer: `streamlit run explorer/app.py` on a free localhost port,
+driven by Playwright with Debian's Chromium. Runs a tiny synthetic training, checks that the
+Vega charts render and that no exception box appears, and saves the screenshot the README shows
+(docs/explorer.png, plus a copy under the test's tmp dir).
+
+Needs /usr/bin/chromium (`apt-get install chromium`; never `playwright install`). Without it the
+test skips, unless KERAS_VARINIT_REQUIRE_BROWSER=1 (set by .ci/run), where it fails.
+"""
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT = REPO / "docs" / "explorer.png"
+TINY_QUERY = ("data=synthetic&depth=8&width=8&subset=512&batch_size=64&epochs=2&lr=0.03"
+              "&init=kaiming_normal")
+
+
+def _require_browser():
+    required = os.environ.get("KERAS_VARINIT_REQUIRE_BROWSER") == "1"
+    problems = []
+    if not os.path.exists(CHROMIUM):
+        problems.append(f"{CHROMIUM} not found: install Debian's Chromium with "
+                        "`apt-get install chromium` (never `playwright install`)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        problems.append("the playwright Python package is missing: pip install playwright")
+    if problems:
+        message = "; ".join(problems)
+        if required:
+            pytest.fail(f"KERAS_VARINIT_REQUIRE_BROWSER=1 but {message}")
+        pytest.skip(message + " (set KERAS_VARINIT_REQUIRE_BROWSER=1 to make this a failure)")
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    _require_browser()
+    port = _free_port()
+    env = dict(os.environ, KERAS_VARINIT_RUNS_DIR=str(tmp_path / "runs"),
+               TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "explorer" / "app.py"),
+         "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not come up: " + (tmp_path / "streamlit.log").read_text())
+    if proc.poll() is not None:
+        pytest.fail("streamlit exited: " + (tmp_path / "streamlit.log").read_text())
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _no_exception_box(page):
+    boxes = page.locator('[data-testid="stException"]')
+    assert boxes.count() == 0, boxes.first.inner_text()
+
+
+def test_browser_trains_a_tiny_run_and_renders_charts(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            # Streamlit scrolls inside its own container, so a full-page shot needs a tall viewport.
+            page = browser.new_page(viewport={"width": 1440, "height": 1900})
+            page.goto(f"{server}/?{TINY_QUERY}", wait_until="domcontentloaded")
+            # At initialization: the variance profile renders as a Vega chart
+            expect(page.get_by_text("8-layer CNN").first).to_be_visible(timeout=180_000)
+            expect(page.locator(".vega-embed").first).to_be_visible(timeout=180_000)
+            page.wait_for_timeout(1000)
+            _no_exception_box(page)
+            page.screenshot(path=str(tmp_path / "explorer-init.png"), full_page=True)
+
+            page.get_by_role("tab", name="Training").click()
+            page.get_by_role("button", name="Train", exact=True).click()
+            finished = page.locator('[data-testid="stMetricValue"]', has_text="finished").first
+            expect(finished).to_be_visible(timeout=300_000)
+            # the fragment redraws every 1.5 s: let the last charts come in
+            page.mouse.move(5, 5)  # no tooltip in the screenshot
+            page.wait_for_timeout(4000)
+            _no_exception_box(page)
+            panel = page.get_by_role("tabpanel", name="Training")
+            charts = panel.locator(".vega-embed")
+            assert charts.count() >= 5
+            drawn = panel.locator(".vega-embed canvas, .vega-embed svg")
+            assert drawn.count() >= 5
+            expect(panel.get_by_text("SYNTHETIC").first).to_be_visible()
+            shot = tmp_path / "explorer.png"
+            page.screenshot(path=str(shot), full_page=True)
+
+            page.get_by_role("tab", name="Compare").click()
+            expect(page.get_by_text("tensorboard --logdir").first).to_be_visible(
+                timeout=30_000)
+            _no_exception_box(page)
+            page.screenshot(path=str(tmp_path / "explorer-compare.png"), full_page=True)
+        finally:
+            browser.close()
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    shutil.copyfile(shot, SCREENSHOT)
+    print(f"screenshots: {SCREENSHOT} and {tmp_path}")
