@@ -145,7 +145,7 @@ def cumulative_backward(fan_out, weight_var, top_grad_var, transfer=None, stride
         stride: per layer, product of its strides; default 1.
 
     >>> cumulative_backward([144, 144, 10], [2/144, 2/144, 2/64], 1e-4, transfer=[.5, .5, .5])
-    array([1.5625e-04, 1.5625e-04, 1.0000e-04])
+    array([1.5625e-05, 1.5625e-05, 1.0000e-04])
     """
     fan_out = np.asarray(fan_out, dtype=float)
     n = fan_out.shape[0]

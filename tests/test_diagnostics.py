@@ -1,0 +1,324 @@
+"""variance_profile, the predicted-variance math, the verdict and the plot.
+
+The reference claims (He et al. 2015), measured at init on a batch of 256 N(0, 1) images:
+
+* 30-layer plain ReLU CNN ("small30", width 16): Xavier's forward variance falls by more than
+  10^3 (the ReLU halving, 2^-29, times a finite-width drift: about 10^-11 measured), while
+  Kaiming's mean-field prediction stays flat;
+* the one-step prediction fan_in * Var[W] * E[x^2] agrees with the measurement within a factor
+  2 on every hidden layer past the first (and the backward one within 2 as well);
+* Kaiming keeps the last hidden layer within a factor 4 of the first once the network is wide
+  enough for the mean-field recursion to describe one draw of the weights (width 64). At
+  width 16 the measured variance of a single draw drifts down by about 10^-2 even under
+  Kaiming (finite-width fluctuations compound over depth, Hanin 2018); that is measured and
+  asserted too, so the test documents the limit of the theory instead of hiding it.
+"""
+import math
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from keras_varinit import diagnostics, models, propagation
+
+pytestmark = pytest.mark.backend_independent
+
+BATCH = 256
+
+
+def _images(n=BATCH, seed=0, shape=(32, 32, 3)):
+    return np.random.default_rng(seed).standard_normal((n,) + shape).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def small30():
+    """Profiles of the 30-layer plain ReLU CNN (width 16), Xavier and Kaiming, batch 256."""
+    x = _images()
+    out = {}
+    for init in ("xavier_normal", "kaiming_normal"):
+        model = models.reference_cnn("small30", kernel_initializer=init, seed=0)
+        out[init] = diagnostics.variance_profile(model, x, seed=0)
+        keras.backend.clear_session()
+    return out
+
+
+def _hidden_ratio(df):
+    """forward_var of the last hidden weight layer over the first."""
+    return df["forward_var"].iloc[-2] / df["forward_var"].iloc[0]
+
+
+# ----------------------------------------------------------------------------- pure math
+
+def test_activation_factors_closed_forms():
+    assert propagation.forward_factor("relu") == 0.5
+    assert propagation.forward_factor("leaky_relu", 0.2) == pytest.approx(0.52)
+    assert propagation.forward_factor("leaky_relu", 1.0) == pytest.approx(1.0)
+    assert propagation.forward_factor("linear") == propagation.forward_factor(None) == 1.0
+    assert propagation.forward_factor("tanh") == 1.0
+    assert math.isnan(propagation.forward_factor("sigmoid"))
+    assert propagation.backward_factor("sigmoid") == pytest.approx(1 / 16)
+    assert propagation.backward_factor("relu") == 0.5
+
+
+def test_relu_factor_matches_monte_carlo(rng):
+    y = rng.standard_normal(2_000_000) * 3.0
+    assert np.mean(np.maximum(y, 0) ** 2) / np.var(y) == pytest.approx(
+        propagation.forward_factor("relu"), rel=0.01)
+    a = 0.2
+    leaky = np.where(y > 0, y, a * y)
+    assert np.mean(leaky ** 2) / np.var(y) == pytest.approx(
+        propagation.forward_factor("leaky_relu", a), rel=0.01)
+
+
+def test_one_step_and_cumulative_hand_values():
+    # Kaiming on a relu chain: fan_in * 2/fan_in * (1/2) = 1 per layer.
+    assert propagation.one_step_forward(144, 2 / 144, 0.5) == pytest.approx(1.0)
+    fwd = propagation.cumulative_forward([27, 144, 288], [2 / 27, 2 / 144, 2 / 288], 1.0,
+                                         transfer=[0.5, 0.5, 0.5])
+    np.testing.assert_allclose(fwd, [2.0, 2.0, 2.0])
+    # Xavier at constant width: 1/fan_in -> halves per layer.
+    fwd = propagation.cumulative_forward([144] * 4, [1 / 144] * 4, 1.0, transfer=[0.5] * 4)
+    np.testing.assert_allclose(fwd, [1.0, 0.5, 0.25, 0.125])
+    # backward: fan_out of the *next* layer, divided by its stride.
+    assert propagation.one_step_backward(288, 2 / 144, 1.0, factor=0.5, stride_next=4) == \
+        pytest.approx(0.5 * 288 / 4 * 2 / 144)
+    bwd = propagation.cumulative_backward([144, 144, 10], [2 / 144, 2 / 144, 2 / 64], 1e-4,
+                                          transfer=[0.5, 0.5, 0.5])
+    np.testing.assert_allclose(bwd, [1.5625e-5, 1.5625e-5, 1e-4])
+    # a BN reset restarts the recursion
+    fwd = propagation.cumulative_forward([144] * 3, [1e-6] * 3, 1.0, transfer=[0.5] * 3,
+                                         reset=[1.0, np.nan, np.nan])
+    np.testing.assert_allclose(fwd, [144e-6, 144e-6 * 0.5, 144e-6 * (0.5 * 72e-6)])
+
+
+def test_cumulative_length_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="Expected 3 values"):
+        propagation.cumulative_forward([1, 2, 3], [1, 1], 1.0)
+
+
+# ----------------------------------------------------------------------------- the profile
+
+def test_profile_columns_and_fans(small30):
+    df = small30["kaiming_normal"]
+    assert list(df.columns) == list(diagnostics.COLUMNS)
+    assert len(df) == 30
+    assert list(df["layer"][:2]) == ["conv_01", "conv_02"] and df["layer"].iloc[-1] == "logits"
+    # hand-computed fans: 3x3 kernels, widths 16/32/64, classifier 64 -> 10
+    assert (df["fan_in"].iloc[0], df["fan_out"].iloc[0]) == (27, 144)
+    assert (df["fan_in"].iloc[10], df["fan_out"].iloc[10]) == (144, 288)
+    assert df["stride"].iloc[10] == 4 and df["stride"].iloc[9] == 1
+    assert (df["fan_in"].iloc[-1], df["fan_out"].iloc[-1]) == (64, 10)
+    assert set(df["activation"][:-1]) == {"relu"} and df["activation"].iloc[-1] == "linear"
+    # Kaiming's 2/fan_in, measured on the kernels
+    np.testing.assert_allclose(df["weight_var"][1:-1] * df["fan_in"][1:-1], 2.0, rtol=0.1)
+    assert (df["forward_var_post"] < df["forward_var"]).iloc[:-1].all()  # relu removes half+
+
+
+def test_xavier_falls_more_than_1e3_kaiming_does_not(small30):
+    xavier, kaiming = small30["xavier_normal"], small30["kaiming_normal"]
+    assert _hidden_ratio(xavier) < 1e-3
+    assert xavier["forward_var"].iloc[-1] / xavier["forward_var"].iloc[0] < 1e-3
+    # the mean-field recursion: Xavier ~ (1/2)^28 * (2/3)^2, Kaiming flat
+    pred_x = xavier["predicted_forward_var_cumulative"]
+    # (rel 0.3: the recursion uses the sampled kernel variances, 28 of them)
+    assert pred_x.iloc[-2] / pred_x.iloc[0] == pytest.approx(0.5 ** 28 * (2 / 3) ** 2, rel=0.3)
+    pred_k = kaiming["predicted_forward_var_cumulative"]
+    assert 0.25 < pred_k.iloc[-2] / pred_k.iloc[0] < 4
+    # measured, Kaiming keeps >= 10^6 times more of the signal than Xavier; at width 16 one
+    # draw still drifts down (finite width), but by far less than 10^3.
+    assert _hidden_ratio(kaiming) > 1e6 * _hidden_ratio(xavier)
+    assert _hidden_ratio(kaiming) > 1e-3
+    assert "stall" in diagnostics.summarize_profile(xavier)
+    assert "stall" not in diagnostics.summarize_profile(kaiming)
+
+
+@pytest.mark.parametrize("init", ["xavier_normal", "kaiming_normal"])
+def test_one_step_forward_within_2x_past_the_first(small30, init):
+    df = small30[init]
+    ratio = df["forward_var"] / df["predicted_forward_var"]
+    hidden = ratio.iloc[1:-1]
+    assert hidden.between(0.5, 2.0).all(), hidden.describe()
+    # the first layer sees the data itself: exact up to sampling
+    assert ratio.iloc[0] == pytest.approx(1.0, rel=0.15)
+    # the 10-unit classifier after global pooling is a chi^2 estimate with ~10 degrees of
+    # freedom: P(outside 3x) ~ 3%; within 2x in most draws but not all (seed 0: 0.4)
+    assert 1 / 3 < ratio.iloc[-1] < 3
+
+
+@pytest.mark.parametrize("init", ["xavier_normal", "kaiming_normal"])
+def test_one_step_backward_within_2x(small30, init):
+    df = small30[init]
+    ratio = (df["backward_var"] / df["predicted_backward_var"]).iloc[:-1]
+    assert ratio.between(0.5, 2.0).all(), ratio.describe()
+    assert np.isnan(df["predicted_backward_var"].iloc[-1])
+    # Xavier's gradient vanishes towards the input; Kaiming's stays within ~2 decades
+    assert df["backward_var"].iloc[0] > 0
+
+
+def test_swapped_fans_break_the_predictions(small30):
+    """The checks above fail if fan_in and fan_out are swapped (or the stride is ignored)."""
+    df = small30["kaiming_normal"]
+    # conv_11 maps 16 -> 32 channels: fan_out = 2 fan_in
+    row = df.iloc[10]
+    swapped = propagation.one_step_forward(row["fan_out"], row["weight_var"],
+                                           row["input_second_moment"])
+    right = row["forward_var"] / row["predicted_forward_var"]
+    assert abs(math.log(right)) < abs(math.log(row["forward_var"] / swapped))
+    # backward into conv_10 goes through conv_11 (stride 2x2): without the stride, 4x off
+    nxt = df.iloc[10]
+    no_stride = propagation.one_step_backward(nxt["fan_out"], nxt["weight_var"],
+                                              nxt["backward_var"], 0.5, 1.0)
+    assert df["backward_var"].iloc[9] / no_stride < 0.5
+    with_fan_in = propagation.one_step_backward(nxt["fan_in"], nxt["weight_var"],
+                                                nxt["backward_var"], 0.5, nxt["stride"])
+    assert df["backward_var"].iloc[9] / with_fan_in > 1.5
+
+
+def test_swapped_fans_fail_on_an_mlp_with_4x_fans():
+    """A Dense chain whose widths alternate 64 <-> 256: every fan_in/fan_out differs by 4x."""
+    widths = [256, 64, 256, 64, 256, 10]
+    inputs = keras.Input((64,))
+    h = inputs
+    for i, w in enumerate(widths):
+        h = keras.layers.Dense(w, use_bias=False, name=f"d{i}",
+                               kernel_initializer=keras.initializers.RandomNormal(
+                                   stddev=math.sqrt(2 / h.shape[-1]), seed=i))(h)
+        if i < len(widths) - 1:
+            h = keras.layers.Activation("relu", name=f"a{i}")(h)
+    model = keras.Model(inputs, h)
+    x = np.random.default_rng(1).standard_normal((512, 64)).astype("float32")
+    df = diagnostics.variance_profile(model, x)
+    ok = (df["forward_var"] / df["predicted_forward_var"]).iloc[:-1]
+    assert ok.between(0.8, 1.25).all(), ok
+    swapped = df["forward_var"] / propagation.one_step_forward(
+        df["fan_out"], df["weight_var"], df["input_second_moment"])
+    assert (~swapped.iloc[:-1].between(0.5, 2.0)).all(), swapped
+    back_ok = (df["backward_var"] / df["predicted_backward_var"]).iloc[:-1]
+    assert back_ok.between(0.75, 1.33).all(), back_ok
+    back_swapped = df["backward_var"].iloc[:-1].to_numpy() / propagation.one_step_backward(
+        df["fan_in"].to_numpy()[1:], df["weight_var"].to_numpy()[1:],
+        df["backward_var"].to_numpy()[1:], 0.5)
+    assert not np.any((back_swapped > 0.5) & (back_swapped < 2.0)), back_swapped
+    np.testing.assert_allclose(df["predicted_forward_var_cumulative"][:-1],
+                               df["forward_var"][:-1], rtol=0.5)
+
+
+def test_kaiming_relu_mlp_30_layers_within_4x_xavier_falls():
+    x = np.random.default_rng(0).standard_normal((BATCH, 3072)).astype("float32")
+    ratios = {}
+    for init in ("kaiming_normal", "xavier_normal"):
+        model = models.plain_mlp(30, width=256, kernel_initializer=init, activation="relu",
+                                 seed=0)
+        df = diagnostics.variance_profile(model, x)
+        ratios[init] = _hidden_ratio(df)
+        one_step = (df["forward_var"] / df["predicted_forward_var"]).iloc[1:]
+        assert one_step.between(0.5, 2.0).all()
+        keras.backend.clear_session()
+    assert 0.25 < ratios["kaiming_normal"] < 4
+    assert ratios["xavier_normal"] < 1e-3
+
+
+@pytest.mark.slow
+def test_kaiming_wide_30_layer_cnn_within_4x():
+    """At width 64 (channels 64/128/256) one draw follows the mean-field recursion."""
+    x = _images(32)
+    model = models.plain_cnn(30, width=64, kernel_initializer="kaiming_normal", seed=0)
+    df = diagnostics.variance_profile(model, x)
+    assert 0.25 < _hidden_ratio(df) < 4
+    assert 0.25 < df["forward_var"].iloc[-1] / df["forward_var"].iloc[0] < 4
+    assert "propagates" in diagnostics.summarize_profile(df)
+
+
+def test_labels_loss_and_determinism():
+    model = models.plain_cnn(4, width=4, seed=0)
+    x = _images(16)
+    a = diagnostics.variance_profile(model, x, seed=1)
+    b = diagnostics.variance_profile(model, x, seed=1)
+    pd.testing.assert_frame_equal(a, b)
+    y = np.arange(16) % 10
+    onehot = np.eye(10, dtype="float32")[y]
+    c = diagnostics.variance_profile(model, x, y=y)
+    d = diagnostics.variance_profile(model, x, y=onehot)
+    np.testing.assert_allclose(c["backward_var"], d["backward_var"], rtol=1e-4)
+    np.testing.assert_allclose(c["forward_var"], a["forward_var"], rtol=1e-5)
+    e = diagnostics.variance_profile(
+        model, x, y=onehot, loss=keras.losses.MeanSquaredError())
+    assert not np.allclose(e["backward_var"], d["backward_var"])
+
+
+def test_model_weights_untouched_and_bn_profile():
+    pytest.importorskip("keras_varinit.layers")
+    model = models.plain_cnn(6, width=4, batch_norm="pooled", seed=0,
+                             kernel_initializer="normal:0.02")
+    before = [keras.ops.convert_to_numpy(v).copy() for v in model.variables]
+    df = diagnostics.variance_profile(model, _images(32))
+    after = [keras.ops.convert_to_numpy(v) for v in model.variables]
+    assert all(np.array_equal(u, v) for u, v in zip(before, after))  # moving stats too
+    assert np.isfinite(df["forward_var"]).all() and np.isfinite(df["backward_var"]).all()
+    # weights ~10x too small (Var[y_1] = 27 * 4e-4), but BN (training mode, batch statistics)
+    # re-normalizes: the next layer's input is relu(N(0, 1)), E[x^2] ~ 1/2
+    assert df["forward_var"].iloc[0] < 0.05
+    assert 0.2 < df["input_second_moment"].iloc[1] < 1.0
+
+
+def test_sequential_model_and_own_activation():
+    model = keras.Sequential([
+        keras.Input((20,)),
+        keras.layers.Dense(64, activation="relu", name="h1"),
+        keras.layers.Dense(64, activation="tanh", name="h2"),
+        keras.layers.Dense(3, name="out"),
+    ])
+    x = np.random.default_rng(0).standard_normal((64, 20)).astype("float32")
+    df = diagnostics.variance_profile(model, x)
+    assert list(df["activation"]) == ["relu", "tanh", "linear"]
+    pre = keras.ops.convert_to_numpy(model.get_layer("h1").kernel)
+    y1 = x @ pre  # zero bias at init
+    assert df["forward_var"].iloc[0] == pytest.approx(np.mean(y1 ** 2), rel=1e-4)
+    assert df["forward_var_post"].iloc[0] == pytest.approx(np.var(np.maximum(y1, 0)), rel=1e-4)
+    assert df["input_second_moment"].iloc[1] == pytest.approx(
+        np.mean(np.maximum(y1, 0) ** 2), rel=1e-4)
+
+
+def test_profile_bad_input():
+    model = models.plain_cnn(3, width=2, seed=0)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        diagnostics.variance_profile(model, _images(1))
+    with pytest.raises(ValueError, match="same number of examples"):
+        diagnostics.variance_profile(model, _images(4), y=np.zeros(3, "int32"))
+    empty = keras.Sequential([keras.Input((4,)), keras.layers.Activation("relu")])
+    with pytest.raises(ValueError, match="no Dense or Conv layer"):
+        diagnostics.variance_profile(empty, np.zeros((4, 4), "float32"))
+
+
+# ----------------------------------------------------------------------------- verdict, plot
+
+def _fake(values, activation="relu"):
+    n = len(values)
+    return pd.DataFrame({"layer": [f"l{i}" for i in range(n)], "index": range(1, n + 1),
+                         "activation": [activation] * (n - 1) + ["linear"],
+                         "forward_var": values})
+
+
+def test_summarize_profile_verdicts(small30):
+    assert diagnostics.summarize_profile(small30["xavier_normal"]).startswith(
+        "forward variance falls 10^-")
+    text = diagnostics.summarize_profile(_fake([1.0] * 29 + [0.5, 0.1]))
+    assert "stays within 4x" in text and "l0 to l29" in text and "propagates" in text
+    assert "expect divergence" in diagnostics.summarize_profile(_fake([1.0, 1e5, 1.0]))
+    assert "grows 10^5x" in diagnostics.summarize_profile(_fake([1.0, 1e5, 1.0]))
+    assert "falls 10^-9x" in diagnostics.summarize_profile(_fake([1.0, 1e-9, 1.0]))
+    assert "drifts" in diagnostics.summarize_profile(_fake([1.0, 1e-2, 1.0]))
+    assert "overflows" in diagnostics.summarize_profile(_fake([1.0, np.inf, 1.0]))
+    assert "vanishes" in diagnostics.summarize_profile(_fake([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="empty"):
+        diagnostics.summarize_profile(_fake([1.0])[:0])
+
+
+def test_plot_profile_writes_png(small30, tmp_path):
+    path = tmp_path / "profile.png"
+    assert diagnostics.plot_profile(small30, path, title="30 layers") == path
+    assert path.stat().st_size > 10_000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="at least one profile"):
+        diagnostics.plot_profile({}, tmp_path / "none.png")
