@@ -37,6 +37,7 @@ import json
 import os
 import pathlib
 import tarfile
+import zlib
 
 import numpy as np
 
@@ -345,8 +346,9 @@ def _load_dir(path, *, cache=True, progress=True):
     return data
 
 
-def _classify(parts, source_name, entries, unknown):
-    """Sort one file (path parts) into entries[split][class] or ignore it."""
+def _classify(parts, unknown):
+    """(split, label, file name) for an image file at <...>/<split>/<class>/<file>, else None;
+    unknown class folders are collected in ``unknown``."""
     if len(parts) < 3:
         return None
     split, cls, name = parts[-3], parts[-2], parts[-1]
@@ -361,7 +363,8 @@ def _classify(parts, source_name, entries, unknown):
 
 
 def _iter_files(path: pathlib.Path):
-    """Yield (relative path parts, reader) for every regular file; reader() -> bytes."""
+    """Yield (relative path parts, display name, reader) for every regular file; reader() ->
+    bytes, to be called before the next item (tar archives are read as a stream)."""
     if path.is_dir():
         for root, _, files in os.walk(path):
             for f in files:
@@ -375,12 +378,28 @@ def _iter_files(path: pathlib.Path):
         raise ValueError(f"Not a directory or readable .tar/.tar.gz archive: {str(path)!r} "
                          f"({error})") from error
     with archive:
-        for member in archive:
+        members = iter(archive)
+        while True:
+            try:
+                member = next(members)
+            except StopIteration:
+                return
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+                raise ValueError(f"Truncated or corrupt archive {str(path)!r}: "
+                                 f"{type(error).__name__}: {error}") from error
             if not member.isfile():
                 continue
             parts = [p for p in member.name.split("/") if p not in ("", ".")]
             yield parts, f"{path}:{member.name}", (
-                lambda m=member: archive.extractfile(m).read())
+                lambda m=member: _read_member(archive, m, path))
+
+
+def _read_member(archive, member, path):
+    try:
+        return archive.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise ValueError(f"Truncated or corrupt archive {str(path)!r} at {member.name}: "
+                         f"{type(error).__name__}: {error}") from error
 
 
 def _decode_image(name, blob):
@@ -400,7 +419,7 @@ def _decode_layout(path: pathlib.Path, *, progress=True):
     for parts, display, read in _iter_files(path):
         if len(parts) >= 3:
             top.add(parts[-3])
-        hit = _classify(parts, display, entries, unknown)
+        hit = _classify(parts, unknown)
         if hit is None:
             continue
         split, label, name = hit

@@ -259,6 +259,14 @@ def test_not_an_archive(tmp_path):
         load_cifar10("dir", bad, progress=False)
 
 
+def test_truncated_archive(tmp_path):
+    archive = _write_tar(tmp_path / "c.tar.gz", _layout(per_class=20))
+    blob = archive.read_bytes()
+    archive.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="Truncated or corrupt archive"):
+        load_cifar10("dir", archive, progress=False)
+
+
 def test_non_image_and_hidden_files_ignored(tmp_path):
     files = _layout()
     files["train/cat/notes.txt"] = b"hello"
