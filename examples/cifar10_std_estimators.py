@@ -58,7 +58,8 @@ def main(argv=None):
             "pooled std / mean of per-image std: "
             + ", ".join(f"{n} {a / b:.3f}" for n, a, b in zip("RGB", pooled.std, per_sample.std))
             + "\n\nsqrt(pooled variance - (mean per-image std)^2), an upper bound on the std of "
-            "the image means (law of total variance; Jensen for the std): " + ", ".join(f"{n} {v:.4f}" for n, v in zip("RGB", between)) + "\n")
+            "the image means (law of total variance; Jensen for the std): "
+            + ", ".join(f"{n} {v:.4f}" for n, v in zip("RGB", between)) + "\n")
 
     args.out.mkdir(parents=True, exist_ok=True)
     md = args.out / "cifar10_std_estimators.md"

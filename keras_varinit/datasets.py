@@ -12,10 +12,12 @@ Sources (``source=``):
 * ``"keras"``: ``keras.datasets.cifar10.load_data()`` (downloads into the Keras cache if needed).
 * ``"dir"``: a directory or ``.tar`` / ``.tar.gz`` archive laid out as
   ``<split>/<class>/<image file>`` with splits ``train`` and ``test`` and the ten class names
-  (e.g. ``../shared/datasets/cifar10-jpeg.tar.gz``). Decoded once with Pillow (with a rich progress bar) and cached as an ``.npz`` under the cache dir (see :func:`cache_dir`),
-  keyed by the archive's resolved path, size and modification time; later loads read the cache
-  (well under 2 s). Decoding is single-process (measured: a 2-process pool gave no gain
-  on 2 shared cores, and spawn re-imports the caller's main module). Images are returned in a fixed, shuffled order (seed 0), not sorted by class.
+  (e.g. ``../shared/datasets/cifar10-jpeg.tar.gz``). Decoded once with Pillow (with a rich
+  progress bar) and cached as an ``.npz`` under the cache dir (see :func:`cache_dir`), keyed by
+  the archive's resolved path, size and modification time; later loads read the cache (well
+  under 2 s). Decoding is single-process (measured: a 2-process pool gave no gain on 2 shared
+  cores, and spawn re-imports the caller's main module). Images are returned in a fixed,
+  shuffled order (seed 0), not sorted by class. RGB is forced (grayscale files are converted).
 * ``"synthetic"``: :func:`synthetic_cifar10` -- learnable, CIFAR-shaped, **not CIFAR-10**.
 * ``"auto"`` (default): the path in ``$KERAS_VARINIT_CIFAR10`` if set (as ``"dir"``); else
   whatever is cached already (a full decode in our cache dir, a prepared TFDS ``cifar10``, the
@@ -100,7 +102,7 @@ def _tfds_data_dir(data_dir=None) -> pathlib.Path:
     if data_dir is not None:
         return pathlib.Path(data_dir).expanduser()
     env = os.environ.get("TFDS_DATA_DIR")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path("~/tensorflow_datasets").expanduser()
+    return pathlib.Path(env or "~/tensorflow_datasets").expanduser()
 
 
 def _tfds_prepared(data_dir=None) -> bool:

@@ -276,7 +276,7 @@ def test_non_image_and_hidden_files_ignored(tmp_path):
     assert len(x) == 20
 
 
-# ---------------------------------------------------------------------------------- keras / tfds / auto
+# ------------------------------------------------------------------------- keras / tfds / auto
 def _fake_keras_data(n=20, nt=10):
     rng = np.random.default_rng(0)
     return ((rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
@@ -300,7 +300,8 @@ def test_tfds_source_uses_data_dir(monkeypatch, tmp_path):
     calls = {}
 
     class Builder:
-        info = types.SimpleNamespace(features={"label": types.SimpleNamespace(names=list(CLASS_NAMES))})
+        label = types.SimpleNamespace(names=list(CLASS_NAMES))
+        info = types.SimpleNamespace(features={"label": label})
 
     def load(name, split, batch_size, as_supervised, data_dir=None):
         calls[split] = (name, batch_size, as_supervised, data_dir)

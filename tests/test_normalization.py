@@ -1,4 +1,4 @@
-"""keras_varinit.normalization: channel_stats / ChannelStats (the BN layer is in test_batch_norm)."""
+"""keras_varinit.normalization: channel_stats / ChannelStats (BN layer: test_batch_norm.py)."""
 import numpy as np
 import pytest
 
