@@ -68,7 +68,7 @@ def cached_profile(key: tuple) -> dict:
     return {"table": profile.table, "verdict": profile.verdict,
             "activations": profile.activations, "layer_names": profile.layer_names,
             "synthetic": profile.synthetic, "seconds": profile.seconds,
-            "lsuv": None if profile.lsuv_report is None else str(profile.lsuv_report)}
+            "lsuv": profile.lsuv_report}
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +217,8 @@ with tab_init:
             troubled = any(w in verdict for w in ("expect", "overflow", "vanish", "undefined"))
             if troubled:
                 st.error(verdict, icon=":material/warning:")
+            elif "drift" in verdict:
+                st.warning(verdict, icon=":material/trending_down:")
             else:
                 st.success(verdict, icon=":material/check_circle:")
             hidden = ratios.get("hidden_layers", len(table))
@@ -246,8 +248,10 @@ with tab_init:
                         if n in result["activations"]}
                 st.altair_chart(charts.histogram_chart(acts, synthetic=result["synthetic"]),
                                 width="content")
-            if result.get("lsuv"):
-                st.caption(f"LSUV: {result['lsuv']}")
+            if result.get("lsuv") is not None:
+                with st.expander("LSUV report (orthogonal start, then each layer rescaled to "
+                                 "unit output variance on the probe batch)"):
+                    st.dataframe(result["lsuv"], hide_index=True, width="stretch")
             with st.expander("Per-layer table"):
                 st.dataframe(table, hide_index=True, width="stretch")
 
