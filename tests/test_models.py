@@ -80,10 +80,10 @@ def test_leaky_relu_slope_is_used_by_layer_and_kaiming_gain():
 
 
 @pytest.mark.parametrize("activation,scale", [
-    ("relu", 2.0), ("leaky_relu", 2.0 / 1.04), ("tanh", 25.0 / 9.0), ("linear", 1.0)])
+    ("relu", 2.0), ("leaky_relu", 2.0 / 1.25), ("tanh", 25.0 / 9.0), ("linear", 1.0)])
 def test_kaiming_name_follows_activation_in_the_weights(activation, scale):
     """Empirical Var[W] * fan_in of a wide conv equals gain(activation)^2 (within 3%)."""
-    model = models.plain_cnn(3, width=64, activation=activation, seed=0)
+    model = models.plain_cnn(3, width=64, activation=activation, negative_slope=0.5, seed=0)
     kernel = keras.ops.convert_to_numpy(model.get_layer("conv_02").kernel)  # 3x3x64x128
     fan_in = 9 * 64
     assert kernel.shape == (3, 3, 64, 128)
