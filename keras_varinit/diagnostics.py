@@ -521,7 +521,7 @@ def plot_profile(profiles, path, title=None):
             ax.plot(xs, _positive(df[measured]), "-o", ms=3, color=color,
                     label=f"{name} (measured)")
             ax.plot(xs, _positive(df[predicted]), "--", color=color, alpha=0.8,
-                    label=f"{name} (predicted)")
+                    label=f"{name} (predicted, cumulative)")
             ax.set_title(label)
     for ax in axes:
         ax.set_yscale("log")
