@@ -15,9 +15,10 @@ initialization keeps the signal alive through depth:
 How the numbers are obtained (TensorFlow and JAX backends). The model's graph (Sequential, or
 Functional through the same node walk `Functional.call` uses) is re-run layer by layer with two
 changes at every weight layer: its own activation, if any, is applied separately so the
-pre-activation y_l is observable, and a zero tensor e_l is added to y_l. The gradient of the
-loss with respect to e_l is then dL/dy_l (TensorFlow: `tf.GradientTape.watch`; JAX:
-`jax.grad`). The pass runs inside a `keras.StatelessScope`, so it changes nothing in the model
+pre-activation y_l is observable, and y_l is made a differentiation target: TensorFlow watches
+it on a `tf.GradientTape`; JAX adds a zero tensor e_l and differentiates with respect to e_l
+(`jax.grad`, jitted), since dL/de_l = dL/dy_l. The pass runs inside a `keras.StatelessScope`,
+so it changes nothing in the model
 (batch normalization moving statistics included).
 """
 import inspect
@@ -143,11 +144,16 @@ class _Recorder:
 
     def __init__(self, model, weight_names, training):
         self.model = model
-        self.weight_names = weight_names
+        self.weight_names = set(weight_names)
+        self.order = list(weight_names)
         self.training = training
 
-    def run(self, x, deltas):
-        self.deltas = dict(zip(self.weight_names, deltas))
+    def run(self, x, deltas=None, tape=None):
+        """deltas: zero tensors added to each pre-activation (JAX); tape: a tf.GradientTape
+        that watches each pre-activation instead (TensorFlow; kept in `self.watched`)."""
+        self.deltas = dict(zip(self.order, deltas)) if deltas is not None else None
+        self.tape = tape
+        self.watched = {}
         self.stats = {}
         if isinstance(self.model, keras.Sequential):
             out = x
@@ -171,14 +177,19 @@ class _Recorder:
             kwargs["training"] = self.training
         inputs = args[0] if args else None
         record = {}
-        if op.name in self.deltas:
+        is_weight = op.name in self.weight_names
+        if is_weight:
             act = op.activation
             op.activation = None
             try:
                 pre = op(*args, **kwargs)
             finally:
                 op.activation = act
-            pre = pre + self.deltas[op.name]
+            if self.tape is not None:
+                self.tape.watch(pre)
+                self.watched[op.name] = pre
+            else:
+                pre = pre + self.deltas[op.name]
             record["pre_var"] = _second_moment(pre)
             out = pre
             if activation_of(op) is not None:
@@ -186,24 +197,39 @@ class _Recorder:
                 record["own_post_var"] = _variance(out)
         else:
             out = op(*args, **kwargs)
-        if inputs is not None and not isinstance(inputs, (list, tuple, dict)):
-            record["in_m2"] = _second_moment(inputs)
-            if isinstance(op, keras.layers.BatchNormalization):
+        # only the statistics the profile uses (each is a pass over a large tensor)
+        single_in = inputs is not None and not isinstance(inputs, (list, tuple, dict))
+        single_out = not isinstance(out, (list, tuple, dict))
+        if isinstance(op, _ACTIVATION_LAYERS):
+            if single_out:
+                record["out_var"] = _variance(out)
+        elif not isinstance(op, _NEUTRAL_LAYERS) or is_weight:
+            if single_in:
+                record["in_m2"] = _second_moment(inputs)
+            if single_out and not is_weight:
+                record["out_m2"] = _second_moment(out)
+            if single_in and isinstance(op, keras.layers.BatchNormalization):
                 record["bn_scale2"] = _channel_scale2(inputs, out)
-        if not isinstance(out, (list, tuple, dict)):
-            record["out_m2"] = _second_moment(out)
-            record["out_var"] = _variance(out)
         self.stats[op.name] = record
         return out
 
 
-def _loss_function(model, loss):
-    if loss is not None:
-        return keras.losses.get(loss)
+def _ends_in_softmax(model):
     last = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     act = activation_of(last[-1]) if last else None
-    from_logits = not (act is not None and act[0] == "softmax")
-    return from_logits
+    return act is not None and act[0] == "softmax"
+
+
+def _loss_and_labels(model, loss, y):
+    """The loss function and labels: `loss` as given, else softmax cross-entropy (sparse for
+    integer labels, categorical for one-hot), from logits unless the model ends in softmax."""
+    if loss is not None:
+        return keras.losses.get(loss), y
+    from_logits = not _ends_in_softmax(model)
+    if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
+        return (keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
+                y.reshape(-1).astype("int32"))
+    return keras.losses.CategoricalCrossentropy(from_logits=from_logits), y.astype("float32")
 
 
 def _run_backend(model, x, y, loss_fn, weight_layers, training):
@@ -215,14 +241,13 @@ def _run_backend(model, x, y, loss_fn, weight_layers, training):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        deltas = [tf.zeros(shape, dtype="float32") for shape in shapes]
         x_t = tf.convert_to_tensor(x)
         with keras.StatelessScope():
             with tf.GradientTape() as tape:
-                tape.watch(deltas)
-                out, stats = recorder.run(x_t, deltas)
+                out, stats = recorder.run(x_t, tape=tape)
                 loss_value = loss_fn(y, out)
-        grads = tape.gradient(loss_value, deltas)
+        grads = tape.gradient(loss_value, [recorder.watched[layer.name]
+                                           for layer in weight_layers])
     elif backend == "jax":
         import jax
         import jax.numpy as jnp
@@ -349,15 +374,7 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True):
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"x and y must have the same number of examples. Received: "
                          f"x.shape={x.shape}, y.shape={y.shape}")
-    loss_fn = _loss_function(model, loss)
-    if isinstance(loss_fn, bool):
-        from_logits = loss_fn
-        if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
-            loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-            y = y.reshape(-1).astype("int32")
-        else:
-            loss_fn = keras.losses.CategoricalCrossentropy(from_logits=from_logits)
-            y = y.astype("float32")
+    loss_fn, y = _loss_and_labels(model, loss, y)
 
     stats, grad_vars = _run_backend(model, x, y, loss_fn, weight_layers, training)
     bridges = _bridges(layers, chain, weight_layers)
