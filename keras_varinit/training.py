@@ -30,6 +30,7 @@ Example:
 >>> result = run_training(config, "runs/demo")        # doctest: +SKIP
 >>> result.state, result.metrics["val_accuracy"]      # doctest: +SKIP
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -698,7 +699,7 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.sigint = True
         if self.verbose:
-            print("\nInterrupted: stopping after the current batch and saving a checkpoint "
+            print("\nInterrupted: stopping after the current batch (or before training starts) "
                   "(Ctrl-C again to abort at once).", file=sys.stderr, flush=True)
 
     def __enter__(self):
@@ -773,6 +774,9 @@ def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=N
     info = {"synthetic": config.data == "synthetic"}
     device = "CPU"
     policy_before = None
+    # SIGINT / stop_event are honoured from here on: during data loading and model building
+    # the run ends before training starts; during fit after the current batch.
+    stop_flag = _StopFlag(stop_event, verbose).__enter__()
     try:
         import keras
 
@@ -849,7 +853,7 @@ def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=N
                 shutil.rmtree(checkpoint_dir)
 
         RunControl, Checkpoint = _make_callback_classes()
-        with _StopFlag(stop_event, verbose) as stop_flag:
+        with contextlib.nullcontext():
             control = RunControl(run, status, rf.JsonlWriter(steps_path), metrics, stop_flag,
                                  steps_per_epoch, config.epochs, config.batch_size,
                                  config.log_every_n_steps, verbose)
@@ -868,9 +872,12 @@ def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=N
             # The model must be built before BackupAndRestore restores weights.
             if not model.built:
                 model.build((None,) + tuple(x_train.shape[1:]))
-            model.fit(x_train, y_train, batch_size=config.batch_size, epochs=config.epochs,
-                      validation_data=(x_val, y_val), callbacks=cbs, verbose=verbose,
-                      shuffle=True)
+            if stop_flag():
+                run["state"] = "stopped"  # asked to stop before training started
+            else:
+                model.fit(x_train, y_train, batch_size=config.batch_size,
+                          epochs=config.epochs, validation_data=(x_val, y_val),
+                          callbacks=cbs, verbose=verbose, shuffle=True)
         state = run["state"] or "finished"
         if state == "stopped" and verbose:
             print(f"keras-varinit: stopped at step {run['step']}; checkpoint in "
@@ -887,7 +894,7 @@ def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=N
                      step=run["step"], eta_seconds=0.0 if state == "finished" else None)
         return result
     except KeyboardInterrupt:
-        status.close(state="stopped", phase="done", error="aborted by a second Ctrl-C",
+        status.close(state="stopped", phase="done", error="aborted by a second Ctrl-C (KeyboardInterrupt)",
                      step=run["step"])
         raise
     except BaseException as error:
@@ -895,6 +902,7 @@ def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=N
                      error=f"{type(error).__name__}: {error}")
         raise
     finally:
+        stop_flag.__exit__(None, None, None)
         if policy_before is not None:
             import keras
 

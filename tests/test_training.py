@@ -384,3 +384,13 @@ def test_distribute_on_jax_is_a_clear_error(tmp_path, backend):
     with pytest.raises(ValueError, match="TensorFlow backend"):
         run_training(tiny(distribute="mirrored"), tmp_path / "run", verbose=0)
     assert rf.read_json(tmp_path / "run" / "status.json")["state"] == "failed"
+
+
+def test_stop_requested_before_training_starts(tmp_path):
+    event = threading.Event()
+    event.set()
+    result = run_training(tiny(), tmp_path / "run", stop_event=event, verbose=0)
+    assert result.state == "stopped" and result.step == 0
+    status = rf.read_json(tmp_path / "run" / "status.json")
+    assert status["state"] == "stopped"
+    assert (tmp_path / "run" / "config.json").exists()
