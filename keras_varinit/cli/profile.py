@@ -197,6 +197,16 @@ def run(args):
             console.print(_table(df, f"{init}", args.full))
     for init, verdict in verdicts.items():
         console.print(f"{init}: {verdict}", markup=False)
+        df = profiles[init]
+        _, last = diagnostics._compared_rows(df)
+        pred = df["predicted_forward_var_cumulative"].iloc[last]
+        one_step = (df["forward_var"] / df["predicted_forward_var"]).iloc[1:last + 1]
+        if pred > 0 and len(one_step):
+            console.print(
+                f"  {df['layer'].iloc[last]}: measured / predicted (cumulative) "
+                f"x{df['forward_var'].iloc[last] / pred:.2g}; one-step measured / predicted "
+                f"on layers 2-{last + 1}: {one_step.min():.2f} .. {one_step.max():.2f}",
+                markup=False)
     if args.plot:
         diagnostics.plot_profile(profiles, args.plot, title=header.split(";")[0])
         console.print(f"plot written to {args.plot}")
