@@ -12,6 +12,7 @@ command with ``--resume`` (and the same ``--log-dir``) to go on.
 import datetime
 import os
 import pathlib
+import sys
 
 HELP = "train a plain CNN/MLP on CIFAR-10 and log per-layer statistics"
 
@@ -107,8 +108,11 @@ def run(args):
                              "Allowed: --resume --log-dir runs/<run>.")
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         log_dir = os.path.join("runs", f"{stamp}-{config.slug()}")
+    # A live progress bar on a terminal; one line per epoch when the output goes to a file or
+    # a pipe (e.g. the explorer's log), which keeps such logs short and readable.
+    verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
     result = run_training(config, log_dir, resume=args.resume, overwrite=args.overwrite,
-                          verbose=0 if args.quiet else 1)
+                          verbose=verbose)
     m = result.metrics or {}
     run_dir = pathlib.Path(result.run_dir)
     data = "SYNTHETIC data" if result.synthetic else "CIFAR-10"
