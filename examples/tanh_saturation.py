@@ -23,7 +23,6 @@ initializations, feeds a batch of normalized CIFAR-10 images (``load_cifar10("au
 Runs in seconds on a CPU.
 """
 import argparse
-import math
 import os
 import pathlib
 import sys

@@ -1,6 +1,5 @@
 """Tests for `keras-varinit train` (keras_varinit/cli/train.py)."""
 import argparse
-import json
 import os
 import pathlib
 import signal
