@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from explorer import charts, presets  # noqa: E402
 from explorer.run_store import RunStore  # noqa: E402
-from explorer.worker import JobManager  # noqa: E402
+from explorer.worker import JobManager, detect_devices  # noqa: E402
 
 
 def bench_profile(repeats: int):
@@ -87,11 +87,11 @@ def images_per_second(store: RunStore, run_id: str, subset: int) -> float:
     return float(subset * len(later) / later["seconds"].sum())
 
 
-def run_cli(settings, run_dir):
+def run_cli(settings, run_dir, device):
     argv = [sys.executable, "-m", "keras_varinit.cli",
             *presets.cli_args(settings, run_dir,
                               stats_every=presets.default_stats_every(settings))]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **device["env"])
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env=env, cwd=str(REPO))
 
@@ -121,15 +121,14 @@ def run_explorer(settings, store, jobs):
     return run_id
 
 
-def bench_training(settings, rounds, root):
+def bench_training(settings, rounds, root, device):
     store = RunStore(root)
-    cpu = [{"id": "cpu", "name": "CPU", "env": {"CUDA_VISIBLE_DEVICES": ""}}]
-    jobs = JobManager(store, devices=cpu)
+    jobs = JobManager(store, devices=[device])
     cli, exp = [], []
     try:
         for r in range(rounds):
             run_dir = store.new_run_dir(f"cli-{r}")
-            run_cli(settings, run_dir)
+            run_cli(settings, run_dir, device)
             cli.append(images_per_second(store, run_dir.name, settings["subset"]))
             run_id = run_explorer(settings, store, jobs)
             exp.append(images_per_second(store, run_id, settings["subset"]))
@@ -138,8 +137,10 @@ def bench_training(settings, rounds, root):
     finally:
         jobs.shutdown()
     ratio = statistics.mean(exp) / statistics.mean(cli)
+    per_round = [e / c for e, c in zip(exp, cli)]
     print(f"  training images/s: CLI mean {statistics.mean(cli):.0f}, explorer mean "
-          f"{statistics.mean(exp):.0f} -> ratio {ratio:.3f} (goal >= 0.9)")
+          f"{statistics.mean(exp):.0f} -> ratio of means {ratio:.3f}, median per-round ratio "
+          f"{statistics.median(per_round):.3f} (goal >= 0.9)")
     return cli, exp, ratio
 
 
@@ -148,23 +149,38 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller runs")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-page", action="store_true")
+    parser.add_argument("--skip-profile", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="CLI/explorer pairs for the throughput part (default 2, quick 1)")
+    parser.add_argument("--subset", type=int, default=None,
+                        help="training images per epoch (default 4096, quick 2048)")
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                        help="auto: the first GPU if there is one (as the explorer does), else CPU")
     args = parser.parse_args()
-    print(f"bench_explorer: {os.cpu_count()} CPUs, load average "
+    device = detect_devices()[0] if args.device == "auto" else \
+        {"id": "cpu", "name": "CPU", "env": {"CUDA_VISIBLE_DEVICES": ""}}
+    import keras
+
+    print(f"bench_explorer: Keras {keras.__version__} on {keras.backend.backend()}, "
+          f"{os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("1. init profile, depth-30 plain CNN (width 16), cache miss:")
-    bench_profile(2 if args.quick else 3)
+    if not args.skip_profile:
+        print("1. init profile, depth-30 plain CNN (width 16), cache miss:")
+        bench_profile(2 if args.quick else 3)
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_page:
             bench_page(pathlib.Path(tmp) / "page-runs")
         if not args.skip_training:
             settings = dict(presets.DEFAULTS, model="cnn", depth=10, width=16,
                             init="kaiming_normal", data="synthetic",
-                            subset=2048 if args.quick else 4096, batch_size=128,
+                            subset=args.subset or (2048 if args.quick else 4096),
+                            batch_size=128,
                             epochs=3, lr=0.01)
             print(f"2. training throughput, {presets.describe(settings)}, "
                   f"{settings['subset']} synthetic images x {settings['epochs']} epochs, "
-                  f"batch {settings['batch_size']}, CPU:")
-            bench_training(settings, 1 if args.quick else 2, pathlib.Path(tmp) / "runs")
+                  f"batch {settings['batch_size']}, {device['name']}:")
+            rounds = args.rounds or (1 if args.quick else 2)
+            bench_training(settings, rounds, pathlib.Path(tmp) / "runs", device)
     return 0
 
 

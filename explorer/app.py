@@ -381,6 +381,9 @@ with tab_train:
 # Compare
 # --------------------------------------------------------------------------------------------
 with tab_compare:
+    st.button("Refresh", key="refresh_compare", icon=":material/refresh:",
+              help="Re-read the runs directory (runs started elsewhere, e.g. from the CLI, "
+                   "appear too).")
     runs = store.list_runs()
     if not runs:
         st.info(f"No saved runs in `{store.root}` yet.")
