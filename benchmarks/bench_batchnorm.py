@@ -58,6 +58,7 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per model")
+    parser.add_argument("--width", type=int, default=32, help="channels of every conv")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",")]
@@ -66,7 +67,7 @@ def main(argv=None):
     x = rng.random((args.images, 32, 32, 3), dtype=np.float32)
     y = rng.integers(0, 10, size=(args.images,))
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
-    models = {v: build_model(v) for v in variants}
+    models = {v: build_model(v, width=args.width) for v in variants}
     for v, model in models.items():  # warm-up: tracing, oneDNN primitive caches
         model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0, shuffle=False)
     times = {v: [] for v in variants}
@@ -86,7 +87,7 @@ def main(argv=None):
 
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}, "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
-    print(f"{args.images} images, batch {args.batch}, median of {args.epochs} epochs "
+    print(f"10 convs of width {args.width}; {args.images} images, batch {args.batch}, median of {args.epochs} epochs "
           "after 1 warm-up epoch (steps interleaved across models)")
     try:
         print(f"load average before/after: {load0} / {os.getloadavg()}")
