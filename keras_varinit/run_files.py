@@ -130,7 +130,7 @@ class MetricsCsv:
     def write(self, row):
         new = not self.path.exists() or self.path.stat().st_size == 0
         with open(self.path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
+            writer = csv.writer(f, lineterminator="\n")
             if new:
                 writer.writerow(METRICS_COLUMNS)
             values = []
