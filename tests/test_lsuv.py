@@ -1,0 +1,124 @@
+"""LSUV (Mishkin & Matas 2015): every weight layer's pre-activation variance reaches the target."""
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from keras_varinit.initializers import lsuv
+
+pytestmark = pytest.mark.backend_independent
+
+
+def mlp(depth, activation, width=64, input_dim=32):
+    inp = keras.Input((input_dim,))
+    h = inp
+    for _ in range(depth - 1):
+        h = keras.layers.Dense(width, activation=activation)(h)
+    return keras.Model(inp, keras.layers.Dense(10)(h))
+
+
+def cnn():
+    return keras.Sequential([
+        keras.Input((12, 12, 3)),
+        keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.Conv2D(16, 3, strides=2, padding="same"),
+        keras.layers.Activation("relu"),
+        keras.layers.Conv2D(16, 3, activation="tanh"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ])
+
+
+def measured_preactivations(model, x):
+    """Independent of lsuv's code: x_in @ W + b (Dense) or ops.conv(x_in, W) + b (Conv2D)."""
+    out = []
+    for layer in model.layers:
+        if not isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
+            continue
+        feed = keras.Model(model.inputs[0], layer.input)(x)
+        w = layer.kernel
+        if isinstance(layer, keras.layers.Dense):
+            z = keras.ops.matmul(feed, w)
+        else:
+            z = keras.ops.conv(feed, w, strides=layer.strides, padding=layer.padding)
+        z = z + layer.bias
+        out.append((layer.name, float(np.var(keras.ops.convert_to_numpy(z).astype(np.float64)))))
+    return out
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_deep_mlp_reaches_target(activation):
+    model = mlp(10, activation)
+    x = np.random.default_rng(0).normal(size=(256, 32)).astype("float32")
+    report = lsuv(model, x, seed=0)
+    assert isinstance(report, pd.DataFrame)
+    assert list(report.columns) == ["layer", "index", "iterations", "initial_variance",
+                                    "final_variance", "converged"]
+    assert len(report) == 10 and report["converged"].all()
+    measured = measured_preactivations(model, x)
+    assert [name for name, _ in measured] == list(report["layer"])
+    for name, var in measured:
+        assert abs(var - 1.0) <= 0.02 + 1e-4, (name, var)
+    # orthonormal start: each kernel is a multiple of an orthonormal matrix
+    w = keras.ops.convert_to_numpy(model.layers[3].kernel).astype(np.float64)
+    gram = w.T @ w
+    np.testing.assert_allclose(gram / gram[0, 0], np.eye(64), atol=1e-4)
+
+
+def test_small_cnn_reaches_target_variance():
+    model = cnn()
+    x = np.random.default_rng(1).normal(size=(64, 12, 12, 3)).astype("float32")
+    report = lsuv(model, x, target_variance=0.5, tol=0.01, seed=1)
+    assert list(report["layer"]) == [layer.name for layer in model.layers
+                                     if isinstance(layer, (keras.layers.Conv2D,
+                                                           keras.layers.Dense))]
+    assert list(report["index"]) == [0, 1, 3, 5]
+    assert report["converged"].all()
+    assert (report["iterations"] <= 10).all()
+    for name, var in measured_preactivations(model, x):
+        assert abs(var - 0.5) <= 0.01 * 0.5 + 1e-4, (name, var)
+
+
+def test_measures_before_fused_activation():
+    # Dense(relu) fused vs Dense + Activation(relu): same pre-activation target either way.
+    x = np.random.default_rng(2).normal(size=(128, 32)).astype("float32")
+    fused = mlp(4, "relu")
+    lsuv(fused, x, seed=3)
+    for name, var in measured_preactivations(fused, x):
+        assert abs(var - 1.0) <= 0.02 + 1e-4, (name, var)
+    assert fused.layers[1].activation is keras.activations.relu  # restored
+
+
+def test_max_iter_and_report_values():
+    model = mlp(3, "tanh")
+    x = np.random.default_rng(3).normal(size=(64, 32)).astype("float32") * 5.0
+    report = lsuv(model, x, max_iter=1, tol=1e-6, seed=0)
+    assert (report["iterations"] <= 1).all()
+    # orthonormal 32 -> 64 kernel (W W^T = I): input variance 25 spread over 64 outputs
+    assert report["initial_variance"].iloc[0] == pytest.approx(25.0 * 32 / 64, rel=0.2)
+    assert report["iterations"].dtype.kind == "i"
+
+
+def test_bad_inputs():
+    x = np.ones((8, 32), "float32")
+    no_weights = keras.Sequential([keras.Input((32,)), keras.layers.Activation("relu")])
+    with pytest.raises(ValueError, match="no Dense or Conv.*Received: model 'sequential"):
+        lsuv(no_weights, x)
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="Received: unbuilt model"):
+        lsuv(unbuilt, x)
+    model = mlp(2, "relu")
+    with pytest.raises(ValueError, match=r"Received: x with shape \(0, 32\)"):
+        lsuv(model, np.zeros((0, 32), "float32"))
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="Received: x with 1 NaN/Inf"):
+        lsuv(model, bad)
+    with pytest.raises(ValueError, match="Received: x=None"):
+        lsuv(model, None)
+    with pytest.raises(ValueError, match="Received: model of type str"):
+        lsuv("model", x)
+    for kwargs, received in [({"tol": 0}, "tol=0"), ({"max_iter": 0}, "max_iter=0"),
+                             ({"target_variance": -1.0}, "target_variance=-1.0")]:
+        with pytest.raises(ValueError, match=f"Received: {received}"):
+            lsuv(model, x, **kwargs)
