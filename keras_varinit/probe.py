@@ -126,6 +126,40 @@ def _layer_stats(a, g, w, gw, sat_mode):
     return ops.stack([mean, std, zero, sat, gstd, wstd, gwstd, nan, inf])
 
 
+def _layer_stats_tf(a, g, w, gw, sat_mode):
+    """`_layer_stats` in plain TensorFlow ops: far fewer graph nodes, so a deep model's probe
+    traces and optimizes in a fraction of the time (measured: 22-layer CNN, 43 layers)."""
+    import tensorflow as tf
+
+    f32 = tf.float32
+    a = tf.cast(a, f32)
+    g = tf.cast(g, f32)
+    mean, var = tf.nn.moments(tf.reshape(a, [-1]), axes=[0])
+    n_a = tf.cast(tf.size(a), f32)
+    zero = tf.cast(tf.math.count_nonzero(tf.equal(a, 0.0)), f32) / n_a
+    if sat_mode == _SAT_TANH:
+        sat = tf.cast(tf.math.count_nonzero(tf.abs(a) > TANH_SATURATION), f32) / n_a
+    elif sat_mode == _SAT_SIGMOID:
+        sat = tf.cast(tf.math.count_nonzero(
+            tf.logical_or(a < SIGMOID_LOW, a > SIGMOID_HIGH)), f32) / n_a
+    else:
+        sat = tf.zeros((), f32)
+    gstd = tf.math.reduce_std(g)
+    tensors = [a, g]
+    if w is not None:
+        w = tf.cast(tf.convert_to_tensor(w), f32)
+        gw = tf.cast(gw, f32)
+        wstd = tf.math.reduce_std(w)
+        gwstd = tf.math.reduce_std(gw)
+        tensors += [w, gw]
+    else:
+        wstd = gwstd = tf.constant(float("nan"), f32)
+    flat = tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+    nan = tf.cast(tf.math.count_nonzero(tf.math.is_nan(flat)), f32)
+    inf = tf.cast(tf.math.count_nonzero(tf.math.is_inf(flat)), f32)
+    return tf.stack([mean, tf.sqrt(var), zero, sat, gstd, wstd, gwstd, nan, inf])
+
+
 def _call_op(op, training):
     from keras.src.models.functional import operation_fn
 
@@ -194,10 +228,11 @@ class Probe:
         return outputs, acts
 
     def _collect(self, acts, act_grads, w_values, w_grads):
+        stats_fn = _layer_stats_tf if self.backend == "tensorflow" else _layer_stats
         rows = []
         for i in range(len(self.layers)):
-            rows.append(_layer_stats(acts[i], act_grads[i], w_values[i], w_grads[i],
-                                     self.sat_modes[i]))
+            rows.append(stats_fn(acts[i], act_grads[i], w_values[i], w_grads[i],
+                                 self.sat_modes[i]))
         stats = ops.stack(rows)
         if self.return_tensors:
             return stats, list(acts), list(act_grads)
