@@ -271,6 +271,7 @@ def _submit(settings_list):
         return
     st.session_state["submit_error"] = None
     st.session_state["view_run"] = ids[0]
+    st.session_state["view_select"] = ids[0]  # show the new run
 
 
 def _stop(run_id):
@@ -313,13 +314,13 @@ with tab_train:
                           key=f"stop_{info.run_id}", on_click=_stop, args=(info.run_id,))
         ids = [r.run_id for r in runs]
         by_id = {r.run_id: r for r in runs}
-        view = st.session_state.get("view_run")
-        if view not in by_id:
-            view = (active[0].run_id if active else ids[0])
-        run_id = st.selectbox("Show run", ids, index=ids.index(view), key="view_select",
+        if st.session_state.get("view_select") not in by_id:
+            view = st.session_state.get("view_run")
+            st.session_state["view_select"] = view if view in by_id else (
+                active[0].run_id if active else ids[0])
+        run_id = st.selectbox("Show run", ids, key="view_select",
                               format_func=lambda r: f"{by_id[r].label} \u2014 "
                                                     f"{by_id[r].state}")
-        st.session_state["view_run"] = run_id
         info = by_id[run_id]
         status, config = info.status, info.config
         synthetic = info.synthetic
@@ -380,7 +381,7 @@ with tab_train:
 # --------------------------------------------------------------------------------------------
 # Compare
 # --------------------------------------------------------------------------------------------
-with tab_compare:
+def compare_panel():
     st.button("Refresh", key="refresh_compare", icon=":material/refresh:",
               help="Re-read the runs directory (runs started elsewhere, e.g. from the CLI, "
                    "appear too).")
@@ -392,9 +393,10 @@ with tab_compare:
         for info in runs:
             label = info.label if info.label not in labels else f"{info.label} ({info.run_id})"
             labels[label] = info
-        finished = [lab for lab, info in labels.items() if info.state not in ACTIVE_STATES]
-        selected = st.multiselect("Runs to overlay", list(labels), default=finished[:4],
-                                  key="compare_runs")
+        selected = st.multiselect("Runs to overlay", list(labels), default=list(labels)[:4],
+                                  key="compare_runs",
+                                  help="The four newest runs are selected at first; runs in "
+                                       "progress show what they have logged so far.")
         chosen = [labels[lab] for lab in selected]
         any_synth = any(i.synthetic for i in chosen)
         if chosen:
@@ -421,3 +423,8 @@ with tab_compare:
             spec = ",".join(f"{i.run_id}:{i.path / 'tensorboard'}" for i in chosen)
             st.code(f"tensorboard --logdir_spec {spec}", language="bash")
         st.code(f"tensorboard --logdir {store.root}", language="bash")
+
+
+with tab_compare:
+    # Refreshes itself while runs are queued or training (finished states, new metrics).
+    st.fragment(run_every=3.0 if jobs.busy() else None)(compare_panel)()

@@ -103,8 +103,8 @@ def profile_chart(profile: pd.DataFrame, *, synthetic: bool = False, title: str 
                                   scale=alt.Scale(domain=["measured", "predicted"],
                                                   range=[[1, 0], [6, 4]]),
                                   legend=alt.Legend(orient="top", symbolType="stroke",
-                                                    symbolStrokeColor="gray",
-                                                    symbolStrokeWidth=2)),
+                                                    symbolStrokeColor="#444",
+                                                    symbolStrokeWidth=2, symbolSize=400)),
         tooltip=[alt.Tooltip("layer:N"), alt.Tooltip("layer_number:Q", title="#"),
                  alt.Tooltip("series:N"), alt.Tooltip("variance:Q", format=".3e")],
     )

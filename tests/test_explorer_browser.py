@@ -131,6 +131,12 @@ def test_browser_trains_a_tiny_run_and_renders_charts(server, tmp_path):
             page.get_by_role("tab", name="Compare").click()
             expect(page.get_by_text("tensorboard --logdir").first).to_be_visible(
                 timeout=30_000)
+            compare = page.get_by_role("tabpanel", name="Compare")
+            expect(compare.locator(".vega-embed").first).to_be_visible(timeout=30_000)
+            # the table is a canvas grid; its cells exist as an accessible (hidden) table
+            expect(compare.get_by_text("finished").first).to_be_attached(timeout=30_000)
+            page.mouse.move(5, 5)
+            page.wait_for_timeout(1500)
             _no_exception_box(page)
             page.screenshot(path=str(tmp_path / "explorer-compare.png"), full_page=True)
         finally:
