@@ -20,6 +20,7 @@ pytestmark = pytest.mark.backend_independent
 # (shape, fan_in, fan_out), written by hand. Dense: 256 in, 2048 out. Conv2D 3x3, 64 -> 512.
 DENSE = ((256, 2048), 256, 2048)
 CONV = ((3, 3, 64, 512), 9 * 64, 9 * 512)
+SMALL = (32, 64)  # one small shape everywhere: JAX compiles each op once per shape
 SHAPES = pytest.mark.parametrize("shape,fan_in,fan_out", [DENSE, CONV], ids=["dense", "conv2d"])
 MODES = ("fan_in", "fan_out", "fan_avg")
 DISTS = ("normal", "truncated_normal", "uniform")
@@ -156,10 +157,10 @@ def test_dtype():
     # JAX has no float64 unless jax_enable_x64 is set
     wide = ["float64"] if keras.backend.backend() != "jax" else []
     for dtype in ["float16", "float32"] + wide:
-        out = I.KaimingNormal(seed=0)((8, 4), dtype=dtype)
+        out = I.KaimingNormal(seed=0)(SMALL, dtype=dtype)
         assert keras.backend.standardize_dtype(out.dtype) == dtype
-        assert tuple(out.shape) == (8, 4)
-    assert keras.backend.standardize_dtype(I.XavierUniform(seed=0)((4, 4)).dtype) == \
+        assert tuple(out.shape) == SMALL
+    assert keras.backend.standardize_dtype(I.XavierUniform(seed=0)(SMALL).dtype) == \
         keras.backend.floatx()
 
 
@@ -316,7 +317,7 @@ def test_get_fixed_normal():
     for std in [0.01, 1.0, 0.5]:
         init = get(f"normal:{std}", seed=3)
         assert isinstance(init, keras.initializers.RandomNormal)
-        w = draw(init, (512, 512))
+        w = draw(init, DENSE[0])
         assert w.std() == pytest.approx(std, rel=0.01)
         assert np.abs(w).max() > 3.5 * std  # untruncated
 
@@ -371,7 +372,7 @@ def test_config_round_trip():
             config = init.get_config()
             clone = type(init).from_config(config)
             assert clone.get_config() == config
-            shape = (3, 3, 8, 16)
+            shape = CONV[0]
             np.testing.assert_array_equal(draw(init, shape), draw(clone, shape))
             serialized = keras.saving.serialize_keras_object(init)
             assert serialized["registered_name"] == f"keras_varinit>{type(init).__name__}"
@@ -384,7 +385,7 @@ def test_seed_generator_config_round_trip():
     init = I.KaimingNormal(seed=keras.random.SeedGenerator(42))
     clone = I.KaimingNormal.from_config(init.get_config())
     assert isinstance(clone.seed, keras.random.SeedGenerator)
-    np.testing.assert_array_equal(draw(init, (16, 16)), draw(clone, (16, 16)))
+    np.testing.assert_array_equal(draw(init, SMALL), draw(clone, SMALL))
 
 
 def test_string_form_in_layer():
@@ -425,9 +426,9 @@ def test_int_seed_reproducible():
     for cls in [I.XavierNormal, I.XavierUniform, I.KaimingNormal, I.KaimingUniform,
                 I.TorchDefault]:
         a, b = cls(seed=123), cls(seed=123)
-        np.testing.assert_array_equal(draw(a, (32, 64)), draw(b, (32, 64)))
-        np.testing.assert_array_equal(draw(a, (32, 64)), draw(a, (32, 64)))  # int: repeats
-        assert not np.array_equal(draw(a, (32, 64)), draw(cls(seed=124), (32, 64)))
+        np.testing.assert_array_equal(draw(a, SMALL), draw(b, SMALL))
+        np.testing.assert_array_equal(draw(a, SMALL), draw(a, SMALL))  # int: repeats
+        assert not np.array_equal(draw(a, SMALL), draw(cls(seed=124), SMALL))
 
 
 def test_identical_seeds_identical_layer_weights():
@@ -439,7 +440,7 @@ def test_identical_seeds_identical_layer_weights():
 
 
 def test_seed_semantics_match_keras():
-    shape = (16, 32)
+    shape = SMALL
     for ours, theirs in [(I.KaimingNormal, keras.initializers.HeNormal),
                          (I.XavierUniform, keras.initializers.GlorotUniform)]:
         # None: one instance repeats itself, two instances differ
@@ -459,9 +460,9 @@ def test_seed_semantics_match_keras():
 
 def test_global_seed_makes_unseeded_reproducible():
     keras.utils.set_random_seed(77)
-    first = draw(I.KaimingNormal(), (8, 8))
+    first = draw(I.KaimingNormal(), SMALL)
     keras.utils.set_random_seed(77)
-    np.testing.assert_array_equal(first, draw(I.KaimingNormal(), (8, 8)))
+    np.testing.assert_array_equal(first, draw(I.KaimingNormal(), SMALL))
 
 
 # ---------------------------------------------------------------- bad input
