@@ -4,11 +4,9 @@ import json
 import math
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import threading
-import time
 
 import keras
 import pytest
@@ -298,52 +296,8 @@ def test_resume_restores_weights_not_a_fresh_model(tmp_path):
     assert FirstLoss.loss < first_epoch_loss
 
 
-_SIGINT_SCRIPT = """
-import sys
-from keras_varinit.training import TrainConfig, run_training
-config = TrainConfig(model="cnn", depth=3, width=4, data="synthetic", subset=128,
-                     val_subset=32, epochs=200, batch_size=32, stats_every_n_steps=4)
-result = run_training(config, sys.argv[1], verbose=0)
-print("STATE", result.state, result.step)
-"""
-
-
-def _wait_for(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def test_sigint_stops_gracefully_with_logs_and_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.Popen([PYTHON, "-c", _SIGINT_SCRIPT, str(run_dir)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        status_path = run_dir / "status.json"
-        assert _wait_for(status_path.exists, 60), "status.json did not appear"
-        assert rf.read_json(status_path)["state"] == "running"
-
-        def training_started():
-            status = rf.read_json(status_path) or {}
-            return (status.get("step") or 0) >= 6
-
-        assert _wait_for(training_started, 120), rf.read_json(status_path)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-2000:]
-    assert "STATE stopped" in out
-    status = rf.read_json(run_dir / "status.json")
-    assert status["state"] == "stopped"
-    assert (run_dir / "checkpoint" / "latest.weights.h5").exists()
-    assert rf.read_jsonl(run_dir / "steps.jsonl")[-1]["step"] == status["step"]
-    assert (run_dir / "config.json").exists() and (run_dir / "metrics.csv").exists()
+# SIGINT (Ctrl-C) on a real process, then --resume: tests/test_cli_train.py::
+# test_cli_ctrl_c_then_resume (the same handler, through the command line).
 
 
 # --------------------------------------------------------------------------- distribution
