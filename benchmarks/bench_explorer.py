@@ -75,7 +75,8 @@ def bench_page(runs_dir):
         at.run()
         reruns.append(time.perf_counter() - t)
         assert not at.exception, [e.value for e in at.exception]
-    print(f"  page (AppTest) depth 30: first render {cold:.2f} s (imports, data, TF warm-up); "
+    print(f"  page (AppTest) depth 30: first render {cold:.2f} s (script + Streamlit set-up; "
+          f"TensorFlow already imported and warm from part 1); "
           f"rerun after changing the initializer: "
           f"{', '.join(f'{x:.2f}' for x in reruns)} s (median {statistics.median(reruns):.2f})")
     return cold, reruns
