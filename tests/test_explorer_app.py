@@ -142,3 +142,27 @@ def test_other_initializers_render(runs_dir, query):
     assert _verdict(at)
     if query["init"] == "lsuv":
         assert any("LSUV" in e.label for e in at.expander)
+
+
+def test_diverged_and_failed_runs_are_shown_not_crashed(runs_dir):
+    import json
+
+    from tests.test_explorer_store import _write_run
+
+    _write_run(runs_dir, "20260101-000000-diverged", state="diverged",
+               losses=(2.3, 40.0, float("nan")))
+    failed = _write_run(runs_dir, "20260101-000100-failed", state="running", losses=(2.3,))
+    (failed / "explorer_job.json").write_text(json.dumps({"pid": 2**22 + 1,
+                                                         "owner_pid": 2**22 + 1}))
+    (failed / "explorer.log").write_text("Traceback ...\nMemoryError: out of memory\n")
+    at = _app(data="synthetic", depth=3).run()
+    _no_exceptions(at)
+    # the newest run is shown first: the failed one, with the end of its log
+    assert _metric(at, "State") == "failed"
+    assert any("MemoryError" in c.value for c in at.code)
+    at.selectbox(key="view_select").set_value("20260101-000000-diverged").run()
+    _no_exceptions(at)
+    assert _metric(at, "State") == "diverged"
+    assert any("Diverged" in e.value for e in at.error)
+    states = [df.value for df in at.dataframe if "val_acc" in df.value.columns][0]["state"]
+    assert sorted(states) == ["diverged", "failed"]
