@@ -59,8 +59,7 @@ def _check_batch(x, n_inputs):
 def _weight_layers(model):
     found = []
     for index, layer in enumerate(model.layers):
-        if isinstance(layer, keras.Model) and any(
-                isinstance(sub, WEIGHT_LAYERS) for sub in layer._flatten_layers(include_self=False)):
+        if isinstance(layer, keras.Model) and layer.weights:
             raise ValueError("lsuv handles the Dense/Conv layers of a flat Sequential or "
                              "Functional model; nested models are not supported. Received: "
                              f"nested model {layer.name!r}")

@@ -405,7 +405,8 @@ def test_keras_save_load(tmp_path):
             mode="fan_out", distribution="truncated_normal", seed=1)),
         keras.layers.Flatten(),
         keras.layers.Dense(5, kernel_initializer="keras_varinit>XavierUniform"),
-        keras.layers.Dense(3, kernel_initializer=I.TorchDefault(seed=keras.random.SeedGenerator(2))),
+        keras.layers.Dense(3, kernel_initializer=I.TorchDefault(
+            seed=keras.random.SeedGenerator(2))),
     ])
     path = tmp_path / "model.keras"
     model.save(path)

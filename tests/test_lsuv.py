@@ -122,3 +122,10 @@ def test_bad_inputs():
                              ({"target_variance": -1.0}, "target_variance=-1.0")]:
         with pytest.raises(ValueError, match=f"Received: {received}"):
             lsuv(model, x, **kwargs)
+
+
+def test_nested_model_rejected():
+    inner = keras.Sequential([keras.Input((32,)), keras.layers.Dense(8)])
+    outer = keras.Sequential([keras.Input((32,)), inner, keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="Received: nested model"):
+        lsuv(outer, np.ones((4, 32), "float32"))
