@@ -41,6 +41,9 @@ SIGMOID_LOW, SIGMOID_HIGH = 0.03, 0.97
 
 _SAT_NONE, _SAT_TANH, _SAT_SIGMOID = 0, 1, 2
 
+# TensorFlow: number of probe calls run eagerly before the probe is compiled with tf.function.
+EAGER_CALLS = 3
+
 
 def activation_name(layer):
     """Name of the activation a layer applies to its output (`"tanh"`, `"relu"`, ...) or None."""
@@ -261,9 +264,13 @@ class Probe:
             return self._collect(acts, grads[len(w_vars):], w_values, w_grads)
 
         fn = tf.function(run, reduce_retracing=True)
+        calls = [0]
 
         def call(x, y):
-            out = fn(x, y)
+            # The first EAGER_CALLS probes run eagerly: tracing + optimizing the graph of a
+            # deep model costs ~10 probes' worth of time, which a short fit never earns back.
+            calls[0] += 1
+            out = run(x, y) if calls[0] <= EAGER_CALLS else fn(x, y)
             return tf.nest.map_structure(lambda t: t.numpy(), out)
 
         return call
