@@ -15,8 +15,10 @@ model's `train_step` or optimizer: the functional graph is re-run node by node
 (`Function._run_through_graph`, the same walk `Functional.call` uses) with the tracked layers
 wrapped.
 
-* TensorFlow: the wrapper calls `tape.watch(a^l)` inside a `tf.GradientTape`; the function is
-  compiled once with `tf.function`. dL/da^l and dL/dW^l come from one `tape.gradient` call.
+* TensorFlow: the wrapper calls `tape.watch(a^l)` inside a `tf.GradientTape`; dL/da^l and
+  dL/dW^l come from one `tape.gradient` call. The first `EAGER_CALLS` (3) calls run eagerly;
+  the 4th traces one `tf.function` that every later call uses. Tracing a deep model costs about
+  ten probes, which a short fit never recovers (benchmarks/RESULTS.md).
 * JAX: the wrapper returns `a^l + e^l` with e^l = 0, and `jax.grad` differentiates the loss with
   respect to (W^l, e^l): dL/de^l = dL/da^l. Variables are fed through `keras.StatelessScope`
   (as `model.stateless_call` does); the function is compiled once with `jax.jit`.
