@@ -1,24 +1,28 @@
 """keras_varinit: principled initialization, BN variance estimators and signal diagnostics.
 
-(Development-time lazy loader; the lead replaces it with eager imports at integration so that
-importing the package registers every class with Keras.)
-"""
-import importlib
+Importing the package registers every initializer and layer with Keras, so models that use
+them (``kernel_initializer="keras_varinit>KaimingNormal"``) load back from ``.keras`` files.
 
+    import keras_varinit as kv
+    kv.initializers.KaimingNormal()            # He et al. 2015
+    kv.layers.BatchNormalization(variance_estimator="per_sample")
+    kv.variance_profile(model, x)              # per-layer forward/backward variance
+"""
 __version__ = "0.1.0"
 
-_SUBMODULES = ("initializers", "normalization", "layers", "diagnostics", "callbacks",
-               "models", "datasets", "training")
-_NAMES = {
-    "compute_fans": "initializers", "gain": "initializers", "lsuv": "initializers",
-    "channel_stats": "normalization", "ChannelStats": "normalization",
-    "variance_profile": "diagnostics",
-}
+from keras_varinit import callbacks  # noqa: E402
+from keras_varinit import datasets  # noqa: E402
+from keras_varinit import diagnostics  # noqa: E402
+from keras_varinit import initializers  # noqa: E402
+from keras_varinit import layers  # noqa: E402
+from keras_varinit import models  # noqa: E402
+from keras_varinit import normalization  # noqa: E402
+from keras_varinit.diagnostics import variance_profile  # noqa: E402
+from keras_varinit.initializers import compute_fans, gain, lsuv  # noqa: E402
+from keras_varinit.normalization import ChannelStats, channel_stats  # noqa: E402
 
-
-def __getattr__(name):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"keras_varinit.{name}")
-    if name in _NAMES:
-        return getattr(importlib.import_module(f"keras_varinit.{_NAMES[name]}"), name)
-    raise AttributeError(name)
+__all__ = [
+    "callbacks", "datasets", "diagnostics", "initializers", "layers", "models",
+    "normalization", "variance_profile", "compute_fans", "gain", "lsuv", "ChannelStats",
+    "channel_stats", "__version__",
+]
