@@ -24,12 +24,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-CONFIG_FILE = "config.json"
-STATUS_FILE = "status.json"
-STEPS_FILE = "steps.jsonl"
-METRICS_FILE = "metrics.csv"
-LAYER_STATS_FILE = "layer_stats.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from keras_varinit.run_files import (  # noqa: E402  (the run-directory contract, one place)
+    CONFIG_FILE, LAYER_STATS_FILE, METRICS_FILE, STATUS_FILE, STEPS_FILE, TENSORBOARD_DIR,
+)
+
 JOB_FILE = "explorer_job.json"
 LOG_FILE = "explorer.log"
 
