@@ -26,6 +26,7 @@ import pandas as pd
 
 from keras_varinit.run_files import (  # noqa: E402  (the run-directory contract, one place)
     CONFIG_FILE, LAYER_STATS_FILE, METRICS_FILE, STATUS_FILE, STEPS_FILE, TENSORBOARD_DIR,
+    read_json, write_json_atomic,
 )
 
 JOB_FILE = "explorer_job.json"
@@ -66,34 +67,6 @@ def parse_time(text):
         return datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
-
-
-def read_json(path, default=None):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, OSError,
-            UnicodeDecodeError):
-        return default
-
-
-def write_json_atomic(path, data) -> None:
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_json_safe(data), f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def pid_alive(pid) -> bool:
