@@ -127,7 +127,9 @@ def _second_moment(t):
 
 
 def _variance(t):
-    return ops.var(ops.cast(t, "float32"))
+    """Var[t] about its mean, as E[t^2] - E[t]^2 (two reductions, no centered copy)."""
+    t = ops.cast(t, "float32")
+    return ops.maximum(ops.mean(ops.square(t)) - ops.square(ops.mean(t)), 0.0)
 
 
 def _channel_scale2(t_in, t_out):
@@ -176,7 +178,6 @@ class _Recorder:
         if _accepts_training(op):
             kwargs["training"] = self.training
         inputs = args[0] if args else None
-        record = {}
         is_weight = op.name in self.weight_names
         if is_weight:
             act = op.activation
@@ -190,13 +191,22 @@ class _Recorder:
                 self.watched[op.name] = pre
             else:
                 pre = pre + self.deltas[op.name]
-            record["pre_var"] = _second_moment(pre)
-            out = pre
-            if activation_of(op) is not None:
-                out = act(pre)
-                record["own_post_var"] = _variance(out)
+            out = act(pre) if activation_of(op) is not None else pre
         else:
-            out = op(*args, **kwargs)
+            pre, out = None, op(*args, **kwargs)
+        if self.tape is not None:
+            with self.tape.stop_recording():  # statistics are not part of the loss
+                self.stats[op.name] = self._record(op, inputs, pre, out, is_weight)
+        else:
+            self.stats[op.name] = self._record(op, inputs, pre, out, is_weight)
+        return out
+
+    def _record(self, op, inputs, pre, out, is_weight):
+        record = {}
+        if is_weight:
+            record["pre_var"] = _second_moment(pre)
+            if activation_of(op) is not None:
+                record["own_post_var"] = _variance(out)
         # only the statistics the profile uses (each is a pass over a large tensor)
         single_in = inputs is not None and not isinstance(inputs, (list, tuple, dict))
         single_out = not isinstance(out, (list, tuple, dict))
@@ -210,8 +220,7 @@ class _Recorder:
                 record["out_m2"] = _second_moment(out)
             if single_in and isinstance(op, keras.layers.BatchNormalization):
                 record["bn_scale2"] = _channel_scale2(inputs, out)
-        self.stats[op.name] = record
-        return out
+        return record
 
 
 def _ends_in_softmax(model):
