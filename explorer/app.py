@@ -68,7 +68,7 @@ def cached_profile(key: tuple) -> dict:
     return {"table": profile.table, "verdict": profile.verdict,
             "activations": profile.activations, "layer_names": profile.layer_names,
             "synthetic": profile.synthetic, "seconds": profile.seconds,
-            "lsuv": profile.lsuv_report}
+            "lsuv": profile.lsuv_report, "explanation": profile.explanation}
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +221,9 @@ with tab_init:
                 st.warning(verdict, icon=":material/trending_down:")
             else:
                 st.success(verdict, icon=":material/check_circle:")
+            if result.get("explanation"):
+                st.info(result["explanation"][0].upper() + result["explanation"][1:] + ".",
+                        icon=":material/info:")
             hidden = ratios.get("hidden_layers", len(table))
             m1, m2, m3 = st.columns(3)
             m1.metric(f"Forward variance, layer {hidden} / layer 1",

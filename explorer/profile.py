@@ -97,6 +97,7 @@ class Profile:
     synthetic: bool = False
     seconds: float = 0.0
     lsuv_report: object = None
+    explanation: str | None = None   # diagnostics.explain_drift: why it misses the recursion
 
 
 def _train_config(settings: dict):
@@ -144,8 +145,8 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
 
         report = initializers.lsuv(model, x_in)
     table = diagnostics.variance_profile(model, x_in, y)
-    summarize = getattr(diagnostics, "summarize_profile", None)
-    verdict = summarize(table) if summarize is not None else ""
+    verdict = diagnostics.summarize_profile(table)
+    explanation = diagnostics.explain_drift(table)
 
     act_layers = [layer for layer in model.layers if layer.name.startswith("act_")]
     names = [layer.name for layer in act_layers]
@@ -168,7 +169,7 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
             activations[layer.name] = values
     return Profile(table=table, verdict=verdict, activations=activations, layer_names=names,
                    synthetic=synthetic, seconds=time.perf_counter() - start,
-                   lsuv_report=report)
+                   lsuv_report=report, explanation=explanation)
 
 
 def signal_summary(table: pd.DataFrame) -> dict:

@@ -330,3 +330,56 @@ def test_plot_profile_writes_png(small30, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at least one profile"):
         diagnostics.plot_profile({}, tmp_path / "none.png")
+
+
+# ----------------------------------------------------------------------------- forward only
+
+def test_forward_only_profile_matches_the_full_one():
+    model = models.plain_cnn(8, width=4, kernel_initializer="kaiming_normal", seed=1)
+    x = _images(32, seed=2)
+    full = diagnostics.variance_profile(model, x, seed=0)
+    forward = diagnostics.variance_profile(model, x, seed=0, gradients=False)
+    cols = ["forward_var", "forward_var_post", "input_second_moment", "weight_var",
+            "predicted_forward_var", "predicted_forward_var_cumulative"]
+    np.testing.assert_allclose(forward[cols].to_numpy(float), full[cols].to_numpy(float),
+                               rtol=1e-5)
+    assert full["backward_var"].notna().all()
+    for col in ("backward_var", "predicted_backward_var", "predicted_backward_var_cumulative"):
+        assert forward[col].isna().all(), col
+
+
+# ----------------------------------------------------------------------------- drift note
+
+def _drift_frame(measured, predicted, one_step=1.0):
+    """A 10-row profile (9 ReLU layers + linear classifier) with given hidden-layer values."""
+    n = len(measured)
+    return pd.DataFrame({
+        "layer": [f"l{i}" for i in range(n)], "index": range(1, n + 1),
+        "activation": ["relu"] * (n - 1) + ["linear"],
+        "forward_var": measured, "predicted_forward_var": np.asarray(measured) / one_step,
+        "predicted_forward_var_cumulative": predicted})
+
+
+def test_explain_drift_only_when_the_recursion_holds_but_one_draw_drifts():
+    flat = [2.0] * 10
+    drifting = list(2.0 * 0.55 ** np.arange(9)) + [1.0]   # x0.0084 by l8
+    note = diagnostics.explain_drift(_drift_frame(drifting, flat))
+    assert note is not None and "finite-width" in note and "Hanin & Rolnick" in note
+    assert "predicts x1 from l0 to l8" in note and "measured x0.0084" in note
+    # measured within 4x: nothing to explain
+    assert diagnostics.explain_drift(_drift_frame([2.0, 1.5, 1.0, 0.8, 0.6, 1.0], flat[:6])) \
+        is None
+    # the recursion itself predicts the fall (Xavier): the verdict says it all
+    halving = list(2.0 * 0.5 ** np.arange(9)) + [1.0]
+    assert diagnostics.explain_drift(_drift_frame(drifting, halving)) is None
+    # the one-step prediction is off (a wrong formula, not width): no finite-width story
+    assert diagnostics.explain_drift(_drift_frame(drifting, flat, one_step=3.0)) is None
+    assert diagnostics.explain_drift(_drift_frame([1.0], [1.0])) is None
+
+
+def test_explain_drift_on_the_measured_small30(small30):
+    note = diagnostics.explain_drift(small30["kaiming_normal"])
+    ratio = _hidden_ratio(small30["kaiming_normal"])
+    if ratio < 0.25:   # one draw at width 16: measured x0.004-0.05 on seeds 0-5
+        assert note is not None and "finite-width" in note
+    assert diagnostics.explain_drift(small30["xavier_normal"]) is None

@@ -207,6 +207,9 @@ def run(args):
                 f"x{df['forward_var'].iloc[last] / pred:.2g}; one-step measured / predicted "
                 f"on layers 2-{last + 1}: {one_step.min():.2f} .. {one_step.max():.2f}",
                 markup=False)
+        explanation = diagnostics.explain_drift(df)
+        if explanation:
+            console.print(f"  why: {explanation}", markup=False)
     if args.plot:
         diagnostics.plot_profile(profiles, args.plot, title=header.split(";")[0])
         console.print(f"plot written to {args.plot}")
