@@ -8,8 +8,10 @@ arguments, defaults and training/inference semantics, plus
 * `synchronized=True` for both estimators under a `tf.distribute` strategy;
 * a fast path on the TensorFlow backend: TF's fused batch-norm kernel (`FusedBatchNormV3`) for
   4D channels-last inputs, which removes most of the cost that Keras's op-by-op batch norm adds
-  to a conv net on CPU. Everything else (JAX, masks, `synchronized`, `axis != -1`, other ranks)
-  runs the portable `keras.ops` path; the two give the same numbers (tested).
+  to a conv net on CPU, and for Dense-style (N, C) inputs viewed as (N, 1, 1, C); in training
+  the kernel also updates the moving averages. Everything else (JAX, masks, `synchronized`,
+  `axis != -1`, other ranks) runs the portable `keras.ops` path; the two give the same numbers
+  (tested).
 """
 import keras
 from keras import ops
@@ -29,6 +31,11 @@ _FUSED_DTYPES = ("float32", "float16")
 # cuDNN's minimum epsilon; tf.compat.v1.nn.fused_batch_norm clamps to it. Below it we do not
 # use the fused kernel, so that results never depend on the device.
 _FUSED_MIN_EPSILON = 1.001e-5
+# Dense-style (N, C) inputs go through the fused kernel (as (N, 1, 1, C)) only from this many
+# values (N * C, batch size known when traced) on: below it the kernel's fixed cost made a
+# training step slower than the op-by-op path on CPU (e.g. 0.65 vs 0.35 ms for (128, 256)),
+# above it faster (e.g. 1.8 vs 3.6 ms for (1024, 512)); see benchmarks/RESULTS.md.
+_FUSED_DENSE_MIN_SIZE = 2**18
 
 
 def _check_choice(name, value, allowed):
@@ -197,8 +204,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _can_use_fused(self, inputs, mask, use_batch_stats):
         if keras.backend.backend() != "tensorflow":
             return False
-        if len(inputs.shape) != 4 or self._axis_pos != 3:
+        rank = len(inputs.shape)
+        if rank not in (2, 4) or self._axis_pos != rank - 1:
             return False
+        if rank == 2:
+            n = _static_count(inputs)
+            if n is None or n * inputs.shape[-1] < _FUSED_DENSE_MIN_SIZE:
+                return False
         if keras.backend.standardize_dtype(inputs.dtype) not in _FUSED_DTYPES:
             return False
         if self.epsilon < _FUSED_MIN_EPSILON:
@@ -342,6 +354,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         import tensorflow as tf
 
         channels = inputs.shape[-1]
+        dense = len(inputs.shape) == 2
+        if dense:  # (N, C) -> (N, 1, 1, C): the same per-channel statistics over N values
+            inputs_2d = inputs
+            inputs = tf.reshape(inputs, [-1, 1, 1, channels])
         gamma = (
             tf.convert_to_tensor(self.gamma, tf.float32)
             if self.scale
@@ -363,37 +379,69 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 data_format="NHWC",
                 is_training=False,
             )
-            return tf.cast(y, self.compute_dtype)
-        if self.variance_estimator == "pooled":
-            empty = tf.constant([], tf.float32)
-            y, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
-                x=inputs,
-                scale=gamma,
-                offset=beta,
-                mean=empty,
-                variance=empty,
-                epsilon=self.epsilon,
-                exponential_avg_factor=1.0,
-                data_format="NHWC",
-                is_training=True,
-            )
-            # FusedBatchNormV3 returns the Bessel-corrected batch variance, var * n / (n - 1)
-            # (var itself when n == 1, where var is 0). Keras's moving variance is biased.
-            if self.moving_variance_mode == "unbiased":
-                stat = unbiased
-            else:
-                n = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, tf.float32)
-                stat = unbiased * ((n - 1.0) / n)
-            self._update_moving(mean, stat)
+        elif self.variance_estimator == "pooled":
+            y = self._fused_pooled_training_tf(inputs, gamma, beta)
         else:
             y, mean, variance = _per_sample_fused_tf(inputs, gamma, beta, self.epsilon)
             shape = tf.shape(inputs)
             n = tf.cast(shape[1] * shape[2], tf.float32)
             self._update_moving(mean, self._moving_stat(variance, n))
+        if dense:
+            y = tf.reshape(y, tf.shape(inputs_2d))
         return tf.cast(y, self.compute_dtype)
+
+    def _fused_pooled_training_tf(self, inputs, gamma, beta):
+        """FusedBatchNormV3 in training mode, which also updates the moving averages.
+
+        With `exponential_avg_factor = f = 1 - momentum` and the moving statistics as its `mean`
+        and `variance` inputs, the kernel returns `(1 - f) * moving + f * batch_stat` (as
+        tf.keras 2's fused batch norm used it), where for the variance `batch_stat` is the
+        Bessel-corrected `u = var * n / (n - 1)` (`var` when n == 1) -- exactly the
+        `moving_variance="unbiased"` update. For `"biased"` (Keras's) the wanted value
+        `(1 - f) * mv + f * u * (n - 1) / n` equals `r * (n - 1) / n + (1 - f) * mv / n`, with
+        `r` the kernel's output, so no batch statistic leaves the kernel except through `r`.
+        """
+        import tensorflow as tf
+
+        factor = 1.0 - float(self.momentum)
+        old_mean = tf.convert_to_tensor(self.moving_mean, tf.float32)
+        old_var = tf.convert_to_tensor(self.moving_variance, tf.float32)
+        y, new_mean, new_var, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=gamma,
+            offset=beta,
+            mean=old_mean,
+            variance=old_var,
+            epsilon=self.epsilon,
+            exponential_avg_factor=factor,
+            data_format="NHWC",
+            is_training=True,
+        )
+        if self.moving_variance_mode == "biased":
+            n = _static_count(inputs)
+            if n is not None:  # the usual case: constants folded into two multiplies
+                new_var = new_var * ((n - 1.0) / n) + old_var * ((1.0 - factor) / n)
+            else:
+                nt = tf.cast(tf.size(inputs, out_type=tf.int64) // inputs.shape[-1], tf.float32)
+                new_var = (new_var * (nt - 1.0) + old_var * (1.0 - factor)) / nt
+        self.moving_mean.assign(tf.cast(new_mean, self.moving_mean.dtype))
+        self.moving_variance.assign(tf.cast(new_var, self.moving_variance.dtype))
+        return y
 
 
 # ---------------------------------------------------------------------- TF helpers
+def _static_count(x):
+    """The number of values per channel (all but the last dimension) of a channels-last tensor
+    as a Python float, or None if a dimension is unknown."""
+    dims = x.shape[:-1]
+    if any(d is None for d in dims):
+        return None
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return float(n)
+
+
 def _all_reduce_sum(*tensors):
     """Sum over the replicas of a tf.distribute strategy (identity outside one)."""
     import tensorflow as tf

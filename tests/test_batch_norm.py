@@ -578,6 +578,90 @@ def test_per_sample_fast_path_large_offset():
     np.testing.assert_allclose(y, ry, rtol=1e-4, atol=1e-4)
 
 
+def _count_portable_calls(monkeypatch):
+    portable = BatchNormalization._call_portable
+    calls = []
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.name)
+        return portable(self, *args, **kwargs)
+
+    monkeypatch.setattr(BatchNormalization, "_call_portable", counting)
+    return calls
+
+
+@TF_ONLY
+@pytest.mark.parametrize("dtype", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("moving_variance", ["biased", "unbiased"])
+def test_fused_dense_path_matches_keras(dtype, moving_variance, monkeypatch):
+    """(N, C) inputs through the fused kernel as (N, 1, 1, C) (size threshold lowered to 0):
+    outputs, gradients and moving statistics as Keras's (unbiased: the n / (n - 1) update)."""
+    import keras_varinit.batch_norm as bn_module
+
+    monkeypatch.setattr(bn_module, "_FUSED_DENSE_MIN_SIZE", 0)
+    calls = _count_portable_calls(monkeypatch)
+    x, w = _data(DENSE_SHAPE, seed=18)
+    ref, ours = _pair(DENSE_SHAPE, dtype=dtype, moving_variance=moving_variance)
+    mv0 = ours.moving_variance.numpy().copy()
+    out_tol = F32 if dtype == "float32" else F16
+    stat_tol = F32 if dtype == "float32" else F16_STATS
+    for training in (True, False):
+        r = run_layer(ref, x, w, training)
+        o = run_layer(ours, x, w, training)
+        for name, a, b in zip(("y", "dx", "dgamma", "dbeta", "mm", "mv"), o, r):
+            if name == "mv" and moving_variance == "unbiased" and training:
+                assert not np.allclose(a, b, rtol=1e-4)
+                b = 0.9 * mv0 + 0.1 * x.astype("float64").var(axis=0, ddof=1)
+            tol = out_tol if name in ("y", "dx") else stat_tol
+            np.testing.assert_allclose(a, b, err_msg=f"{name} training={training}", **tol)
+        ref.moving_variance.assign(ours.moving_variance)  # inference: same statistics
+    assert calls == []  # the fused path was taken, training and inference
+
+
+@TF_ONLY
+def test_dense_fused_path_only_from_threshold(monkeypatch):
+    import keras_varinit.batch_norm as bn_module
+
+    calls = _count_portable_calls(monkeypatch)
+    n = bn_module._FUSED_DENSE_MIN_SIZE // 64
+    x, w = _data((n, 64), seed=19)
+    ref, big = _pair(x.shape)
+    # dgamma / dbeta are float32 sums of 4096 terms (|sum| ~ 100), added in another order
+    for a, b in zip(run_layer(big, x, w, True), run_layer(ref, x, w, True)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert calls == []
+    _, small = _pair(DENSE_SHAPE)
+    run_layer(small, *_data(DENSE_SHAPE), True)
+    assert calls == [small.name]
+
+
+@TF_ONLY
+@pytest.mark.parametrize("moving_variance", ["biased", "unbiased"])
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.99])
+@pytest.mark.parametrize("shape", [(8, 6, 5, 4), (1, 1, 1, 4)], ids=["n240", "n1"])
+def test_fused_moving_average_update(moving_variance, momentum, shape):
+    """The kernel's own running-average update (exponential_avg_factor = 1 - momentum), with a
+    static and with an unknown batch size, over three steps: the moving statistics follow
+    moving = momentum * moving + (1 - momentum) * stat, stat the biased or n / (n - 1) one."""
+    import tensorflow as tf
+
+    xs = [_data(shape, seed=30 + k)[0] for k in range(3)]
+    for signature in (None, [tf.TensorSpec([None] + list(shape[1:]), tf.float32)]):
+        _, layer = _pair(shape, momentum=momentum, moving_variance=moving_variance)
+        mm, mv = layer.moving_mean.numpy().astype("float64"), layer.moving_variance.numpy()
+        mv = mv.astype("float64")
+        fn = tf.function(lambda t: layer(t, training=True), input_signature=signature)
+        for x in xs:
+            fn(tf.constant(x))
+            flat = x.reshape(-1, shape[-1]).astype("float64")
+            n = flat.shape[0]
+            var = flat.var(axis=0) * (n / max(n - 1, 1) if moving_variance == "unbiased" else 1)
+            mm = momentum * mm + (1 - momentum) * flat.mean(axis=0)
+            mv = momentum * mv + (1 - momentum) * var
+            np.testing.assert_allclose(layer.moving_mean.numpy(), mm, **F32)
+            np.testing.assert_allclose(layer.moving_variance.numpy(), mv, **F32)
+
+
 # ---------------------------------------------------------------------------- synchronized
 MIRRORED_SCRIPT = r'''
 import json, os, sys
