@@ -8,6 +8,11 @@ machine hits them alike; an epoch's time is the sum of its steps' times, and the
 the timed epochs is reported.
 
     .venv/bin/python benchmarks/bench_batchnorm.py [--images 2048] [--batch 128] [--epochs 3]
+    .venv/bin/python benchmarks/bench_batchnorm.py --layer [--repeats 50]
+
+`--layer` instead times one layer's training step (forward + backward, `tf.function`) on
+conv-shaped and Dense-shaped inputs: Keras BN, ours as it picks its path, and ours forced onto
+the portable keras.ops path and onto the fused kernel (the Dense size threshold set to 0).
 
 Goals (TensorFlow backend, CPU): ours pooled <= 0.6x Keras BN and <= 1.15x no BN;
 per_sample <= 1.5x ours pooled.
@@ -26,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import keras_varinit.batch_norm as bn_module  # noqa: E402
 from keras_varinit.batch_norm import BatchNormalization  # noqa: E402
 
 VARIANTS = ("no BN", "keras BN", "ours pooled", "ours per_sample")
@@ -53,6 +59,64 @@ def build_model(variant, depth=10, width=32, seed=0):
     return model
 
 
+LAYER_SHAPES = [(128, 32, 32, 16), (128, 32, 32, 32), (128, 256), (128, 512), (256, 512),
+                (128, 1024), (512, 256), (1024, 512), (4096, 64)]
+
+
+def layer_micro(repeats):
+    """Median ms of one layer's forward + backward step per shape, the variants interleaved."""
+    import tensorflow as tf
+
+    def step_fn(layer, x, dy, force_fused):
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * dy)
+            return tape.gradient(loss, [x, layer.gamma, layer.beta])
+
+        saved = bn_module._FUSED_DENSE_MIN_SIZE
+        if force_fused:
+            bn_module._FUSED_DENSE_MIN_SIZE = 0
+        try:
+            step()  # trace (the threshold is read while tracing)
+        finally:
+            bn_module._FUSED_DENSE_MIN_SIZE = saved
+        return step
+
+    print(f"keras {keras.__version__}, backend {keras.backend.backend()}, {os.cpu_count()} CPUs; "
+          f"one BN layer, forward + backward, median of {repeats} (ms)")
+    names = ["keras BN", "ours", "ours portable", "ours fused"]
+    print(f"{'shape':<20}" + "".join(f"{n:>15}" for n in names))
+    rng = np.random.default_rng(0)
+    for shape in LAYER_SHAPES:
+        x = tf.constant(rng.normal(size=shape).astype("float32"))
+        dy = tf.constant(rng.normal(size=shape).astype("float32"))
+        portable = BatchNormalization()
+        portable._can_use_fused = lambda *a: False
+        steps = {"keras BN": step_fn(keras.layers.BatchNormalization(), x, dy, False),
+                 "ours": step_fn(BatchNormalization(), x, dy, False),
+                 "ours portable": step_fn(portable, x, dy, False),
+                 "ours fused": step_fn(BatchNormalization(), x, dy, True)}
+        times = {n: [] for n in names}
+        for _ in range(3):
+            for n in names:
+                steps[n]()[0].numpy()
+        for k in range(repeats):
+            for n in names[k % 4:] + names[:k % 4]:
+                t0 = time.perf_counter()
+                steps[n]()[0].numpy()
+                times[n].append(time.perf_counter() - t0)
+        print(f"{str(shape):<20}" + "".join(
+            f"{1e3 * statistics.median(times[n]):>15.3f}" for n in names))
+    try:
+        print(f"load average after: {os.getloadavg()}")
+    except OSError:
+        pass
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2048)
@@ -60,7 +124,12 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per model")
     parser.add_argument("--width", type=int, default=32, help="channels of every conv")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--layer", action="store_true",
+                        help="time one BN layer's training step instead (see the docstring)")
+    parser.add_argument("--repeats", type=int, default=50, help="--layer: timed steps per shape")
     args = parser.parse_args(argv)
+    if args.layer:
+        return layer_micro(args.repeats)
     variants = [v.strip() for v in args.variants.split(",")]
 
     rng = np.random.default_rng(0)

@@ -33,9 +33,10 @@ _FUSED_DTYPES = ("float32", "float16")
 _FUSED_MIN_EPSILON = 1.001e-5
 # Dense-style (N, C) inputs go through the fused kernel (as (N, 1, 1, C)) only from this many
 # values (N * C, batch size known when traced) on: below it the kernel's fixed cost made a
-# training step slower than the op-by-op path on CPU (e.g. 0.65 vs 0.35 ms for (128, 256)),
-# above it faster (e.g. 1.8 vs 3.6 ms for (1024, 512)); see benchmarks/RESULTS.md.
-_FUSED_DENSE_MIN_SIZE = 2**18
+# training step slower than the op-by-op path on CPU (0.63 vs 0.44 ms for (128, 512)), from it
+# on faster (0.82-0.91 vs 0.92-1.17 ms at 2**17 values, 1.4 vs 1.9 ms for (1024, 512));
+# `benchmarks/bench_batchnorm.py --layer`, figures in benchmarks/RESULTS.md.
+_FUSED_DENSE_MIN_SIZE = 2**17
 
 
 def _check_choice(name, value, allowed):
