@@ -73,7 +73,7 @@ def backward_factor(activation, negative_slope=None):
 def one_step_forward(fan_in, weight_var, input_second_moment):
     """Var[y_l] = fan_in * Var[W_l] * E[x_l^2] (the layer's measured input).
 
-    >>> one_step_forward(144, 2 / 144, 0.5)
+    >>> float(one_step_forward(144, 2 / 144, 0.5))
     1.0
     """
     return np.asarray(fan_in, dtype=float) * np.asarray(weight_var, dtype=float) * \
@@ -88,12 +88,65 @@ def one_step_backward(fan_out_next, weight_var_next, grad_var_next, factor=1.0,
     belong to the *next* weight layer; `factor` is everything between y_l and the next layer's
     input (the activation's c_b times any pooling factor).
 
-    >>> one_step_backward(144, 2 / 144, 1e-6, factor=0.5)
+    >>> float(one_step_backward(144, 2 / 144, 1e-6, factor=0.5))
     1e-06
     """
     return np.asarray(factor, dtype=float) * np.asarray(fan_out_next, dtype=float) / \
         np.asarray(stride_next, dtype=float) * np.asarray(weight_var_next, dtype=float) * \
         np.asarray(grad_var_next, dtype=float)
+
+
+def same_padding_before(size, kernel, stride=1, dilation=1):
+    """Zeros Keras's "same" padding puts before the first position (TF convention: the odd one
+    goes after): total = max((ceil(n/s) - 1) s + (k - 1) d + 1 - n, 0), before = total // 2.
+
+    >>> same_padding_before(32, 3), same_padding_before(32, 3, stride=2)
+    (1, 0)
+    """
+    out = -(-int(size) // int(stride))
+    total = max((out - 1) * int(stride) + (int(kernel) - 1) * int(dilation) + 1 - int(size), 0)
+    return total // 2
+
+
+def padded_energy(profile, kernel, stride=1, pad_before=0, dilation=1, out_size=None):
+    """Expected energy per output position of a zero-padded convolution, along one axis.
+
+    With zero-mean i.i.d. weights, E_W[y(o)^2] = Var[W] sum_c sum_t E[x_c(o s - p + t d)^2],
+    the sum running over the taps t that land inside the input (the padding contributes 0).
+    `profile` is E[x^2] per input position; returned: the mean over the kernel's taps per
+    output position, so an interior position keeps its input's energy and a border one loses
+    the taps that fall on the padding. Separable: a 2D (3D) map is the outer product of the
+    per-axis profiles, so each axis is propagated on its own.
+
+    >>> padded_energy([1.0, 1.0, 1.0, 1.0], 3, pad_before=1)
+    array([0.66666667, 1.        , 1.        , 0.66666667])
+    """
+    profile = np.asarray(profile, dtype=float)
+    n = profile.shape[0]
+    if out_size is None:
+        out_size = -(-(n + 2 * pad_before - (kernel - 1) * dilation - 1) // stride) + 1
+    out = np.zeros(int(out_size))
+    for o in range(int(out_size)):
+        for t in range(int(kernel)):
+            i = o * stride - pad_before + t * dilation
+            if 0 <= i < n:
+                out[o] += profile[i]
+    return out / float(kernel)
+
+
+def padding_factor(in_profiles, out_profiles):
+    """Mean output energy over the full-tap prediction: prod over axes of mean(out) / mean(in).
+
+    It multiplies fan_in * Var[W] * E[x^2] into the expected Var[y] of a zero-padded
+    convolution (1 for "valid" padding, Dense layers and 1x1 kernels).
+
+    >>> round(padding_factor([np.ones(8)] * 2, [padded_energy(np.ones(8), 3, pad_before=1)] * 2), 4)
+    0.8403
+    """
+    factor = 1.0
+    for a, b in zip(in_profiles, out_profiles):
+        factor *= float(np.mean(b)) / float(np.mean(a))
+    return factor
 
 
 def _as_array(values, n, default):
@@ -106,7 +159,8 @@ def _as_array(values, n, default):
     return values
 
 
-def cumulative_forward(fan_in, weight_var, input_second_moment, transfer=None, reset=None):
+def cumulative_forward(fan_in, weight_var, input_second_moment, transfer=None, reset=None,
+                       padding=None):
     """Var[y_l] for every weight layer from the data's second moment alone.
 
     Args:
@@ -116,6 +170,9 @@ def cumulative_forward(fan_in, weight_var, input_second_moment, transfer=None, r
             structural ratio up to the next weight layer); default 1. The last entry is unused.
         reset: per layer, NaN or a value that replaces Var[y_l] before `transfer` (a batch
             normalization re-normalizes the signal); default all NaN.
+        padding: per layer, the zero-padding factor (`padding_factor`: the share of the
+            kernel's taps that land inside the input, weighted by the expected energy per
+            position); default 1 (the textbook recursion).
 
     >>> cumulative_forward([27, 144, 144], [2/27, 2/144, 2/144], 1.0, transfer=[.5, .5, .5])
     array([2., 2., 2.])
@@ -125,10 +182,11 @@ def cumulative_forward(fan_in, weight_var, input_second_moment, transfer=None, r
     weight_var = _as_array(weight_var, n, np.nan)
     transfer = _as_array(transfer, n, 1.0)
     reset = _as_array(reset, n, np.nan)
+    padding = _as_array(padding, n, 1.0)
     out = np.empty(n)
     m2 = float(input_second_moment)
     for layer in range(n):
-        out[layer] = fan_in[layer] * weight_var[layer] * m2
+        out[layer] = fan_in[layer] * weight_var[layer] * m2 * padding[layer]
         var = out[layer] if math.isnan(reset[layer]) else reset[layer]
         m2 = transfer[layer] * var
     return out
