@@ -31,8 +31,11 @@ Var[W] = 1/fan_in is the exact forward-preserving choice there (He et al. keep 2
 simplicity"); a Kaiming name given as `first_layer_initializer` is built with
 `nonlinearity="linear"` (1/fan_in) -- e.g. `first_layer_initializer="kaiming_normal"`.
 
-Seeds: with an int `seed`, weight layer i (1-based) is initialized with seed `seed + i`, so a
-model is reproducible and no two layers share weights. With `seed=None` every layer gets a
+Seeds: with an int `seed`, weight layer i (1-based) is initialized with seed
+`layer_seed(seed, i)`, a hash of (seed, i), so a model is reproducible, no two layers share
+weights, and models built with nearby seeds share no layer either (with `seed + i`, seed 1's
+layer 1 would repeat seed 0's layer 2, and "independent" repeats over seeds 0..k would be
+shifted copies of each other). With `seed=None` every layer gets a
 fresh random seed (reproducible under `keras.utils.set_random_seed`).
 
 Leaky ReLU uses slope `negative_slope=0.2` by default (Keras's `keras.activations.leaky_relu`
@@ -49,6 +52,7 @@ import math
 import numbers
 
 import keras
+import numpy as np
 
 from keras_varinit import initializers as _initializers
 
@@ -126,7 +130,8 @@ def make_initializer(spec, activation="relu", negative_slope=DEFAULT_NEGATIVE_SL
         negative_slope: leaky ReLU slope (only used with "leaky_relu").
         seed: int or None.
         index: the layer's 1-based index: an instance with an int seed and `seed=None` is
-            cloned with seed `its seed + index` (an int-seeded instance repeats its values).
+            cloned with seed `layer_seed(its seed, index)` (an int-seeded instance repeats its
+            values).
 
     >>> make_initializer("kaiming_normal", "leaky_relu", 0.2, seed=1)
     Kaiming(mode='fan_in', distribution='normal', nonlinearity='leaky_relu', ...)
@@ -145,14 +150,25 @@ def make_initializer(spec, activation="relu", negative_slope=DEFAULT_NEGATIVE_SL
             if seed is not None:
                 config["seed"] = seed
             elif isinstance(config["seed"], numbers.Integral):
-                config["seed"] = int(config["seed"]) + index
+                config["seed"] = layer_seed(int(config["seed"]), index)
             return type(spec).from_config(config)
         return spec
     return _initializers.get(spec, seed=seed)
 
 
+def layer_seed(seed, index):
+    """Seed of weight layer `index` of a model built with the int `seed`: a SeedSequence hash
+    of (seed, index) in [0, 2^31), distinct for distinct pairs in practice.
+
+    >>> layer_seed(0, 2) == layer_seed(1, 1)
+    False
+    """
+    entropy = [abs(int(seed)), int(seed < 0), int(index)]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 def _seed_for(seed, index):
-    return None if seed is None else seed + index
+    return None if seed is None else layer_seed(seed, index)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +249,7 @@ def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="
         input_shape: (height, width, channels).
         num_classes: logits of the classifier.
         first_layer_initializer: optional initializer for `conv_01` (the 1/d vs 2/d choice).
-        seed: int or None; weight layer i uses `seed + i`.
+        seed: int or None; weight layer i uses `layer_seed(seed, i)`.
         name: model name (default e.g. "plain_cnn30_kaiming_normal_relu").
         negative_slope: leaky ReLU slope (default 0.2), also used in the Kaiming gain.
         downsample: "stride" (default) or "maxpool".
@@ -320,7 +336,7 @@ def plain_mlp(depth, width=256, kernel_initializer="xavier_normal", activation="
         input_dim: size of the flat input (ignored when `input_shape` is given).
         num_classes: logits of the classifier.
         first_layer_initializer: optional initializer for `dense_01`.
-        seed: int or None; weight layer i uses `seed + i`.
+        seed: int or None; weight layer i uses `layer_seed(seed, i)`.
         name: model name.
         input_shape: optional input shape; with more than one dimension a `Flatten` layer
             ("flatten") comes first (e.g. `(32, 32, 3)` for CIFAR images).

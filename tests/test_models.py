@@ -207,3 +207,20 @@ def test_mlp_bad_input():
         models.build_model("rnn", depth=3)
     with pytest.raises(ValueError, match="name='huge'.*Allowed"):
         models.reference_cnn("huge")
+
+
+def test_nearby_seeds_share_no_layer():
+    """With `seed + i` per layer, seed 1's layer i would repeat seed 0's layer i + 1 (same
+    shape inside a stage): multi-seed studies would average shifted copies of one net."""
+    from keras_varinit import models as m
+
+    a = m.plain_cnn(8, width=4, seed=0)
+    b = m.plain_cnn(8, width=4, seed=1)
+    kernels_a = [np.asarray(layer.kernel) for layer in a.layers if hasattr(layer, "kernel")]
+    kernels_b = [np.asarray(layer.kernel) for layer in b.layers if hasattr(layer, "kernel")]
+    for kb in kernels_b:
+        assert not any(ka.shape == kb.shape and np.array_equal(ka, kb) for ka in kernels_a)
+    again = m.plain_cnn(8, width=4, seed=1)
+    for k, layer in zip(kernels_b, [x for x in again.layers if hasattr(x, "kernel")]):
+        np.testing.assert_array_equal(k, np.asarray(layer.kernel))
+    assert len({m.layer_seed(s, i) for s in range(50) for i in range(1, 40)}) == 50 * 39
