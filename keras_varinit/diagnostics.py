@@ -614,10 +614,12 @@ def explain_drift(df, within=4.0):
       the weights, at any width); on 8x8 maps about 0.92 a layer, over the 30-layer CIFAR CNN
       about x0.3. `predicted_forward_var_cumulative` includes it;
     * one draw versus the average over draws: each layer's realized gain, and the activation's
-      factor (1/2 for ReLU only on average over units), fluctuate with a spread that shrinks
-      with the width; the log of their product drifts below the average (Jensen) and spreads,
-      by about sum_l c / n_l (Hanin & Rolnick 2018, "How to start training"). In a CNN the
-      per-channel means come to dominate the signal, so n_l is the channel count.
+      factor (1/2 for ReLU only on average over units), fluctuate from draw to draw; their
+      product over depth is roughly log-normal, so a typical draw sits below the mean (Jensen)
+      and draws spread widely (cf. Hanin & Rolnick 2018 for MLPs). Measured on the 30-layer
+      CIFAR CNN over 12 independent draws per width (examples/finite_width_drift.py): median
+      x0.09-0.24 against the expected x0.30, range x0.006-2.2, with no clear trend between
+      16 and 64 channels.
 
     Returns a sentence when the measured last/first ratio is outside `within`, the textbook
     recursion (without padding) is within it (the scale is right) and the one-step predictions
@@ -647,11 +649,11 @@ def explain_drift(df, within=4.0):
         parts[0] += (f", x{padding:.2g} of it from zero padding (border taps of each "
                      f"convolution see zeros)")
     parts.append(f"measured x{measured:.2g}, x{measured / predicted:.2g} of the prediction: "
-                 "one draw of finite-width layers falls below the average over draws (each "
-                 f"layer's realized gain, one-step x{one_step.min():.2f} .. "
-                 f"x{one_step.max():.2f}, and the activation's factor fluctuate, and the "
-                 "fluctuations compound over depth, Hanin & Rolnick 2018); wider layers "
-                 "shrink that part")
+                 "the recursion is the average over weight draws, and one draw of finite "
+                 "layers deviates from it (each layer's realized gain, one-step "
+                 f"x{one_step.min():.2f} .. x{one_step.max():.2f}, and the activation's "
+                 "factor fluctuate, and the fluctuations compound over depth); other seeds "
+                 "land elsewhere")
     return "; ".join(parts)
 
 

@@ -3,20 +3,19 @@
 The reference claims (He et al. 2015), measured at init on a batch of 256 N(0, 1) images:
 
 * 30-layer plain ReLU CNN ("small30", width 16): Xavier's forward variance falls by more than
-  10^3 (the ReLU halving, 2^-29, times a finite-width drift: about 10^-11 measured), while
-  Kaiming's mean-field prediction stays flat;
+  10^3 (the ReLU halving, 2^-29, times the zero-padding loss), while Kaiming's textbook
+  prediction stays flat;
 * the one-step prediction fan_in * Var[W] * E[x^2] agrees with the measurement within a factor
   2 on every hidden layer past the first (and the backward one within 2 as well);
 * Kaiming keeps the last hidden layer within a factor 4 of the first in the textbook
   recursion and, measured, on a 30-layer ReLU MLP of width 256. On the CNN two things the
-  textbook leaves out pull it down: zero padding (border taps see zeros; the expectation over
+  textbook leaves out move it: zero padding (border taps see zeros; the expectation over
   weights, exact at any width, falls about x0.3 over the 30 layers, mostly on the 8x8 maps),
-  which the cumulative prediction includes (`padding_factor`), and one draw falling below the
-  average over draws (finite-width fluctuations compound over depth, Hanin & Rolnick 2018;
-  the per-channel means come to dominate the signal, so the effective width is the channel
-  count): measured x0.004-0.17 at width 16, mostly x0.2-1 at width 64
-  (examples/output/finite_width_drift.md). That is measured and asserted too, so the tests
-  document the limit of the theory instead of hiding it.
+  which the cumulative prediction includes (`padding_factor`), and one draw deviating from
+  the average over draws: over 12 independent draws per width, medians x0.09-0.24, range
+  x0.006-2.2, within 4x in 17-42% of draws at widths 16-64
+  (examples/output/finite_width_drift.md). Seed 0 at width 16 lands at about x0.5. The tests
+  assert what holds for every draw and document the rest instead of hiding it.
 """
 import math
 
@@ -228,13 +227,12 @@ def test_kaiming_relu_mlp_30_layers_within_4x_xavier_falls():
 
 
 @pytest.mark.slow
-def test_kaiming_wide_30_layer_cnn_drift_shrinks_with_width():
-    """At width 64 (channels 64/128/256) one draw stays much closer to the mean-field
-    recursion than at width 16: measured last-hidden/first ratios were 0.36-0.85 with
-    TensorFlow's draws (seeds 0-2) and 0.08-0.15 with JAX's (seeds 0-3), against ~10^-2 at
-    width 16. The within-4x claim holds for typical draws, not for every draw: asserted here
-    is the bound every observed draw met (within 16x), and that the verdict does not say
-    'stall'."""
+def test_kaiming_wide_30_layer_cnn_one_draw():
+    """Width 64 (channels 64/128/256), seed 0: the textbook recursion is flat, the padded one
+    falls about x0.3, and the draw measured lands within 16x of the first layer without a
+    'stall' verdict. Wider layers do not tighten the spread between draws much in this range
+    (12 independent draws per width, examples/output/finite_width_drift.md: x0.04-0.83 at
+    width 64 against x0.008-1.3 at 16), so only this draw's bound is asserted."""
     x = _images(32)
     model = models.plain_cnn(30, width=64, kernel_initializer="kaiming_normal", seed=0)
     df = diagnostics.variance_profile(model, x)
@@ -242,7 +240,10 @@ def test_kaiming_wide_30_layer_cnn_drift_shrinks_with_width():
     assert "stall" not in diagnostics.summarize_profile(df)
     pred = df["predicted_forward_var_cumulative"]
     padding = float(np.prod(df["padding_factor"].iloc[1:-1]))
+    assert 0.25 < padding < 0.35
     assert 0.25 < pred.iloc[-2] / pred.iloc[0] / padding < 4
+    one_step = (df["forward_var"] / df["predicted_forward_var"]).iloc[1:-1]
+    assert one_step.between(0.5, 2.0).all()
 
 
 def test_labels_loss_and_determinism():
@@ -371,7 +372,7 @@ def test_explain_drift_only_when_the_recursion_holds_but_one_draw_drifts():
     flat = [2.0] * 10
     drifting = list(2.0 * 0.55 ** np.arange(9)) + [1.0]   # x0.0084 by l8
     note = diagnostics.explain_drift(_drift_frame(drifting, flat))
-    assert note is not None and "finite-width" in note and "Hanin & Rolnick" in note
+    assert note is not None and "average over weight draws" in note and "padding" not in note
     assert "predicts x1 from l0 to l8" in note and "measured x0.0084" in note
     # measured within 4x: nothing to explain
     assert diagnostics.explain_drift(_drift_frame([2.0, 1.5, 1.0, 0.8, 0.6, 1.0], flat[:6])) \
@@ -379,7 +380,7 @@ def test_explain_drift_only_when_the_recursion_holds_but_one_draw_drifts():
     # the recursion itself predicts the fall (Xavier): the verdict says it all
     halving = list(2.0 * 0.5 ** np.arange(9)) + [1.0]
     assert diagnostics.explain_drift(_drift_frame(drifting, halving)) is None
-    # the one-step prediction is off (a wrong formula, not width): no finite-width story
+    # the one-step prediction is off (a wrong formula): no story about draws
     assert diagnostics.explain_drift(_drift_frame(drifting, flat, one_step=3.0)) is None
     assert diagnostics.explain_drift(_drift_frame([1.0], [1.0])) is None
 
@@ -387,8 +388,10 @@ def test_explain_drift_only_when_the_recursion_holds_but_one_draw_drifts():
 def test_explain_drift_on_the_measured_small30(small30):
     note = diagnostics.explain_drift(small30["kaiming_normal"])
     ratio = _hidden_ratio(small30["kaiming_normal"])
-    if ratio < 0.25:   # one draw at width 16: measured x0.004-0.05 on seeds 0-5
-        assert note is not None and "finite-width" in note
+    if ratio < 0.25:   # one draw at width 16: x0.006-1.3 over 12 draws; seed 0 ~ x0.5
+        assert note is not None and "zero padding" in note
+    else:
+        assert note is None
     assert diagnostics.explain_drift(small30["xavier_normal"]) is None
 
 
