@@ -523,14 +523,7 @@ def test_fused_path_matches_portable_path(estimator, moving_variance, dtype, mon
                     moving_variance=moving_variance)
     _, slow = _pair(x.shape, dtype=dtype, variance_estimator=estimator,
                     moving_variance=moving_variance)
-    portable = BatchNormalization._call_portable
-    calls = []
-
-    def counting(self, *args, **kwargs):
-        calls.append(self.name)
-        return portable(self, *args, **kwargs)
-
-    monkeypatch.setattr(BatchNormalization, "_call_portable", counting)
+    calls = _count_portable_calls(monkeypatch)
     monkeypatch.setattr(slow, "_can_use_fused", lambda *a: False)
     out_tol = F32 if dtype == "float32" else F16
     stat_tol = F32 if dtype == "float32" else F16_STATS
