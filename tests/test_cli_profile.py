@@ -1,4 +1,6 @@
 """`keras-varinit profile`: table, verdicts, comparison, plot, CSV, errors."""
+import re
+
 import pandas as pd
 import pytest
 
@@ -48,6 +50,7 @@ def test_profile_synthetic_data(capsys):
 @pytest.mark.parametrize("argv,match", [
     (["--depth", "1"], "--depth must be >= 2"),
     (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--draws", "0"], "--draws must be >= 1. Received: --draws 0"),
     (["--init", "no_such_init", "--depth", "3", "--width", "2", "--batch-size", "4"],
      "no_such_init"),
     (["--model", "mlp", "--batch-norm", "per_sample", "--depth", "3", "--batch-size", "4"],
@@ -64,3 +67,16 @@ def test_profile_bad_choice_is_argparse_error(capsys):
         main(["profile", "--activation", "gelu"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_profile_draws_reports_the_spread_over_independent_draws(capsys):
+    code = main(["profile", "--depth", "6", "--width", "4", "--batch-size", "16",
+                 "--init", "kaiming_normal", "--draws", "3", "--seed", "5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    line = [x for x in out.splitlines() if "independent draws" in x]
+    assert len(line) == 1 and "3 independent draws (seeds 5-7)" in line[0]
+    assert "within 4x in" in line[0] and "/3" in line[0]
+    assert "and 2 more draw(s)" in out
+    low, high = re.search(r"range x(\S+) \.\. x(\S+),", line[0]).groups()
+    assert float(low) < float(high)   # different draws, not one net three times

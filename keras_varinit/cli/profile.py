@@ -4,6 +4,7 @@ Example::
 
     keras-varinit profile --depth 30 --init xavier_normal --init kaiming_normal --activation relu
     keras-varinit profile --depth 30 --init kaiming_normal --width 64 --plot profile.png
+    keras-varinit profile --depth 30 --init kaiming_normal --draws 8   # one draw vs many
     keras-varinit profile --model mlp --depth 20 --activation tanh --init normal:0.01 \
         --init xavier_normal --data synthetic
 
@@ -58,6 +59,10 @@ def add_parser(subparsers):
     p.add_argument("--data", choices=DATA_CHOICES, default="gaussian",
                    help="N(0, 1) noise or standardized synthetic CIFAR-like images "
                         "(default %(default)s)")
+    p.add_argument("--draws", type=int, default=1,
+                   help="also profile this many independent weight draws per initializer "
+                        "(seeds SEED..SEED+N-1, forward only) and print how the last/first "
+                        "ratio spreads: one draw is not the initializer (default %(default)s)")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="save a log-scale plot (forward and backward panels) to PATH")
     p.add_argument("--csv", default=None, metavar="PATH",
@@ -75,6 +80,8 @@ def _check_args(args):
         raise ValueError(f"--batch-size must be >= 2. Received: --batch-size {args.batch_size}")
     if args.width is not None and args.width < 1:
         raise ValueError(f"--width must be >= 1. Received: --width {args.width}")
+    if args.draws < 1:
+        raise ValueError(f"--draws must be >= 1. Received: --draws {args.draws}")
 
 
 def make_batch(kind, data, batch_size, seed):
@@ -95,12 +102,13 @@ def make_batch(kind, data, batch_size, seed):
     return x.astype("float32"), "synthetic CIFAR-like images (standardized; not CIFAR-10)"
 
 
-def build(args, init):
+def build(args, init, seed=None):
     from keras_varinit import models
 
     kwargs = dict(depth=args.depth, kernel_initializer=init, activation=args.activation,
                   batch_norm=None if args.batch_norm == "none" else args.batch_norm,
-                  first_layer_initializer=args.first_layer_init, seed=args.seed,
+                  first_layer_initializer=args.first_layer_init,
+                  seed=args.seed if seed is None else seed,
                   negative_slope=args.negative_slope)
     if args.width is not None:
         kwargs["width"] = args.width
@@ -163,6 +171,36 @@ def _comparison(profiles):
     return table
 
 
+def draw_spread(args, init, x, first_df):
+    """Last/first forward ratios over `args.draws` independent draws (the first is
+    `first_df`), and the recursion's expectation; one line of text."""
+    import keras
+    import numpy as np
+
+    from keras_varinit import diagnostics
+
+    def ratios(df):
+        i, j = diagnostics._compared_rows(df)
+        return (df["forward_var"].iloc[j] / df["forward_var"].iloc[i],
+                df["predicted_forward_var_cumulative"].iloc[j] /
+                df["predicted_forward_var_cumulative"].iloc[i])
+
+    measured, expected = [ratios(first_df)[0]], [ratios(first_df)[1]]
+    for seed in range(args.seed + 1, args.seed + args.draws):
+        df = diagnostics.variance_profile(build(args, init, seed), x, seed=seed,
+                                          gradients=False)
+        m, e = ratios(df)
+        measured.append(m)
+        expected.append(e)
+        keras.backend.clear_session()
+    r = np.asarray(measured, dtype=float)
+    inside = int(np.sum((r >= 0.25) & (r <= 4.0)))
+    return (f"  {len(r)} independent draws (seeds {args.seed}-{args.seed + len(r) - 1}): "
+            f"last/first median x{np.median(r):.2g}, range x{r.min():.2g} .. x{r.max():.2g}, "
+            f"within 4x in {inside}/{len(r)}; the recursion (expectation over draws) "
+            f"x{np.median(expected):.2g}")
+
+
 def run(args):
     _check_args(args)
     start = time.perf_counter()
@@ -183,6 +221,8 @@ def run(args):
         profiles[init] = diagnostics.variance_profile(model, x, seed=args.seed)
         verdicts[init] = diagnostics.summarize_profile(profiles[init])
         keras.backend.clear_session()
+    spreads = {init: draw_spread(args, init, x, df) for init, df in profiles.items()} \
+        if args.draws > 1 else {}
     elapsed = time.perf_counter() - start
 
     width = args.width if args.width is not None else (16 if args.model == "cnn" else 256)
@@ -210,6 +250,8 @@ def run(args):
         explanation = diagnostics.explain_drift(df)
         if explanation:
             console.print(f"  why: {explanation}", markup=False)
+        if init in spreads:
+            console.print(spreads[init], markup=False)
     if args.plot:
         diagnostics.plot_profile(profiles, args.plot, title=header.split(";")[0])
         console.print(f"plot written to {args.plot}")
@@ -219,5 +261,6 @@ def run(args):
         frames = [df.assign(init=init) for init, df in profiles.items()]
         pd.concat(frames, ignore_index=True).to_csv(args.csv, index=False)
         console.print(f"profiles written to {args.csv}")
-    console.print(f"profiled {len(profiles)} model(s) in {elapsed:.1f} s")
+    extra = f" and {len(profiles) * (args.draws - 1)} more draw(s)" if args.draws > 1 else ""
+    console.print(f"profiled {len(profiles)} model(s){extra} in {elapsed:.1f} s")
     return 0
