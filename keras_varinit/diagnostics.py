@@ -127,9 +127,9 @@ def _second_moment(t):
 
 
 def _variance(t):
-    """Var[t] about its mean, as E[t^2] - E[t]^2 (two reductions, no centered copy)."""
-    t = ops.cast(t, "float32")
-    return ops.maximum(ops.mean(ops.square(t)) - ops.square(ops.mean(t)), 0.0)
+    # centred (not E[t^2] - E[t]^2: a sigmoid's output, mean ~0.5 and tiny spread, would
+    # cancel to noise in float32)
+    return ops.var(ops.cast(t, "float32"))
 
 
 def _channel_scale2(t_in, t_out):
@@ -302,7 +302,7 @@ def _bridges(layers, chain, weight_layers):
 
 
 def _spatial_input(layer):
-    """(spatial sizes, channels_last) of a layer's input, or None when unknown or flat."""
+    """The spatial sizes of a layer's input, or None when unknown or flat."""
     try:
         shape = tuple(layer.input.shape)
     except (AttributeError, ValueError):

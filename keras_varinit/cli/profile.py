@@ -185,7 +185,8 @@ def draw_spread(args, init, x, first_df):
                 df["predicted_forward_var_cumulative"].iloc[j] /
                 df["predicted_forward_var_cumulative"].iloc[i])
 
-    measured, expected = [ratios(first_df)[0]], [ratios(first_df)[1]]
+    m, e = ratios(first_df)
+    measured, expected = [m], [e]
     for seed in range(args.seed + 1, args.seed + args.draws):
         df = diagnostics.variance_profile(build(args, init, seed), x, seed=seed,
                                           gradients=False)
