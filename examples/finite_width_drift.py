@@ -80,11 +80,8 @@ def measure(args):
                     df = kv.variance_profile(model, x, seed=seed, gradients=False)
                     i, j = diagnostics._compared_rows(df)
                     fwd = df["forward_var"].to_numpy()
-                    pred = df["predicted_forward_var_cumulative"].to_numpy()
-                    pad = df["padding_factor"].to_numpy()
-                    draws.append({"ratio": float(fwd[j] / fwd[i]),
-                                  "predicted": float(pred[j] / pred[i]),
-                                  "padding": float(np.prod(pad[i + 1:j + 1])),
+                    ratio, predicted, padding = diagnostics.forward_ratios(df)
+                    draws.append({"ratio": ratio, "predicted": predicted, "padding": padding,
                                   "profile": fwd[: j + 1] / fwd[i]})
                     keras.backend.clear_session()
                     progress.advance(task)

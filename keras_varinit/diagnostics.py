@@ -603,6 +603,19 @@ def summarize_profile(df, within=4.0, stall=1e-3, explode=1e3):
     return f"forward variance {verb} x{ratio:.2g} {span}: trainable, but the scale drifts"
 
 
+def forward_ratios(df):
+    """(measured, predicted, padding): last hidden weight layer over the first (the rows the
+    verdict compares) of `forward_var`, of `predicted_forward_var_cumulative`, and the product
+    of the `padding_factor`s in between (1 when the column is missing)."""
+    i, j = _compared_rows(df)
+    fwd = df["forward_var"].to_numpy(float)
+    cumulative = df["predicted_forward_var_cumulative"].to_numpy(float)
+    pad = df["padding_factor"].to_numpy(float) if "padding_factor" in df else np.ones(len(df))
+    return (propagation.variance_ratio(fwd[i], fwd[j]),
+            propagation.variance_ratio(cumulative[i], cumulative[j]),
+            float(np.prod(pad[i + 1:j + 1])))
+
+
 def explain_drift(df, within=4.0):
     """Why a correctly scaled initialization still loses (or gains) the signal, or None.
 
@@ -628,12 +641,7 @@ def explain_drift(df, within=4.0):
     if len(df) < 2:
         return None
     i, j = _compared_rows(df)
-    fwd = df["forward_var"].to_numpy(float)
-    cumulative = df["predicted_forward_var_cumulative"].to_numpy(float)
-    pad = df["padding_factor"].to_numpy(float) if "padding_factor" in df else np.ones(len(df))
-    padding = float(np.prod(pad[i + 1:j + 1]))
-    measured = propagation.variance_ratio(fwd[i], fwd[j])
-    predicted = propagation.variance_ratio(cumulative[i], cumulative[j])
+    measured, predicted, padding = forward_ratios(df)
     textbook = predicted / padding if padding > 0 else float("nan")
     one_step = (df["forward_var"] / df["predicted_forward_var"]).iloc[i + 1:j + 1]
     one_step = one_step[np.isfinite(one_step)]

@@ -179,18 +179,12 @@ def draw_spread(args, init, x, first_df):
 
     from keras_varinit import diagnostics
 
-    def ratios(df):
-        i, j = diagnostics._compared_rows(df)
-        return (df["forward_var"].iloc[j] / df["forward_var"].iloc[i],
-                df["predicted_forward_var_cumulative"].iloc[j] /
-                df["predicted_forward_var_cumulative"].iloc[i])
-
-    m, e = ratios(first_df)
-    measured, expected = [m], [e]
+    measured, expected, _ = diagnostics.forward_ratios(first_df)
+    measured, expected = [measured], [expected]
     for seed in range(args.seed + 1, args.seed + args.draws):
         df = diagnostics.variance_profile(build(args, init, seed), x, seed=seed,
                                           gradients=False)
-        m, e = ratios(df)
+        m, e, _ = diagnostics.forward_ratios(df)
         measured.append(m)
         expected.append(e)
         keras.backend.clear_session()
