@@ -1,0 +1,39 @@
+"""The benchmark scripts run on tiny settings and compare like with like (no timing assertions)."""
+import importlib.util
+import pathlib
+
+import numpy as np
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_batchnorm_kernel_floor_computes_what_ours_computes():
+    """The floor is only a floor if it does the same training-mode normalization as ours."""
+    from keras_varinit.batch_norm import BatchNormalization
+
+    bench = _load("bench_batchnorm")
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(8, 5, 5, 4)).astype("float32")
+    floor = bench.KernelFloorBN()
+    ours = BatchNormalization(epsilon=1e-3)
+    np.testing.assert_allclose(np.asarray(floor(x)), np.asarray(ours(x, training=True)),
+                               atol=1e-5)
+
+
+def test_bench_batchnorm_runs_and_prints_every_ratio(capsys):
+    bench = _load("bench_batchnorm")
+    code = bench.main(["--images", "32", "--batch", "16", "--epochs", "1", "--width", "4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    for variant in bench.VARIANTS:
+        assert variant in out
+    for label in ("ours pooled / keras BN", "ours pooled / no BN", "ours pooled / kernel floor",
+                  "per_sample / ours pooled"):
+        line = next(line for line in out.splitlines() if line.startswith(label))
+        assert float(line[len(label):].split()[0]) > 0
