@@ -64,7 +64,7 @@ def measure(args):
     from rich.progress import Progress
 
     import keras_varinit as kv
-    from keras_varinit import diagnostics, models
+    from keras_varinit import diagnostics, models, profile_report
 
     x = np.random.default_rng(0).standard_normal((args.batch, 32, 32, 3)).astype("float32")
     results = {}
@@ -78,9 +78,9 @@ def measure(args):
                     model = models.plain_cnn(args.depth, width=width, kernel_initializer=init,
                                              seed=seed)
                     df = kv.variance_profile(model, x, seed=seed, gradients=False)
-                    i, j = diagnostics._compared_rows(df)
+                    i, j = profile_report.compared_rows(df)
                     fwd = df["forward_var"].to_numpy()
-                    ratio, predicted, padding = diagnostics.forward_ratios(df)
+                    ratio, predicted, padding = profile_report.forward_ratios(df)
                     draws.append({"ratio": ratio, "predicted": predicted, "padding": padding,
                                   "profile": fwd[: j + 1] / fwd[i]})
                     keras.backend.clear_session()

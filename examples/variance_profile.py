@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 import keras  # noqa: E402
 
-from keras_varinit import diagnostics, models  # noqa: E402
+from keras_varinit import diagnostics, models, profile_report  # noqa: E402
 
 
 def main(argv=None):
@@ -45,13 +45,13 @@ def main(argv=None):
         keras.backend.clear_session()
         df = profiles[init]
         one_step = (df["forward_var"] / df["predicted_forward_var"]).iloc[1:-1]
-        print(f"{init}: {diagnostics.summarize_profile(df)}")
+        print(f"{init}: {profile_report.summarize_profile(df)}")
         print(f"  one-step forward prediction / measured on hidden layers 2-29: "
               f"{1 / one_step.max():.2f} .. {1 / one_step.min():.2f}")
     title = (f"30-layer plain ReLU CNN (width {args.width}), batch {args.batch_size} of "
              f"N(0, 1) noise, {keras.backend.backend()}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    diagnostics.plot_profile(profiles, args.out, title=title)
+    profile_report.plot_profile(profiles, args.out, title=title)
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
 
 

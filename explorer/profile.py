@@ -97,7 +97,7 @@ class Profile:
     synthetic: bool = False
     seconds: float = 0.0
     lsuv_report: object = None
-    explanation: str | None = None   # diagnostics.explain_drift: why it misses the recursion
+    explanation: str | None = None   # profile_report.explain_drift: why it misses the recursion
 
 
 def _train_config(settings: dict):
@@ -128,7 +128,7 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
     """Variance profile, verdict and activation samples for ``settings`` (see module doc)."""
     import keras
 
-    from keras_varinit import diagnostics
+    from keras_varinit import diagnostics, profile_report
 
     problems = presets.blocking_problems(settings)
     if problems:
@@ -145,8 +145,8 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
 
         report = initializers.lsuv(model, x_in)
     table = diagnostics.variance_profile(model, x_in, y)
-    verdict = diagnostics.summarize_profile(table)
-    explanation = diagnostics.explain_drift(table)
+    verdict = profile_report.summarize_profile(table)
+    explanation = profile_report.explain_drift(table)
 
     act_layers = [layer for layer in model.layers if layer.name.startswith("act_")]
     names = [layer.name for layer in act_layers]

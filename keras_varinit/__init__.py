@@ -17,12 +17,13 @@ from keras_varinit import initializers  # noqa: E402
 from keras_varinit import layers  # noqa: E402
 from keras_varinit import models  # noqa: E402
 from keras_varinit import normalization  # noqa: E402
+from keras_varinit import profile_report  # noqa: E402
 from keras_varinit.diagnostics import variance_profile  # noqa: E402
 from keras_varinit.initializers import compute_fans, gain, lsuv  # noqa: E402
 from keras_varinit.normalization import ChannelStats, channel_stats  # noqa: E402
 
 __all__ = [
     "callbacks", "datasets", "diagnostics", "initializers", "layers", "models",
-    "normalization", "variance_profile", "compute_fans", "gain", "lsuv", "ChannelStats",
-    "channel_stats", "__version__",
+    "normalization", "profile_report", "variance_profile", "compute_fans", "gain", "lsuv",
+    "ChannelStats", "channel_stats", "__version__",
 ]

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from keras_varinit import diagnostics, models, propagation
+from keras_varinit import diagnostics, models, profile_report, propagation
 
 pytestmark = pytest.mark.backend_independent
 
@@ -136,8 +136,8 @@ def test_xavier_falls_more_than_1e3_kaiming_does_not(small30):
     # draw still drifts down (finite width), but by far less than 10^3.
     assert _hidden_ratio(kaiming) > 1e6 * _hidden_ratio(xavier)
     assert _hidden_ratio(kaiming) > 1e-3
-    assert "stall" in diagnostics.summarize_profile(xavier)
-    assert "stall" not in diagnostics.summarize_profile(kaiming)
+    assert "stall" in profile_report.summarize_profile(xavier)
+    assert "stall" not in profile_report.summarize_profile(kaiming)
 
 
 @pytest.mark.parametrize("init", ["xavier_normal", "kaiming_normal"])
@@ -237,7 +237,7 @@ def test_kaiming_wide_30_layer_cnn_one_draw():
     model = models.plain_cnn(30, width=64, kernel_initializer="kaiming_normal", seed=0)
     df = diagnostics.variance_profile(model, x)
     assert 1 / 16 < _hidden_ratio(df) < 4
-    assert "stall" not in diagnostics.summarize_profile(df)
+    assert "stall" not in profile_report.summarize_profile(df)
     pred = df["predicted_forward_var_cumulative"]
     padding = float(np.prod(df["padding_factor"].iloc[1:-1]))
     assert 0.25 < padding < 0.35
@@ -317,27 +317,27 @@ def _fake(values, activation="relu"):
 
 
 def test_summarize_profile_verdicts(small30):
-    assert diagnostics.summarize_profile(small30["xavier_normal"]).startswith(
+    assert profile_report.summarize_profile(small30["xavier_normal"]).startswith(
         "forward variance falls 10^-")
-    text = diagnostics.summarize_profile(_fake([1.0] * 29 + [0.5, 0.1]))
+    text = profile_report.summarize_profile(_fake([1.0] * 29 + [0.5, 0.1]))
     assert "stays within 4x" in text and "l0 to l29" in text and "propagates" in text
-    assert "expect divergence" in diagnostics.summarize_profile(_fake([1.0, 1e5, 1.0]))
-    assert "grows 10^5x" in diagnostics.summarize_profile(_fake([1.0, 1e5, 1.0]))
-    assert "falls 10^-9x" in diagnostics.summarize_profile(_fake([1.0, 1e-9, 1.0]))
-    assert "drifts" in diagnostics.summarize_profile(_fake([1.0, 1e-2, 1.0]))
-    assert "overflows" in diagnostics.summarize_profile(_fake([1.0, np.inf, 1.0]))
-    assert "vanishes" in diagnostics.summarize_profile(_fake([1.0, 0.0, 1.0]))
+    assert "expect divergence" in profile_report.summarize_profile(_fake([1.0, 1e5, 1.0]))
+    assert "grows 10^5x" in profile_report.summarize_profile(_fake([1.0, 1e5, 1.0]))
+    assert "falls 10^-9x" in profile_report.summarize_profile(_fake([1.0, 1e-9, 1.0]))
+    assert "drifts" in profile_report.summarize_profile(_fake([1.0, 1e-2, 1.0]))
+    assert "overflows" in profile_report.summarize_profile(_fake([1.0, np.inf, 1.0]))
+    assert "vanishes" in profile_report.summarize_profile(_fake([1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="empty"):
-        diagnostics.summarize_profile(_fake([1.0])[:0])
+        profile_report.summarize_profile(_fake([1.0])[:0])
 
 
 def test_plot_profile_writes_png(small30, tmp_path):
     path = tmp_path / "profile.png"
-    assert diagnostics.plot_profile(small30, path, title="30 layers") == path
+    assert profile_report.plot_profile(small30, path, title="30 layers") == path
     assert path.stat().st_size > 10_000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at least one profile"):
-        diagnostics.plot_profile({}, tmp_path / "none.png")
+        profile_report.plot_profile({}, tmp_path / "none.png")
 
 
 # ----------------------------------------------------------------------------- forward only
@@ -371,28 +371,28 @@ def _drift_frame(measured, predicted, one_step=1.0):
 def test_explain_drift_only_when_the_recursion_holds_but_one_draw_drifts():
     flat = [2.0] * 10
     drifting = list(2.0 * 0.55 ** np.arange(9)) + [1.0]   # x0.0084 by l8
-    note = diagnostics.explain_drift(_drift_frame(drifting, flat))
+    note = profile_report.explain_drift(_drift_frame(drifting, flat))
     assert note is not None and "average over weight draws" in note and "padding" not in note
     assert "predicts x1 from l0 to l8" in note and "measured x0.0084" in note
     # measured within 4x: nothing to explain
-    assert diagnostics.explain_drift(_drift_frame([2.0, 1.5, 1.0, 0.8, 0.6, 1.0], flat[:6])) \
+    assert profile_report.explain_drift(_drift_frame([2.0, 1.5, 1.0, 0.8, 0.6, 1.0], flat[:6])) \
         is None
     # the recursion itself predicts the fall (Xavier): the verdict says it all
     halving = list(2.0 * 0.5 ** np.arange(9)) + [1.0]
-    assert diagnostics.explain_drift(_drift_frame(drifting, halving)) is None
+    assert profile_report.explain_drift(_drift_frame(drifting, halving)) is None
     # the one-step prediction is off (a wrong formula): no story about draws
-    assert diagnostics.explain_drift(_drift_frame(drifting, flat, one_step=3.0)) is None
-    assert diagnostics.explain_drift(_drift_frame([1.0], [1.0])) is None
+    assert profile_report.explain_drift(_drift_frame(drifting, flat, one_step=3.0)) is None
+    assert profile_report.explain_drift(_drift_frame([1.0], [1.0])) is None
 
 
 def test_explain_drift_on_the_measured_small30(small30):
-    note = diagnostics.explain_drift(small30["kaiming_normal"])
+    note = profile_report.explain_drift(small30["kaiming_normal"])
     ratio = _hidden_ratio(small30["kaiming_normal"])
     if ratio < 0.25:   # one draw at width 16: x0.006-1.3 over 12 draws; seed 0 ~ x0.5
         assert note is not None and "zero padding" in note
     else:
         assert note is None
-    assert diagnostics.explain_drift(small30["xavier_normal"]) is None
+    assert profile_report.explain_drift(small30["xavier_normal"]) is None
 
 
 # ----------------------------------------------------------------------------- zero padding

@@ -177,14 +177,14 @@ def draw_spread(args, init, x, first_df):
     import keras
     import numpy as np
 
-    from keras_varinit import diagnostics
+    from keras_varinit import diagnostics, profile_report
 
-    measured, expected, _ = diagnostics.forward_ratios(first_df)
+    measured, expected, _ = profile_report.forward_ratios(first_df)
     measured, expected = [measured], [expected]
     for seed in range(args.seed + 1, args.seed + args.draws):
         df = diagnostics.variance_profile(build(args, init, seed), x, seed=seed,
                                           gradients=False)
-        m, e, _ = diagnostics.forward_ratios(df)
+        m, e, _ = profile_report.forward_ratios(df)
         measured.append(m)
         expected.append(e)
         keras.backend.clear_session()
@@ -203,7 +203,7 @@ def run(args):
 
     import keras
 
-    from keras_varinit import diagnostics
+    from keras_varinit import diagnostics, profile_report
 
     console = Console()
     if not console.is_terminal:  # piped / captured: do not squeeze the table into 80 columns
@@ -214,7 +214,7 @@ def run(args):
     for init in inits:
         model = build(args, init)
         profiles[init] = diagnostics.variance_profile(model, x, seed=args.seed)
-        verdicts[init] = diagnostics.summarize_profile(profiles[init])
+        verdicts[init] = profile_report.summarize_profile(profiles[init])
         keras.backend.clear_session()
     spreads = {init: draw_spread(args, init, x, df) for init, df in profiles.items()} \
         if args.draws > 1 else {}
@@ -233,7 +233,7 @@ def run(args):
     for init, verdict in verdicts.items():
         console.print(f"{init}: {verdict}", markup=False)
         df = profiles[init]
-        _, last = diagnostics._compared_rows(df)
+        _, last = profile_report.compared_rows(df)
         pred = df["predicted_forward_var_cumulative"].iloc[last]
         one_step = (df["forward_var"] / df["predicted_forward_var"]).iloc[1:last + 1]
         if pred > 0 and len(one_step):
@@ -242,13 +242,13 @@ def run(args):
                 f"x{df['forward_var'].iloc[last] / pred:.2g}; one-step measured / predicted "
                 f"on layers 2-{last + 1}: {one_step.min():.2f} .. {one_step.max():.2f}",
                 markup=False)
-        explanation = diagnostics.explain_drift(df)
+        explanation = profile_report.explain_drift(df)
         if explanation:
             console.print(f"  why: {explanation}", markup=False)
         if init in spreads:
             console.print(spreads[init], markup=False)
     if args.plot:
-        diagnostics.plot_profile(profiles, args.plot, title=header.split(";")[0])
+        profile_report.plot_profile(profiles, args.plot, title=header.split(";")[0])
         console.print(f"plot written to {args.plot}")
     if args.csv:
         import pandas as pd
