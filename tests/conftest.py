@@ -47,3 +47,18 @@ def _clear_session():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def small30():
+    """Profiles of the 30-layer plain ReLU CNN (width 16), Xavier and Kaiming, seed 0, on 256
+    N(0, 1) images: shared by test_diagnostics and test_profile_report (built once)."""
+    from keras_varinit import diagnostics, models
+
+    x = np.random.default_rng(0).standard_normal((256, 32, 32, 3)).astype("float32")
+    out = {}
+    for init in ("xavier_normal", "kaiming_normal"):
+        model = models.reference_cnn("small30", kernel_initializer=init, seed=0)
+        out[init] = diagnostics.variance_profile(model, x, seed=0)
+        keras.backend.clear_session()
+    return out

@@ -1,4 +1,4 @@
-"""variance_profile, the predicted-variance math, the verdict and the plot.
+"""variance_profile and the predicted-variance math (the verdict and the plot: test_profile_report).
 
 The reference claims (He et al. 2015), measured at init on a batch of 256 N(0, 1) images:
 
@@ -33,18 +33,6 @@ BATCH = 256
 
 def _images(n=BATCH, seed=0, shape=(32, 32, 3)):
     return np.random.default_rng(seed).standard_normal((n,) + shape).astype("float32")
-
-
-@pytest.fixture(scope="module")
-def small30():
-    """Profiles of the 30-layer plain ReLU CNN (width 16), Xavier and Kaiming, batch 256."""
-    x = _images()
-    out = {}
-    for init in ("xavier_normal", "kaiming_normal"):
-        model = models.reference_cnn("small30", kernel_initializer=init, seed=0)
-        out[init] = diagnostics.variance_profile(model, x, seed=0)
-        keras.backend.clear_session()
-    return out
 
 
 def _hidden_ratio(df):
@@ -307,39 +295,6 @@ def test_profile_bad_input():
         diagnostics.variance_profile(empty, np.zeros((4, 4), "float32"))
 
 
-# ----------------------------------------------------------------------------- verdict, plot
-
-def _fake(values, activation="relu"):
-    n = len(values)
-    return pd.DataFrame({"layer": [f"l{i}" for i in range(n)], "index": range(1, n + 1),
-                         "activation": [activation] * (n - 1) + ["linear"],
-                         "forward_var": values})
-
-
-def test_summarize_profile_verdicts(small30):
-    assert profile_report.summarize_profile(small30["xavier_normal"]).startswith(
-        "forward variance falls 10^-")
-    text = profile_report.summarize_profile(_fake([1.0] * 29 + [0.5, 0.1]))
-    assert "stays within 4x" in text and "l0 to l29" in text and "propagates" in text
-    assert "expect divergence" in profile_report.summarize_profile(_fake([1.0, 1e5, 1.0]))
-    assert "grows 10^5x" in profile_report.summarize_profile(_fake([1.0, 1e5, 1.0]))
-    assert "falls 10^-9x" in profile_report.summarize_profile(_fake([1.0, 1e-9, 1.0]))
-    assert "drifts" in profile_report.summarize_profile(_fake([1.0, 1e-2, 1.0]))
-    assert "overflows" in profile_report.summarize_profile(_fake([1.0, np.inf, 1.0]))
-    assert "vanishes" in profile_report.summarize_profile(_fake([1.0, 0.0, 1.0]))
-    with pytest.raises(ValueError, match="empty"):
-        profile_report.summarize_profile(_fake([1.0])[:0])
-
-
-def test_plot_profile_writes_png(small30, tmp_path):
-    path = tmp_path / "profile.png"
-    assert profile_report.plot_profile(small30, path, title="30 layers") == path
-    assert path.stat().st_size > 10_000
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="at least one profile"):
-        profile_report.plot_profile({}, tmp_path / "none.png")
-
-
 # ----------------------------------------------------------------------------- forward only
 
 def test_forward_only_profile_matches_the_full_one():
@@ -354,45 +309,6 @@ def test_forward_only_profile_matches_the_full_one():
     assert full["backward_var"].notna().all()
     for col in ("backward_var", "predicted_backward_var", "predicted_backward_var_cumulative"):
         assert forward[col].isna().all(), col
-
-
-# ----------------------------------------------------------------------------- drift note
-
-def _drift_frame(measured, predicted, one_step=1.0):
-    """A 10-row profile (9 ReLU layers + linear classifier) with given hidden-layer values."""
-    n = len(measured)
-    return pd.DataFrame({
-        "layer": [f"l{i}" for i in range(n)], "index": range(1, n + 1),
-        "activation": ["relu"] * (n - 1) + ["linear"],
-        "forward_var": measured, "predicted_forward_var": np.asarray(measured) / one_step,
-        "predicted_forward_var_cumulative": predicted})
-
-
-def test_explain_drift_only_when_the_recursion_holds_but_one_draw_drifts():
-    flat = [2.0] * 10
-    drifting = list(2.0 * 0.55 ** np.arange(9)) + [1.0]   # x0.0084 by l8
-    note = profile_report.explain_drift(_drift_frame(drifting, flat))
-    assert note is not None and "average over weight draws" in note and "padding" not in note
-    assert "predicts x1 from l0 to l8" in note and "measured x0.0084" in note
-    # measured within 4x: nothing to explain
-    assert profile_report.explain_drift(_drift_frame([2.0, 1.5, 1.0, 0.8, 0.6, 1.0], flat[:6])) \
-        is None
-    # the recursion itself predicts the fall (Xavier): the verdict says it all
-    halving = list(2.0 * 0.5 ** np.arange(9)) + [1.0]
-    assert profile_report.explain_drift(_drift_frame(drifting, halving)) is None
-    # the one-step prediction is off (a wrong formula): no story about draws
-    assert profile_report.explain_drift(_drift_frame(drifting, flat, one_step=3.0)) is None
-    assert profile_report.explain_drift(_drift_frame([1.0], [1.0])) is None
-
-
-def test_explain_drift_on_the_measured_small30(small30):
-    note = profile_report.explain_drift(small30["kaiming_normal"])
-    ratio = _hidden_ratio(small30["kaiming_normal"])
-    if ratio < 0.25:   # one draw at width 16: x0.006-1.3 over 12 draws; seed 0 ~ x0.5
-        assert note is not None and "zero padding" in note
-    else:
-        assert note is None
-    assert profile_report.explain_drift(small30["xavier_normal"]) is None
 
 
 # ----------------------------------------------------------------------------- zero padding
