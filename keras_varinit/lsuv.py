@@ -8,6 +8,11 @@ import numbers
 import keras
 import numpy as np
 
+try:  # where Keras 3 keeps a tensor's mask (an attribute, or a side table for JAX arrays)
+    from keras.src.backend.common.masking import get_keras_mask as _keras_mask
+except ImportError:  # elsewhere in another Keras: always call the layer (correct, slower)
+    _keras_mask = None
+
 WEIGHT_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
                  keras.layers.Conv3D)
 REPORT_COLUMNS = ("layer", "index", "iterations", "initial_variance", "final_variance",
@@ -79,7 +84,9 @@ def _preactivation(layer, inputs):
 
 
 def _variance(tensor):
-    return float(np.var(keras.ops.convert_to_numpy(tensor).astype(np.float64)))
+    """Variance over all elements, reduced by the backend in float32 (a float64 numpy copy of a
+    (256, 32, 32, 16) activation costs more than the convolution that made it)."""
+    return float(keras.ops.convert_to_numpy(keras.ops.var(keras.ops.cast(tensor, "float32"))))
 
 
 def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
@@ -151,12 +158,10 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
         raise ValueError("lsuv found no Dense or Conv1D/2D/3D layer to initialize. Received: "
                          f"model {model.name!r} with layers {names}")
     arrays = _check_batch(x, len(model_inputs))
-    batch = arrays if len(arrays) > 1 else arrays[0]
     orthogonal = keras.initializers.Orthogonal(seed=seed) if orthonormal else None
     target = float(target_variance)
 
-    rows = []
-    for index, layer in layers:
+    for _, layer in layers:
         try:
             layer_input = layer.input
         except (AttributeError, ValueError) as err:
@@ -165,27 +170,61 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
         if isinstance(layer_input, (list, tuple)):
             raise ValueError(f"lsuv expects single-input weight layers. Received: layer "
                              f"{layer.name!r} with {len(layer_input)} inputs")
-        # Inputs of this layer depend only on earlier (already final) layers: compute once.
-        if any(layer_input is inp for inp in model_inputs):
-            feed = arrays[[id(i) for i in model_inputs].index(id(layer_input))]
-        else:
-            sub_inputs = model_inputs if len(model_inputs) > 1 else model_inputs[0]
-            feed = keras.Model(sub_inputs, layer_input)(batch, training=False)
+
+    index_of = {id(layer): index for index, layer in layers}
+    rows = []
+
+    def calibrate(layer, feed):
         kernel = layer.kernel
         if orthogonal is not None:
             kernel.assign(orthogonal(tuple(kernel.shape), dtype=kernel.dtype))
-        var = _variance(_preactivation(layer, feed))
+        pre = _preactivation(layer, feed)
+        var = _variance(pre)
         initial, iterations = var, 0
         while math.isfinite(var) and var > 0 and abs(var - target) > tol * target \
                 and iterations < max_iter:
             kernel.assign(kernel * keras.ops.cast(math.sqrt(target / var), kernel.dtype))
             iterations += 1
-            var = _variance(_preactivation(layer, feed))
+            pre = _preactivation(layer, feed)
+            var = _variance(pre)
         converged = bool(math.isfinite(var) and abs(var - target) <= tol * target)
-        rows.append({"layer": layer.name, "index": index, "iterations": iterations,
-                     "initial_variance": initial, "final_variance": var,
-                     "converged": converged})
+        rows.append({"layer": layer.name, "index": index_of[id(layer)],
+                     "iterations": iterations, "initial_variance": initial,
+                     "final_variance": var, "converged": converged})
         if verbose:
             print(f"lsuv {layer.name:>20}: variance {initial:.4g} -> {var:.4g} in {iterations} "
                   f"step(s){'' if converged else '  (NOT converged)'}")
+        return pre
+
+    _forward_calibrating(model, arrays, index_of, calibrate)
+    rows.sort(key=lambda row: row["index"])  # graph order may interleave parallel branches
     return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+
+
+def _forward_calibrating(model, arrays, weight_ids, calibrate):
+    """One inference-mode forward pass of `model` on `arrays`, layer by layer in graph order
+    (Sequential: its layers; Functional: the node walk `Functional.call` uses), calling
+    `calibrate(layer, inputs)` on each weight layer in place of its call (it returns the final
+    pre-activation; the layer's own activation is applied to it). Every
+    layer runs once on inputs that already come from final earlier layers: O(depth), where
+    re-running the model up to each weight layer would be O(depth^2)."""
+
+    def call(op, *args, **kwargs):
+        if not isinstance(op, keras.layers.Layer):
+            return op(*args, **kwargs)
+        if getattr(op, "_call_has_training_arg", False):
+            kwargs["training"] = False
+        if id(op) in weight_ids:
+            pre = calibrate(op, args[0])
+            if _keras_mask is not None and _keras_mask(args[0]) is None:
+                # its output from the last measurement: no second pass
+                return op.activation(pre) if op.activation is not None else pre
+        return op(*args, **kwargs)  # a masked input: the layer call propagates the mask
+
+    if isinstance(model, keras.Sequential):
+        out = arrays[0]
+        for layer in model.layers:
+            if not isinstance(layer, keras.layers.InputLayer):
+                out = call(layer, out)
+    else:
+        model._run_through_graph(arrays, operation_fn=lambda op: op, call_fn=call)

@@ -129,3 +129,67 @@ def test_nested_model_rejected():
     outer = keras.Sequential([keras.Input((32,)), inner, keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="Received: nested model"):
         lsuv(outer, np.ones((4, 32), "float32"))
+
+
+class _CountCalls(keras.layers.Layer):
+    """Identity that counts its (eager) calls."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def call(self, x):
+        self.calls += 1
+        return x
+
+
+def test_one_forward_pass_every_layer_runs_once():
+    """Each layer between the weight layers runs once (a pass per weight layer, as re-running
+    the model up to each of them would do, is O(depth^2))."""
+    inp = keras.Input((32,))
+    h, counters = inp, []
+    for _ in range(6):
+        counter = _CountCalls()
+        counters.append(counter)
+        h = counter(keras.layers.Dense(32, activation="tanh")(h))
+    model = keras.Model(inp, keras.layers.Dense(4)(h))
+    before = [c.calls for c in counters]
+    report = lsuv(model, np.random.default_rng(0).normal(size=(128, 32)).astype("float32"))
+    assert report["converged"].all()
+    assert [c.calls - b for c, b in zip(counters, before)] == [1] * 6
+
+
+def test_branched_functional_model_reaches_target():
+    inp = keras.Input((32,))
+    a = keras.layers.Dense(16, activation="relu", name="branch_a")(inp)
+    b = keras.layers.Dense(24, activation="tanh", name="branch_b")(inp)
+    h = keras.layers.Concatenate()([a, b])
+    out = keras.layers.Dense(10, name="head")(keras.layers.Dense(32, name="mix")(h))
+    model = keras.Model(inp, out)
+    x = np.random.default_rng(1).normal(3.0, 2.0, size=(256, 32)).astype("float32")
+    report = lsuv(model, x, seed=0)
+    assert list(report["layer"]) == ["branch_a", "branch_b", "mix", "head"]  # model order
+    assert list(report["index"]) == sorted(report["index"])
+    for name, var in measured_preactivations(model, x):
+        assert abs(var - 1.0) <= 0.02, (name, var)
+
+
+def test_masked_sequential_model_calibrates_on_the_masked_signal():
+    """The head after a masked average must be calibrated on what the model computes: the
+    average over the unmasked steps only (dropping the mask gives 0.49 or 2.7 here)."""
+    model = keras.Sequential([
+        keras.Input((12,), dtype="int32"),
+        keras.layers.Embedding(50, 8, mask_zero=True),
+        keras.layers.Dense(16, activation="tanh"),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(4, name="head"),
+    ])
+    x = np.random.default_rng(0).integers(1, 50, size=(256, 12))
+    x[:, 3:] = 0   # 9 of 12 steps are padding
+    lsuv(model, x, seed=0)
+    feed = x
+    for layer in model.layers[:-1]:
+        feed = layer(feed)   # eager calls propagate the mask, as in the model
+    head = model.get_layer("head")
+    z = keras.ops.matmul(feed, head.kernel) + head.bias
+    assert abs(float(np.var(keras.ops.convert_to_numpy(z))) - 1.0) <= 0.02
