@@ -62,3 +62,19 @@ def small30():
         out[init] = diagnostics.variance_profile(model, x, seed=0)
         keras.backend.clear_session()
     return out
+
+
+@pytest.fixture
+def load_script():
+    """`load_script("examples/x.py")`: import a script of the repository as a module (its
+    `main()` is not run), for tests that call its functions with tiny settings."""
+    import importlib.util
+
+    def load(relative_path):
+        path = REPO / relative_path
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,24 +1,12 @@
 """The benchmark scripts run on tiny settings and compare like with like (no timing assertions)."""
-import importlib.util
-import pathlib
-
 import numpy as np
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_batchnorm_kernel_floor_computes_what_ours_computes():
+def test_bench_batchnorm_kernel_floor_computes_what_ours_computes(load_script):
     """The floor is only a floor if it does the same training-mode normalization as ours."""
     from keras_varinit.batch_norm import BatchNormalization
 
-    bench = _load("bench_batchnorm")
+    bench = load_script("benchmarks/bench_batchnorm.py")
     x = np.random.default_rng(0).normal(2.0, 3.0, size=(8, 5, 5, 4)).astype("float32")
     floor = bench.KernelFloorBN()
     ours = BatchNormalization(epsilon=1e-3)
@@ -26,8 +14,8 @@ def test_bench_batchnorm_kernel_floor_computes_what_ours_computes():
                                atol=1e-5)
 
 
-def test_bench_batchnorm_runs_and_prints_every_ratio(capsys):
-    bench = _load("bench_batchnorm")
+def test_bench_batchnorm_runs_and_prints_every_ratio(capsys, load_script):
+    bench = load_script("benchmarks/bench_batchnorm.py")
     code = bench.main(["--images", "32", "--batch", "16", "--epochs", "1", "--width", "4"])
     assert code == 0
     out = capsys.readouterr().out
