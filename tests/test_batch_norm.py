@@ -1,4 +1,5 @@
-"""Tests for keras_varinit.batch_norm.BatchNormalization (kv.layers.BatchNormalization).
+"""Tests for kv.layers.BatchNormalization (keras_varinit/layers.py, and its TensorFlow fast path
+keras_varinit/fused_batch_norm_tf.py). Keras's own tests of the layer: test_keras_bn_suite.py.
 
 Tolerances: float32 comparisons use rtol = atol = 1e-5. Under mixed_float16 the outputs and
 input gradients are float16 (spacing 2**-10 ~ 1e-3 relative), so those are compared with
@@ -15,8 +16,8 @@ import keras
 import numpy as np
 import pytest
 
-import keras_varinit.layers as kv_layers
-from keras_varinit.batch_norm import PER_SAMPLE_TINY, BatchNormalization
+import keras_varinit as kv
+from keras_varinit.layers import PER_SAMPLE_TINY, BatchNormalization
 
 backend_independent = pytest.mark.backend_independent
 TF_ONLY = pytest.mark.skipif(
@@ -169,7 +170,8 @@ def test_numpy_reference_gradient():
 # ---------------------------------------------------------------------------- API basics
 @backend_independent
 def test_public_name_and_subclass():
-    assert kv_layers.BatchNormalization is BatchNormalization
+    assert kv.layers.BatchNormalization is BatchNormalization
+    assert BatchNormalization.__module__ == "keras_varinit.layers"  # its one public home
     layer = BatchNormalization()
     assert isinstance(layer, keras.layers.BatchNormalization)
     assert layer.variance_estimator == "pooled" and layer.moving_variance_mode == "biased"
@@ -524,7 +526,7 @@ def test_fused_path_matches_portable_path(estimator, moving_variance, dtype, mon
     _, slow = _pair(x.shape, dtype=dtype, variance_estimator=estimator,
                     moving_variance=moving_variance)
     calls = _count_portable_calls(monkeypatch)
-    monkeypatch.setattr(slow, "_can_use_fused", lambda *a: False)
+    _force_portable(monkeypatch, slow)
     out_tol = F32 if dtype == "float32" else F16
     stat_tol = F32 if dtype == "float32" else F16_STATS
     for training in (True, False):
@@ -583,15 +585,25 @@ def _count_portable_calls(monkeypatch):
     return calls
 
 
+def _force_portable(monkeypatch, layer):
+    """Make the fused path decline for `layer` (only), as it does where the kernel does not
+    apply: the layer then runs its portable path."""
+    from keras_varinit import fused_batch_norm_tf
+
+    fused = fused_batch_norm_tf.call
+    monkeypatch.setattr(fused_batch_norm_tf, "call",
+                        lambda lyr, *args: None if lyr is layer else fused(lyr, *args))
+
+
 @TF_ONLY
 @pytest.mark.parametrize("dtype", ["float32", "mixed_float16"])
 @pytest.mark.parametrize("moving_variance", ["biased", "unbiased"])
 def test_fused_dense_path_matches_keras(dtype, moving_variance, monkeypatch):
     """(N, C) inputs through the fused kernel as (N, 1, 1, C) (size threshold lowered to 0):
     outputs, gradients and moving statistics as Keras's (unbiased: the n / (n - 1) update)."""
-    import keras_varinit.batch_norm as bn_module
+    from keras_varinit import fused_batch_norm_tf
 
-    monkeypatch.setattr(bn_module, "_FUSED_DENSE_MIN_SIZE", 0)
+    monkeypatch.setattr(fused_batch_norm_tf, "DENSE_MIN_SIZE", 0)
     calls = _count_portable_calls(monkeypatch)
     x, w = _data(DENSE_SHAPE, seed=18)
     ref, ours = _pair(DENSE_SHAPE, dtype=dtype, moving_variance=moving_variance)
@@ -613,10 +625,10 @@ def test_fused_dense_path_matches_keras(dtype, moving_variance, monkeypatch):
 
 @TF_ONLY
 def test_dense_fused_path_only_from_threshold(monkeypatch):
-    import keras_varinit.batch_norm as bn_module
+    from keras_varinit import fused_batch_norm_tf
 
     calls = _count_portable_calls(monkeypatch)
-    n = bn_module._FUSED_DENSE_MIN_SIZE // 64
+    n = fused_batch_norm_tf.DENSE_MIN_SIZE // 64
     x, w = _data((n, 64), seed=19)
     ref, big = _pair(x.shape)
     # dgamma / dbeta are float32 sums of 4096 terms (|sum| ~ 100), added in another order
@@ -666,7 +678,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, sys.argv[1])
 import keras
-from keras_varinit.batch_norm import BatchNormalization
+from keras_varinit.layers import BatchNormalization
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 rng = np.random.default_rng(0)
