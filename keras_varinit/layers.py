@@ -69,6 +69,16 @@ class BatchNormalization(keras.layers.BatchNormalization):
     a `tf.distribute` strategy, for both estimators (all-reduced sums of values, squares,
     per-sample standard deviations and counts).
 
+    A mask (Keras's convention: the shape of the inputs without their last axis, whichever
+    `axis` is normalized) leaves the masked values out of the training statistics, for both
+    estimators and every `axis`; at inference it is ignored, as by Keras's layer.
+
+    Keras's own BatchNormalization tests pass against this layer on TensorFlow and JAX
+    (tests/test_keras_bn_suite.py). It refuses only what Keras's layer does not have:
+    `renorm=True` with a non-default `variance_estimator` or `moving_variance` (batch
+    renormalization corrects the pooled, biased statistics), and `"per_sample"` without spatial
+    axes or along the batch axis.
+
     Args:
         axis, momentum, epsilon, center, scale, *_initializer, *_regularizer, *_constraint,
             synchronized, renorm, renorm_clipping, renorm_momentum: as in
