@@ -144,6 +144,6 @@ def _check_method(method):
 
 def _check_groups(groups, channels):
     if not isinstance(groups, int) or groups < 1 or channels % groups:
+        divisors = [str(g) for g in range(1, channels + 1) if channels % g == 0]
         raise ValueError(f"groups must divide the number of channels ({channels}). Received: "
-                         f"groups={groups!r}. Allowed: "
-                         f"{', '.join(str(g) for g in range(1, channels + 1) if channels % g == 0)}")
+                         f"groups={groups!r}. Allowed: {', '.join(divisors)}")
