@@ -16,6 +16,7 @@ moving variance; Keras's tests never combine them.)
 import importlib.util
 import pathlib
 import types
+import unittest
 
 import keras
 import pytest
@@ -47,8 +48,8 @@ def _load_keras_tests(path):
     return module
 
 
-if KERAS_TEST_FILE.exists():
-    _keras_tests = _load_keras_tests(KERAS_TEST_FILE)
+_keras_tests = _load_keras_tests(KERAS_TEST_FILE) if KERAS_TEST_FILE.exists() else None
+if _keras_tests is not None:
     # A unittest.TestCase in this module's namespace: pytest collects its tests.
     KerasBatchNormalizationTest = _keras_tests.BatchNormalizationTest
 
@@ -62,8 +63,26 @@ def test_keras_test_file_is_installed():
 
 def test_keras_tests_use_our_layer():
     """The substitution is effective: the loaded tests see our class, and only there."""
+    assert _keras_tests is not None, f"not found: {KERAS_TEST_FILE}"
     assert _keras_tests.layers.BatchNormalization is kv.layers.BatchNormalization
     assert _keras_tests.layers.Masking is keras.layers.Masking
     assert keras.layers.BatchNormalization is not kv.layers.BatchNormalization
     names = [n for n in dir(KerasBatchNormalizationTest) if n.startswith("test")]
     assert len(names) >= 30, names
+
+
+def test_keras_tests_run_our_code(monkeypatch):
+    """One of Keras's tests, run here, goes through our layer's own computation."""
+    assert _keras_tests is not None, f"not found: {KERAS_TEST_FILE}"
+    calls = []
+    portable = kv.layers.BatchNormalization._call_portable
+
+    def counting(self, *args, **kwargs):
+        calls.append(type(self))
+        return portable(self, *args, **kwargs)
+
+    monkeypatch.setattr(kv.layers.BatchNormalization, "_call_portable", counting)
+    result = unittest.TestResult()
+    KerasBatchNormalizationTest("test_masked_broadcast_normalization").run(result)
+    assert result.wasSuccessful(), result.failures + result.errors
+    assert calls == [kv.layers.BatchNormalization]  # a masked training step: the portable path
