@@ -35,8 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import keras_varinit.batch_norm as bn_module  # noqa: E402
-from keras_varinit.batch_norm import BatchNormalization  # noqa: E402
+from keras_varinit.layers import BatchNormalization  # noqa: E402
 
 VARIANTS = ("no BN", "keras BN", "ours pooled", "ours per_sample", "kernel floor")
 
@@ -92,7 +91,11 @@ def layer_micro(repeats):
     """Median ms of one layer's forward + backward step per shape, the variants interleaved."""
     import tensorflow as tf
 
-    def step_fn(layer, x, dy, force_fused):
+    from keras_varinit import fused_batch_norm_tf as fused
+
+    def step_fn(layer, x, dy, path=None):
+        """A traced training step; path "portable" or "fused" forces that path (the fused
+        module is consulted while tracing only)."""
         @tf.function
         def step():
             with tf.GradientTape() as tape:
@@ -101,13 +104,15 @@ def layer_micro(repeats):
                 loss = tf.reduce_sum(y * dy)
             return tape.gradient(loss, [x, layer.gamma, layer.beta])
 
-        saved = bn_module._FUSED_DENSE_MIN_SIZE
-        if force_fused:
-            bn_module._FUSED_DENSE_MIN_SIZE = 0
+        saved = fused.DENSE_MIN_SIZE, fused.call
+        if path == "fused":
+            fused.DENSE_MIN_SIZE = 0
+        elif path == "portable":
+            fused.call = lambda *args: None
         try:
-            step()  # trace (the threshold is read while tracing)
+            step()  # trace
         finally:
-            bn_module._FUSED_DENSE_MIN_SIZE = saved
+            fused.DENSE_MIN_SIZE, fused.call = saved
         return step
 
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}, {os.cpu_count()} CPUs; "
@@ -118,12 +123,10 @@ def layer_micro(repeats):
     for shape in LAYER_SHAPES:
         x = tf.constant(rng.normal(size=shape).astype("float32"))
         dy = tf.constant(rng.normal(size=shape).astype("float32"))
-        portable = BatchNormalization()
-        portable._can_use_fused = lambda *a: False
-        steps = {"keras BN": step_fn(keras.layers.BatchNormalization(), x, dy, False),
-                 "ours": step_fn(BatchNormalization(), x, dy, False),
-                 "ours portable": step_fn(portable, x, dy, False),
-                 "ours fused": step_fn(BatchNormalization(), x, dy, True)}
+        steps = {"keras BN": step_fn(keras.layers.BatchNormalization(), x, dy),
+                 "ours": step_fn(BatchNormalization(), x, dy),
+                 "ours portable": step_fn(BatchNormalization(), x, dy, "portable"),
+                 "ours fused": step_fn(BatchNormalization(), x, dy, "fused")}
         times = {n: [] for n in names}
         for _ in range(3):
             for n in names:

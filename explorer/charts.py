@@ -31,6 +31,38 @@ def _positive(series: pd.Series) -> pd.Series:
     return values.where(np.isfinite(values) & (values > 0))
 
 
+def count_axis(counts, max_ticks: int = 10) -> alt.Axis:
+    """An axis for counts (epochs, steps, layer numbers) with ticks on integers only, labelled
+    as integers: a one-epoch run's axis reads "1" (not "1.000000"), a 3-step one has no "1.5".
+
+    The tick values are given explicitly (every 1, 2, 5, 10, 20, ... within the range of
+    ``counts``, at most about ``max_ticks``): Vega's ``tickMinStep`` alone still puts ticks at
+    halves on a span of 2.
+    """
+    values = pd.to_numeric(pd.Series(counts), errors="coerce").astype(float)
+    values = values[np.isfinite(values)]
+    if values.empty:
+        return alt.Axis(format="d")
+    lo, hi = math.floor(values.min()), math.ceil(values.max())
+    step = _tick_step(hi - lo, max_ticks)
+    ticks = list(range(-(-lo // step) * step, hi + 1, step))  # the multiples of step in range
+    return alt.Axis(values=ticks, format="d")
+
+
+def _tick_step(span: int, max_ticks: int) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, ... that cuts ``span`` into <= max_ticks steps."""
+    magnitude = 1
+    while True:
+        for multiple in (1, 2, 5):
+            if span <= max_ticks * multiple * magnitude:
+                return multiple * magnitude
+        magnitude *= 10
+
+
+# Fields of the runs' tables that count something (the x axes of per-epoch and per-step charts).
+COUNT_FIELDS = ("epoch", "step")
+
+
 def empty_chart(message: str) -> alt.Chart:
     """A small placeholder chart that shows ``message`` (instead of an empty/broken plot)."""
     return alt.Chart(pd.DataFrame({"text": [message]})).mark_text(
@@ -91,7 +123,7 @@ def profile_chart(profile: pd.DataFrame, *, synthetic: bool = False, title: str 
                            "everywhere).")
     base = alt.Chart(data).encode(
         x=alt.X("layer_number:Q", title="layer (1 = nearest the input)",
-                axis=alt.Axis(tickMinStep=1, format="d")),
+                axis=count_axis(data["layer_number"])),
         y=alt.Y("variance:Q", scale=alt.Scale(type="log"), title="variance (log scale)",
                 axis=alt.Axis(format=".0e")),
         color=alt.Color("direction:N", title="signal",
@@ -190,7 +222,7 @@ def training_chart(steps: pd.DataFrame, metrics: pd.DataFrame, steps_per_epoch: 
     title = "Loss" if metric == "loss" else "Accuracy"
     subtitle = "DIVERGED: the loss became NaN/Inf; later values are missing" if diverged else None
     base = alt.Chart(finite).encode(
-        x=alt.X("step:Q", title="step"),
+        x=alt.X("step:Q", title="step", axis=count_axis(finite["step"])),
         y=alt.Y("value:Q", title=metric,
                 scale=alt.Scale(zero=False) if metric == "loss" else alt.Scale(domain=[0, 1])),
         color=alt.Color("split:N", title="", legend=alt.Legend(orient="top"),
@@ -290,7 +322,7 @@ def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,
         return empty_chart("No dead/saturated fractions logged.")
     data = pd.concat(rows, ignore_index=True).dropna()
     return alt.Chart(data).mark_line().encode(
-        x=alt.X("step:Q", axis=alt.Axis(format="d", tickMinStep=1)),
+        x=alt.X("step:Q", axis=count_axis(data["step"])),
         y=alt.Y("fraction:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
         color=alt.Color("stat:N", title="", legend=alt.Legend(orient="top"),
                         scale=alt.Scale(domain=["dead (= 0)", "saturated"],
@@ -331,7 +363,8 @@ def compare_chart(frames: dict, x: str, y: str, *, title: str, synthetic: bool =
         scale = alt.Scale(domain=[0, 1])
     mark = alt.Chart(data).mark_line(point=x == "epoch")
     return mark.encode(
-        x=alt.X(f"{x}:Q", title=x, axis=alt.Axis(tickMinStep=1) if x == "epoch" else alt.Axis()),
+        x=alt.X(f"{x}:Q", title=x,
+                axis=count_axis(data[x]) if x in COUNT_FIELDS else alt.Axis()),
         y=alt.Y(f"{y}:Q", title=y, scale=scale),
         color=alt.Color("run:N", title="run", legend=alt.Legend(orient="bottom", columns=1,
                                                                 labelLimit=400)),

@@ -4,7 +4,7 @@ import numpy as np
 
 def test_bench_batchnorm_kernel_floor_computes_what_ours_computes(load_script):
     """The floor is only a floor if it does the same training-mode normalization as ours."""
-    from keras_varinit.batch_norm import BatchNormalization
+    from keras_varinit.layers import BatchNormalization
 
     bench = load_script("benchmarks/bench_batchnorm.py")
     x = np.random.default_rng(0).normal(2.0, 3.0, size=(8, 5, 5, 4)).astype("float32")

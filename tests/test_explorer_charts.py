@@ -1,0 +1,61 @@
+"""explorer/charts.py: axes that count (epochs, steps, layers) have integer ticks, read from the
+charts' Vega-Lite specs."""
+import pandas as pd
+import pytest
+
+from explorer import charts
+
+
+def x_axis(chart):
+    spec = chart.to_dict()
+    layers = spec.get("layer", [spec])
+    axes = [layer["encoding"]["x"]["axis"] for layer in layers if "encoding" in layer]
+    if not axes:  # a layer chart whose layers share the top-level encoding
+        axes = [spec["encoding"]["x"]["axis"]]
+    assert all(a == axes[0] for a in axes)
+    return axes[0]
+
+
+def _runs(epochs):
+    frame = lambda acc: pd.DataFrame({"epoch": list(range(1, epochs + 1)),  # noqa: E731
+                                      "val_accuracy": [acc] * epochs})
+    return {"run a": frame(0.3), "run b": frame(0.4)}
+
+
+@pytest.mark.parametrize("epochs,ticks", [(1, [1]), (3, [1, 2, 3]), (12, [2, 4, 6, 8, 10, 12]),
+                                          (40, [5, 10, 15, 20, 25, 30, 35, 40])])
+def test_compare_chart_epoch_axis_has_integer_ticks(epochs, ticks):
+    """A one-epoch run's axis has one tick, "1" (it read "1.000000"), never a fraction."""
+    axis = x_axis(charts.compare_chart(_runs(epochs), "epoch", "val_accuracy", title="t"))
+    assert axis["format"] == "d"
+    assert axis["values"] == ticks
+
+
+def test_compare_chart_step_axis_and_other_fields():
+    frames = {"a": pd.DataFrame({"step": [0, 250, 500, 1000], "loss": [2.3, 2.0, 1.8, 1.5]})}
+    axis = x_axis(charts.compare_chart(frames, "step", "loss", title="t"))
+    assert axis == {"format": "d", "values": list(range(0, 1001, 100))}
+    frames = {"a": pd.DataFrame({"lr": [0.01, 0.1], "loss": [2.0, 1.0]})}
+    assert "values" not in x_axis(charts.compare_chart(frames, "lr", "loss", title="t"))
+
+
+def test_training_and_fraction_charts_step_axes():
+    steps = pd.DataFrame({"step": [1, 2, 3], "loss": [2.0, 1.9, 1.8]})
+    metrics = pd.DataFrame({"epoch": [1], "val_loss": [1.7]})
+    axis = x_axis(charts.training_chart(steps, metrics, 3, "loss"))
+    assert axis == {"format": "d", "values": [1, 2, 3]}  # no tick at 1.5
+    stats = pd.DataFrame({"step": [0, 0, 7, 7], "layer": ["act_01", "act_02"] * 2,
+                          "layer_index": [1, 2] * 2, "zero_fraction": [0.1, 0.2, 0.3, 0.4]})
+    assert x_axis(charts.fractions_chart(stats)) == {"format": "d",
+                                                     "values": list(range(0, 8))}
+
+
+def test_profile_chart_layer_axis():
+    table = pd.DataFrame({"index": range(30), "layer": [f"conv_{i}" for i in range(30)],
+                          "forward_var": 1.0, "backward_var": 2.0})
+    assert x_axis(charts.profile_chart(table))["values"] == [5, 10, 15, 20, 25, 30]
+
+
+def test_count_axis_without_finite_values():
+    assert charts.count_axis(pd.Series([float("nan"), float("inf")])).to_dict() == {
+        "format": "d"}
