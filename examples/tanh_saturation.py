@@ -50,7 +50,7 @@ def load_batch(args):
     import numpy as np
 
     from keras_varinit import datasets
-    from keras_varinit.normalization import channel_stats
+    from keras_varinit.channel_stats import channel_stats
 
     if args.data == "synthetic":
         (x, _), _ = datasets.synthetic_cifar10(max(args.n, 1000), 100, seed=args.seed)

@@ -43,6 +43,8 @@ import zlib
 
 import numpy as np
 
+from keras_varinit.checks import check_choice
+
 __all__ = [
     "CLASS_NAMES",
     "DatasetUnavailableError",
@@ -134,9 +136,7 @@ def _full_caches() -> list[pathlib.Path]:
 # Source resolution
 # --------------------------------------------------------------------------------------------
 def _check_source(source):
-    if source not in SOURCES:
-        raise ValueError(f"Unknown CIFAR-10 source. Received: source={source!r}. "
-                         f"Allowed: {', '.join(repr(s) for s in SOURCES)}")
+    check_choice("source", source, SOURCES)
 
 
 def resolve_source(source: str = "auto", path=None, data_dir=None) -> str:

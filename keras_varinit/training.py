@@ -377,7 +377,7 @@ def load_data(config):
         x_test, y_test = x_test[index], y_test[index]
 
     try:
-        from keras_varinit.normalization import channel_stats
+        from keras_varinit.channel_stats import channel_stats
     except ImportError:  # pragma: no cover - only while normalization.py is being written
         channel_stats = None
     if channel_stats is not None:

@@ -78,7 +78,7 @@ def run(args):
     from rich.console import Console
     from rich.table import Table
 
-    from keras_varinit.normalization import channel_stats, channel_stats_both, format_table
+    from keras_varinit.channel_stats import channel_stats, channel_stats_both, format_table
 
     if args.scale <= 0:
         raise ValueError(f"--scale must be positive. Received: --scale={args.scale}")
@@ -106,7 +106,7 @@ def run(args):
         if args.estimator == "both":
             text = format_table(pooled, per_sample, names=names, digits=args.digits)
         else:
-            from keras_varinit.normalization import _markdown
+            from keras_varinit.channel_stats import _markdown
 
             text = _markdown(rows, names, args.digits)
         console.print(f"{title}\n\n{text}", markup=False, highlight=False, soft_wrap=True)

@@ -1,9 +1,8 @@
-"""Dataset statistics for input normalization (and, re-exported from ``batch_norm``, the
-:class:`BatchNormalization` layer): :func:`channel_stats` and :class:`ChannelStats`.
+"""Dataset statistics for input normalization: :func:`channel_stats` and :class:`ChannelStats`.
 
 For images ``(N, H, W, C)`` the statistics are per channel; for flat data ``(N, d)`` per
 feature (the DNN input normalization: subtract the mean, divide by the standard deviation).
-Two estimators of the spread (DESIGN.md section 1), both sharing the mean
+Two estimators of the spread (docs/science.md, "Dataset statistics"), both sharing the mean
 ``mu_c = mean over all N*H*W values of channel c``:
 
 * ``"pooled"``: ``sigma_c^2 = mean over all N*H*W values of (x - mu_c)^2`` (population variance,
@@ -24,10 +23,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from keras_varinit.batch_norm import BatchNormalization  # noqa: F401
-
-__all__ = ["BatchNormalization", "ChannelStats", "channel_stats", "channel_stats_both",
-           "format_table", "ESTIMATORS"]
+__all__ = ["ChannelStats", "channel_stats", "channel_stats_both", "format_table", "ESTIMATORS"]
 
 ESTIMATORS = ("pooled", "per_sample")
 
