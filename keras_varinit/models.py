@@ -101,7 +101,7 @@ def check_normalization(kind, batch_norm):
     check_choice("batch_norm", batch_norm, BATCH_NORMS)
     if kind == "mlp" and batch_norm == "per_sample":
         raise invalid(
-            "batch_norm", batch_norm, f"{format_choices(MLP_BATCH_NORMS)} (or kind='cnn')",
+            "batch_norm", batch_norm, f"{format_choices(MLP_BATCH_NORMS)} for an MLP",
             reason="Per-sample batch normalization needs spatial positions: it averages each "
                    "image's own standard deviation over its H x W pixels, and an MLP works on "
                    "flat vectors, so there is nothing to average over. Use the plain CNN, or "

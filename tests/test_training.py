@@ -171,7 +171,7 @@ def test_mlp_with_lsuv_and_adam(tmp_path):
 
 
 def test_inputs_are_normalized_with_pooled_training_statistics():
-    from keras_varinit.training import load_data
+    from keras_varinit.training.data import load_data
 
     (x, y), (xv, yv), info = load_data(tiny(subset=200, val_subset=50))
     assert x.dtype.name == "float32" and x.shape == (200, 32, 32, 3)
@@ -310,7 +310,8 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-from keras_varinit.training import TrainConfig, make_strategy, run_training
+from keras_varinit.training import TrainConfig, run_training
+from keras_varinit.training.device import make_strategy
 print("REPLICAS", make_strategy("mirrored").num_replicas_in_sync)
 config = TrainConfig(model="cnn", depth=3, width=4, data="synthetic", subset=256,
                      val_subset=64, epochs=1, batch_size=64, distribute="mirrored",
