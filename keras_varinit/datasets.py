@@ -50,6 +50,7 @@ __all__ = [
     "DatasetUnavailableError",
     "cache_dir",
     "is_synthetic",
+    "keras_cached",
     "load_cifar10",
     "resolve_source",
     "synthetic_cifar10",
@@ -114,7 +115,8 @@ def _tfds_prepared(data_dir=None) -> bool:
     return bool(glob.glob(str(root / "*" / "dataset_info.json")))
 
 
-def _keras_cached() -> pathlib.Path | None:
+def keras_cached() -> pathlib.Path | None:
+    """The Keras cache folder holding CIFAR-10 (``cifar-10-batches-py``), or None."""
     for d in _keras_cifar_dirs():
         if (d / "data_batch_1").exists() and (d / "test_batch").exists():
             return d
@@ -209,7 +211,7 @@ def load_cifar10(source: str = "auto", path=None, *, data_dir=None, cache: bool 
         try:
             return _load_keras()
         except Exception as error:
-            if _keras_cached() is not None:
+            if keras_cached() is not None:
                 raise
             raise DatasetUnavailableError(
                 f"keras.datasets.cifar10 could not download CIFAR-10 ({type(error).__name__}: "
@@ -240,7 +242,7 @@ def _load_auto(path, data_dir, *, cache, progress):
         return _load_tfds(data_dir)
     tried.append(f"TFDS {_tfds_data_dir(data_dir) / 'cifar10'} (not prepared)")
 
-    if _keras_cached() is not None:
+    if keras_cached() is not None:
         return _load_keras()
     tried.append("Keras cache " + " or ".join(str(d) for d in _keras_cifar_dirs())
                  + " (absent)")

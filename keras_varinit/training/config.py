@@ -77,6 +77,11 @@ class Widget:
     help: str | None = None
     used_with: tuple | None = None
 
+    @property
+    def has_default(self):
+        """Whether the page starts from its own ``default`` rather than the field's."""
+        return self.default is not _SAME
+
 
 @dataclasses.dataclass(frozen=True)
 class Option:
