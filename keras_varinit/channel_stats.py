@@ -23,7 +23,8 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["ChannelStats", "channel_stats", "channel_stats_both", "format_table", "ESTIMATORS"]
+__all__ = ["ChannelStats", "channel_stats", "channel_stats_both", "format_table",
+           "markdown_table", "ESTIMATORS"]
 
 ESTIMATORS = ("pooled", "per_sample")
 
@@ -97,7 +98,7 @@ class ChannelStats:
         label = _ROW_LABEL[self.estimator]
         rows = [("mean", self.mean), (label, self.std),
                 (f"variance ({self.estimator})", self.variance)]
-        return _markdown(rows, names, digits)
+        return markdown_table(rows, names, digits)
 
     to_markdown = to_table
 
@@ -115,7 +116,8 @@ _ROW_LABEL = {"pooled": "std, pooled over all pixels",
               "per_sample": "mean of per-image std"}
 
 
-def _markdown(rows, names, digits):
+def markdown_table(rows, names, digits):
+    """A markdown table with one column per channel: ``rows`` are ``(label, values)``."""
     header = ["statistic"] + list(names)
     body = [[label] + [f"{v:.{digits}f}" for v in values] for label, values in rows]
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
@@ -131,7 +133,7 @@ def format_table(pooled: ChannelStats, per_sample: ChannelStats, names=None,
     names = list(names) if names is not None else pooled.channel_names()
     rows = [("mean", pooled.mean), (_ROW_LABEL["pooled"], pooled.std),
             (_ROW_LABEL["per_sample"], per_sample.std)]
-    return _markdown(rows, names, digits)
+    return markdown_table(rows, names, digits)
 
 
 # --------------------------------------------------------------------------------------------

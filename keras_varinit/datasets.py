@@ -12,7 +12,7 @@ Sources (``source=``):
 * ``"keras"``: ``keras.datasets.cifar10.load_data()`` (downloads into the Keras cache if needed).
 * ``"dir"``: a directory or ``.tar`` / ``.tar.gz`` archive laid out as
   ``<split>/<class>/<image file>`` with splits ``train`` and ``test`` and the ten class names
-  (e.g. ``../shared/datasets/cifar10-jpeg.tar.gz``). Decoded once with Pillow (with a rich
+  (e.g. ``data/cifar10-jpeg.tar.gz``). Decoded once with Pillow (with a rich
   progress bar) and cached as an ``.npz`` under the cache dir (see :func:`cache_dir`), keyed by
   the archive's resolved path, size and modification time; later loads read the cache (well
   under 2 s). Decoding is single-process (measured: a 2-process pool gave no gain on 2 shared
@@ -192,7 +192,7 @@ def load_cifar10(source: str = "auto", path=None, *, data_dir=None, cache: bool 
 
     Example::
 
-        (x, y), (xt, yt) = load_cifar10("dir", "../shared/datasets/cifar10-jpeg.tar.gz")
+        (x, y), (xt, yt) = load_cifar10("dir", "data/cifar10-jpeg.tar.gz")
         x.shape, x.dtype, y.dtype  # (50000, 32, 32, 3), uint8, int64
     """
     _check_source(source)
