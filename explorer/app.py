@@ -1,7 +1,9 @@
 """keras_varinit explorer: ``streamlit run explorer/app.py`` (or ``make run``).
 
-Layout and widgets only. The work happens in plain-Python helpers: ``explorer.presets``
-(settings, URL round-trip, validation), ``explorer.profile`` (the network at initialization),
+Layout and widgets only: one sidebar widget per ``TrainConfig`` field that declares a
+``widget`` (keras_varinit.training.config). The work happens in plain-Python helpers:
+``explorer.presets`` (settings derived from TrainConfig, URL round-trip, validation),
+``explorer.profile`` (the network at initialization),
 ``explorer.worker`` (background training subprocesses), ``explorer.run_store`` (run directories
 on disk) and ``explorer.charts`` (Altair charts).
 """
@@ -288,6 +290,78 @@ def _stop(run_id):
     jobs.stop(run_id)
 
 
+def queue_panel(active):
+    """The queued and running runs, oldest first, each with its Stop/Cancel button."""
+    if not active:
+        return
+    st.markdown("**Queue**")
+    for info in sorted(active, key=lambda r: r.created):
+        q1, q2, q3 = st.columns([5, 3, 1])
+        q1.markdown(f"{STATE_ICON.get(info.state, '')} {info.label}")
+        q2.progress(info.progress, text=f"{info.state} \u00b7 {info.progress:.0%}")
+        q3.button("Stop" if info.state == RunState.RUNNING else "Cancel",
+                  key=f"stop_{info.run_id}", on_click=_stop, args=(info.run_id,))
+
+
+def run_summary(info):
+    """The shown run's state, step, speed and device, and what its state means."""
+    status, config = info.status, info.config
+    s1, s2, s3, s4 = st.columns(4)
+    s1.metric("State", info.state.value)
+    s2.metric("Step", f"{status.get('step') or 0} / {status.get('total_steps') or '?'}")
+    ips = status.get("images_per_second")
+    s3.metric("Images / s", f"{ips:,.0f}" if isinstance(ips, (int, float)) else "\u2013")
+    s4.metric("Device", info.device or "\u2013")
+    if info.state == RunState.RUNNING:
+        eta = charts.fmt_seconds(status.get("eta_seconds"))
+        st.progress(info.progress, text=f"epoch {status.get('epoch')}/"
+                    f"{status.get('epochs') or config.get('epochs', '?')} \u00b7 "
+                    f"{status.get('phase') or ''} \u00b7 ETA {eta}")
+        if st.button("Stop this run", key="stop_view"):
+            _stop(info.run_id)
+    elif info.state == RunState.QUEUED:
+        st.info("Queued: it starts when the device is free.")
+    elif info.state == RunState.DIVERGED:
+        st.error(f"Diverged: {status.get('error') or 'the loss became NaN/Inf'}. "
+                 "The charts show the values up to that point.", icon=":material/warning:")
+    elif info.state == RunState.FAILED:
+        reason = status.get("error") or "the training process ended without a final state"
+        st.error(f"Failed: {reason}", icon=":material/error:")
+        tail = store.log_tail(info.run_id, 12)
+        if tail:
+            st.code(tail, language=None)
+    elif info.state == RunState.STOPPED:
+        st.info(f"Stopped at step {status.get('step')}."
+                + (f" {status['error']}" if status.get("error") else ""))
+    if info.synthetic:
+        st.caption(":material/science: This run uses SYNTHETIC data (not CIFAR-10).")
+
+
+def run_charts(info):
+    """Loss and accuracy, the per-layer heatmaps and fractions, the epoch table."""
+    run_id, synthetic = info.run_id, info.synthetic
+    steps = store.steps(run_id)
+    metrics = store.metrics(run_id)
+    total, epochs = info.status.get("total_steps"), info.config.get("epochs")
+    spe = int(total) // int(epochs) if total and epochs else None
+    diverged = info.state == RunState.DIVERGED
+    c1, c2 = st.columns(2)
+    c1.altair_chart(charts.training_chart(steps, metrics, spe, "loss", synthetic=synthetic,
+                                          diverged=diverged), width="stretch")
+    c2.altair_chart(charts.training_chart(steps, metrics, spe, "accuracy",
+                                          synthetic=synthetic, diverged=diverged),
+                    width="stretch")
+    stats = store.layer_stats(run_id)
+    h1, h2 = st.columns(2)
+    h1.altair_chart(charts.heatmap(stats, "activation_std", synthetic=synthetic),
+                    width="stretch")
+    h2.altair_chart(charts.heatmap(stats, "activation_grad_std", synthetic=synthetic),
+                    width="stretch")
+    st.altair_chart(charts.fractions_chart(stats, synthetic=synthetic), width="stretch")
+    if len(metrics):
+        st.dataframe(metrics, hide_index=True, width="stretch")
+
+
 with tab_train:
     devices = get_devices()
     b1, b2, b3 = st.columns([1, 2, 3])
@@ -299,9 +373,10 @@ with tab_train:
               width="stretch",
               help="He et al. 2015, Fig. 3: the same 30-layer ReLU CNN without BN, once with "
                    "Xavier and once with Kaiming (your training settings).")
+    per_device = "two runs" if st.session_state.get("parallel") else "one run"
     b3.markdown("**Device:** " + ", ".join(d["name"] for d in devices)
-                + f" &nbsp;\u00b7&nbsp; {'two runs' if st.session_state.get('parallel') else 'one run'}"
-                " per device at a time; the rest wait in the queue.")
+                + f" &nbsp;\u00b7&nbsp; {per_device} per device at a time; the rest wait in "
+                "the queue.")
     if st.session_state.get("submit_error"):
         st.error(st.session_state["submit_error"])
 
@@ -313,15 +388,7 @@ with tab_train:
                     "and is saved under `" + str(store.root) + "`.")
             return
         active = [r for r in runs if r.state.active]
-        if active:
-            st.markdown("**Queue**")
-            for info in sorted(active, key=lambda r: r.created):
-                q1, q2, q3 = st.columns([5, 3, 1])
-                q1.markdown(f"{STATE_ICON.get(info.state, '')} {info.label}")
-                q2.progress(info.progress, text=f"{info.state} \u00b7 "
-                            f"{info.progress:.0%}")
-                q3.button("Stop" if info.state == RunState.RUNNING else "Cancel",
-                          key=f"stop_{info.run_id}", on_click=_stop, args=(info.run_id,))
+        queue_panel(active)
         ids = [r.run_id for r in runs]
         by_id = {r.run_id: r for r in runs}
         if st.session_state.get("view_select") not in by_id:
@@ -331,60 +398,8 @@ with tab_train:
         run_id = st.selectbox("Show run", ids, key="view_select",
                               format_func=lambda r: f"{by_id[r].label} \u2014 "
                                                     f"{by_id[r].state}")
-        info = by_id[run_id]
-        status, config = info.status, info.config
-        synthetic = info.synthetic
-        s1, s2, s3, s4 = st.columns(4)
-        s1.metric("State", info.state.value)
-        s2.metric("Step", f"{status.get('step') or 0} / {status.get('total_steps') or '?'}")
-        ips = status.get("images_per_second")
-        s3.metric("Images / s", f"{ips:,.0f}" if isinstance(ips, (int, float)) else "\u2013")
-        s4.metric("Device", info.device or "\u2013")
-        if info.state == RunState.RUNNING:
-            eta = charts.fmt_seconds(status.get("eta_seconds"))
-            st.progress(info.progress, text=f"epoch {status.get('epoch')}/"
-                        f"{status.get('epochs') or config.get('epochs', '?')} \u00b7 "
-                        f"{status.get('phase') or ''} \u00b7 ETA {eta}")
-            if st.button("Stop this run", key="stop_view"):
-                _stop(run_id)
-        elif info.state == RunState.QUEUED:
-            st.info("Queued: it starts when the device is free.")
-        elif info.state == RunState.DIVERGED:
-            st.error(f"Diverged: {status.get('error') or 'the loss became NaN/Inf'}. "
-                     "The charts show the values up to that point.", icon=":material/warning:")
-        elif info.state == RunState.FAILED:
-            reason = status.get("error") or "the training process ended without a final state"
-            st.error(f"Failed: {reason}", icon=":material/error:")
-            tail = store.log_tail(run_id, 12)
-            if tail:
-                st.code(tail, language=None)
-        elif info.state == RunState.STOPPED:
-            st.info(f"Stopped at step {status.get('step')}."
-                    + (f" {status['error']}" if status.get("error") else ""))
-        if synthetic:
-            st.caption(":material/science: This run uses SYNTHETIC data (not CIFAR-10).")
-
-        steps = store.steps(run_id)
-        metrics = store.metrics(run_id)
-        total, epochs = status.get("total_steps"), config.get("epochs")
-        spe = int(total) // int(epochs) if total and epochs else None
-        diverged = info.state == RunState.DIVERGED
-        c1, c2 = st.columns(2)
-        c1.altair_chart(charts.training_chart(steps, metrics, spe, "loss", synthetic=synthetic,
-                                              diverged=diverged), width="stretch")
-        c2.altair_chart(charts.training_chart(steps, metrics, spe, "accuracy",
-                                              synthetic=synthetic, diverged=diverged),
-                        width="stretch")
-        stats = store.layer_stats(run_id)
-        h1, h2 = st.columns(2)
-        h1.altair_chart(charts.heatmap(stats, "activation_std", synthetic=synthetic),
-                        width="stretch")
-        h2.altair_chart(charts.heatmap(stats, "activation_grad_std", synthetic=synthetic),
-                        width="stretch")
-        st.altair_chart(charts.fractions_chart(stats, synthetic=synthetic),
-                        width="stretch")
-        if len(metrics):
-            st.dataframe(metrics, hide_index=True, width="stretch")
+        run_summary(by_id[run_id])
+        run_charts(by_id[run_id])
 
     training_panel()
 

@@ -160,7 +160,8 @@ def test_explorer_settings_are_the_schema_fields_with_a_widget():
 def _definitions(pattern):
     """Where ``pattern`` (a regular expression) matches in the package and the explorer."""
     found = []
-    for path in sorted([*(REPO / "keras_varinit").rglob("*.py"), *(REPO / "explorer").glob("*.py")]):
+    sources = [*(REPO / "keras_varinit").rglob("*.py"), *(REPO / "explorer").glob("*.py")]
+    for path in sorted(sources):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(pattern, line):
                 found.append(f"{path.relative_to(REPO)}:{number}")
