@@ -73,6 +73,8 @@ def config_argv(config):
             argv += [spec.cli_flag] if value else []
         elif value is None and spec.type is int:
             argv += [spec.cli_flag, "0"]          # an optional count: 0 = None (all)
+        elif isinstance(value, float):
+            argv += [spec.cli_flag, repr(value)]  # every digit (%g keeps six)
         else:
             argv += [spec.cli_flag, spec.to_text(value)]
     return argv
