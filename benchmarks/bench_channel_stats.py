@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from keras_varinit import datasets  # noqa: E402
-from keras_varinit.normalization import channel_stats, channel_stats_both  # noqa: E402
+from keras_varinit.channel_stats import channel_stats, channel_stats_both  # noqa: E402
 
 GOAL = 0.25
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",

@@ -7,7 +7,7 @@ training with the batch mean and either
   and PyTorch's BN), or
 * ``"per_sample"``: the square of the mean over the N images of each image's own standard
   deviation over its H*W positions, which leaves out the spread between image means and is
-  therefore smaller (on CIFAR-10 pixels 0.202 vs 0.247, DESIGN.md section 1).
+  therefore smaller (on CIFAR-10 pixels 0.202 vs 0.247, docs/science.md section 6).
 
 At inference both use moving averages of what they computed in training, so their behaviour
 differs between training and inference, and that difference depends on the batch. This script
@@ -25,7 +25,7 @@ as a markdown table ``<out>/bn_estimators.md`` and a figure ``<out>/bn_estimator
 Example (defaults: 10 layers, width 16, 3 epochs over 5,000 images, about 2-4 minutes on 2
 cores)::
 
-    KERAS_VARINIT_CIFAR10=../shared/datasets/cifar10-jpeg.tar.gz python examples/bn_estimators.py
+    KERAS_VARINIT_CIFAR10=data/cifar10-jpeg.tar.gz python examples/bn_estimators.py
 """
 import argparse
 import os

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from keras_varinit import datasets  # noqa: E402
-from keras_varinit.normalization import channel_stats_both, format_table  # noqa: E402
+from keras_varinit.channel_stats import channel_stats_both, format_table  # noqa: E402
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "output"
 

@@ -151,7 +151,8 @@ def check(summary):
     ]
     for init, s in summary.items():
         start = next((i + 1 for i, v in enumerate(s["epoch_losses"]) if v < LN10 - 0.01), None)
-        vals = [float(r["val_accuracy"]) for r in s["metrics"] if r.get("val_accuracy")]
+        vals = [float(r["val_accuracy"]) for r in s["metrics"]
+                if r.get("val_accuracy") is not None]
         best = f"best val error {100 * (1 - max(vals)):.2f}%, last {100 * (1 - vals[-1]):.2f}%" \
             if vals else "no validation"
         lines.append(f"{LABELS[init]}: epoch loss first below ln 10 - 0.01 at epoch "
@@ -229,7 +230,7 @@ def markdown(summary, args, ok, lines):
             out.append(f"| {LABELS[init]} | {row['epoch']} | {float(row['loss']):.4f} | "
                        f"{100 * float(row['accuracy']):.2f}% | "
                        + (f"{float(row['val_loss']):.4f} | {100 * float(row['val_accuracy']):.2f}%"
-                          if row.get("val_loss") else "n/a | n/a")
+                          if row.get("val_loss") is not None else "n/a | n/a")
                        + f" | {float(row['seconds']):.1f} |")
     out += ["", f"Step-0 gradient std, first/last weight layer (probe batch): "
             + "; ".join(f"{LABELS[i]} {step0_profile(s['layers'], 'weight_grad_std')[0]:.3g}"

@@ -2,7 +2,7 @@
 Bengio 2010).
 
 Layer l computes a^l = tanh(W^l a^(l-1)), biases 0. Near 0, tanh is the identity, so the
-forward variance is multiplied by n Var[W] per layer (DESIGN.md section 1):
+forward variance is multiplied by n Var[W] per layer (docs/science.md section 1):
 
 * too small, N(0, 0.01^2): n Var[W] = width * 1e-4 << 1 -> activations shrink to 0 layer after
   layer, and so do the gradients of the weights (dL/dW = delta a^(l-1)^T);
@@ -50,7 +50,7 @@ def load_batch(args):
     import numpy as np
 
     from keras_varinit import datasets
-    from keras_varinit.normalization import channel_stats
+    from keras_varinit.channel_stats import channel_stats
 
     if args.data == "synthetic":
         (x, _), _ = datasets.synthetic_cifar10(max(args.n, 1000), 100, seed=args.seed)

@@ -1,7 +1,9 @@
 """keras_varinit explorer: ``streamlit run explorer/app.py`` (or ``make run``).
 
-Layout and widgets only. The work happens in plain-Python helpers: ``explorer.presets``
-(settings, URL round-trip, validation), ``explorer.profile`` (the network at initialization),
+Layout and widgets only: one sidebar widget per ``TrainConfig`` field that declares a
+``widget`` (keras_varinit.training.config). The work happens in plain-Python helpers:
+``explorer.presets`` (settings derived from TrainConfig, URL round-trip, validation),
+``explorer.profile`` (the network at initialization),
 ``explorer.worker`` (background training subprocesses), ``explorer.run_store`` (run directories
 on disk) and ``explorer.charts`` (Altair charts).
 """
@@ -21,8 +23,10 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from explorer import charts, presets  # noqa: E402
-from explorer.run_store import ACTIVE_STATES, RunStore, default_runs_dir  # noqa: E402
+from explorer.run_store import RunStore, default_runs_dir  # noqa: E402
 from explorer.worker import JobManager, detect_devices  # noqa: E402
+from keras_varinit.run_files import RunState  # noqa: E402
+from keras_varinit.training.config import NETWORK, WidgetKind  # noqa: E402
 
 POLL_SECONDS = 1.5
 
@@ -103,24 +107,32 @@ def _preset(init=None, activation=None, depth=None, batch_norm=None):
     return apply
 
 
-with st.sidebar:
-    st.header("Network")
-    st.radio("Model", list(presets.MODELS.values()), key="model", horizontal=True,
-             format_func=lambda v: {"cnn": "Plain CNN", "mlp": "MLP"}[v],
-             on_change=_on_model_change,
-             help="Plain CNN: 3x3 convolutions in three stages (16/32/64 channels at width 16), "
-                  "no skip connections. MLP: dense layers on the flattened image.")
-    st.slider("Depth (weight layers)", *presets.DEPTH_RANGE, key="depth")
-    st.number_input("Width (channels of the first stage / units)", *presets.WIDTH_RANGE,
-                    step=1, key="width")
-    st.selectbox("Activation", presets.ACTIVATIONS, key="activation")
-    st.selectbox("Initializer", list(presets.INITIALIZERS.values()), key="init",
-                 format_func=lambda v: presets.INIT_LABELS.get(v, v),
-                 help="\n\n".join(f"**{presets.INIT_LABELS[k]}**: {v}"
-                                  for k, v in presets.INIT_HELP.items()))
-    st.radio("Batch norm", presets.BATCH_NORMS, key="batch_norm", horizontal=True,
-             help="pooled: variance over all pixels of the batch (what BN computes); "
-                  "per_sample: the mean of each image's own std (CNN only).")
+ON_CHANGE = {"model": _on_model_change}
+
+
+def control(spec):
+    """The sidebar widget of one TrainConfig field, as its ``widget`` declares it."""
+    widget = spec.widget
+    kwargs = dict(key=spec.name, help=widget.help or spec.help,
+                  on_change=ON_CHANGE.get(spec.name))
+    if widget.used_with:
+        field, values = widget.used_with
+        kwargs["disabled"] = st.session_state.get(field) not in values
+    options = presets.offered(spec)
+    shown = dict(format_func=lambda v: presets.label(spec, v))
+    if widget.kind is WidgetKind.RADIO:
+        st.radio(widget.label, options, horizontal=True, **shown, **kwargs)
+    elif widget.kind is WidgetKind.SELECT:
+        st.selectbox(widget.label, options, **shown, **kwargs)
+    elif widget.kind is WidgetKind.SELECT_SLIDER:
+        st.select_slider(widget.label, options, **shown, **kwargs)
+    elif widget.kind is WidgetKind.SLIDER:
+        st.slider(widget.label, *presets.bounds(spec), step=widget.step, **kwargs)
+    else:
+        st.number_input(widget.label, *presets.bounds(spec), step=widget.step, **kwargs)
+
+
+def quick_presets():
     st.caption("Quick presets (30 layers unless noted)")
     p1, p2 = st.columns(2)
     p1.button("ReLU Xavier", on_click=_preset("xavier_normal", "relu", 30, "none"),
@@ -135,19 +147,15 @@ with st.sidebar:
     p4.button("tanh large", on_click=_preset("normal:1.0", "tanh", 10, "none"),
               help="10 layers, tanh, N(0, 1): every unit saturates at +-1", width="stretch")
 
-    st.header("Training")
-    st.radio("Data", list(presets.DATA_SOURCES.values()), key="data",
-             format_func=lambda v: {"auto": "CIFAR-10", "synthetic": "Synthetic"}[v],
-             horizontal=True)
-    st.selectbox("Optimizer", presets.OPTIMIZERS, key="optimizer")
-    st.select_slider("Learning rate", presets.LR_OPTIONS, key="lr",
-                     format_func=lambda v: f"{v:g}")
-    st.slider("Momentum (SGD)", 0.0, 0.99, step=0.01, key="momentum",
-              disabled=st.session_state.get("optimizer") == "adam")
-    st.select_slider("Batch size", presets.BATCH_SIZES, key="batch_size")
-    st.number_input("Epochs", *presets.EPOCH_RANGE, step=1, key="epochs")
-    st.number_input("Training subset (images)", *presets.SUBSET_RANGE, step=256, key="subset")
-    st.number_input("Seed", 0, 2**31 - 1, step=1, key="seed")
+
+with st.sidebar:
+    for section in presets.SECTIONS:
+        st.header(section)
+        for spec in presets.CONTROLS.values():
+            if spec.widget.section == section:
+                control(spec)
+        if section == NETWORK:
+            quick_presets()
     st.checkbox("Allow two runs at once on one device", key="parallel",
                 help="By default one training job runs per device and the others wait in the "
                      "queue, so that runs do not slow each other down.")
@@ -178,10 +186,10 @@ elif settings["data"] == "synthetic":
     st.info("Data: the **synthetic** CIFAR-shaped set (oriented gratings per class, not "
             "CIFAR-10). Every chart of such a run says so.", icon=":material/science:")
 
-problems = presets.validate(settings)
-blocking = presets.blocking_problems(settings)
+problems = presets.problems(settings)
+blocking = [problem for problem in problems if problem.blocking]
 for problem in problems:
-    (st.error if problem in blocking else st.warning)(problem)
+    (st.error if problem.blocking else st.warning)(problem.text)
 
 store = get_store(str(runs_dir()))
 jobs = get_jobs(str(runs_dir()))
@@ -261,9 +269,10 @@ with tab_init:
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-STATE_ICON = {"queued": ":material/schedule:", "running": ":material/play_circle:",
-              "finished": ":material/check_circle:", "stopped": ":material/stop_circle:",
-              "diverged": ":material/warning:", "failed": ":material/error:"}
+STATE_ICON = {RunState.QUEUED: ":material/schedule:", RunState.RUNNING: ":material/play_circle:",
+              RunState.FINISHED: ":material/check_circle:",
+              RunState.STOPPED: ":material/stop_circle:", RunState.DIVERGED: ":material/warning:",
+              RunState.FAILED: ":material/error:"}
 
 
 def _submit(settings_list):
@@ -281,6 +290,78 @@ def _stop(run_id):
     jobs.stop(run_id)
 
 
+def queue_panel(active):
+    """The queued and running runs, oldest first, each with its Stop/Cancel button."""
+    if not active:
+        return
+    st.markdown("**Queue**")
+    for info in sorted(active, key=lambda r: r.created):
+        q1, q2, q3 = st.columns([5, 3, 1])
+        q1.markdown(f"{STATE_ICON.get(info.state, '')} {info.label}")
+        q2.progress(info.progress, text=f"{info.state} \u00b7 {info.progress:.0%}")
+        q3.button("Stop" if info.state == RunState.RUNNING else "Cancel",
+                  key=f"stop_{info.run_id}", on_click=_stop, args=(info.run_id,))
+
+
+def run_summary(info):
+    """The shown run's state, step, speed and device, and what its state means."""
+    status, config = info.status, info.config
+    s1, s2, s3, s4 = st.columns(4)
+    s1.metric("State", info.state.value)
+    s2.metric("Step", f"{status.get('step') or 0} / {status.get('total_steps') or '?'}")
+    ips = status.get("images_per_second")
+    s3.metric("Images / s", f"{ips:,.0f}" if isinstance(ips, (int, float)) else "\u2013")
+    s4.metric("Device", info.device or "\u2013")
+    if info.state == RunState.RUNNING:
+        eta = charts.fmt_seconds(status.get("eta_seconds"))
+        st.progress(info.progress, text=f"epoch {status.get('epoch')}/"
+                    f"{status.get('epochs') or config.get('epochs', '?')} \u00b7 "
+                    f"{status.get('phase') or ''} \u00b7 ETA {eta}")
+        if st.button("Stop this run", key="stop_view"):
+            _stop(info.run_id)
+    elif info.state == RunState.QUEUED:
+        st.info("Queued: it starts when the device is free.")
+    elif info.state == RunState.DIVERGED:
+        st.error(f"Diverged: {status.get('error') or 'the loss became NaN/Inf'}. "
+                 "The charts show the values up to that point.", icon=":material/warning:")
+    elif info.state == RunState.FAILED:
+        reason = status.get("error") or "the training process ended without a final state"
+        st.error(f"Failed: {reason}", icon=":material/error:")
+        tail = store.log_tail(info.run_id, 12)
+        if tail:
+            st.code(tail, language=None)
+    elif info.state == RunState.STOPPED:
+        st.info(f"Stopped at step {status.get('step')}."
+                + (f" {status['error']}" if status.get("error") else ""))
+    if info.synthetic:
+        st.caption(":material/science: This run uses SYNTHETIC data (not CIFAR-10).")
+
+
+def run_charts(info):
+    """Loss and accuracy, the per-layer heatmaps and fractions, the epoch table."""
+    run_id, synthetic = info.run_id, info.synthetic
+    steps = store.steps(run_id)
+    metrics = store.metrics(run_id)
+    total, epochs = info.status.get("total_steps"), info.config.get("epochs")
+    spe = int(total) // int(epochs) if total and epochs else None
+    diverged = info.state == RunState.DIVERGED
+    c1, c2 = st.columns(2)
+    c1.altair_chart(charts.training_chart(steps, metrics, spe, "loss", synthetic=synthetic,
+                                          diverged=diverged), width="stretch")
+    c2.altair_chart(charts.training_chart(steps, metrics, spe, "accuracy",
+                                          synthetic=synthetic, diverged=diverged),
+                    width="stretch")
+    stats = store.layer_stats(run_id)
+    h1, h2 = st.columns(2)
+    h1.altair_chart(charts.heatmap(stats, "activation_std", synthetic=synthetic),
+                    width="stretch")
+    h2.altair_chart(charts.heatmap(stats, "activation_grad_std", synthetic=synthetic),
+                    width="stretch")
+    st.altair_chart(charts.fractions_chart(stats, synthetic=synthetic), width="stretch")
+    if len(metrics):
+        st.dataframe(metrics, hide_index=True, width="stretch")
+
+
 with tab_train:
     devices = get_devices()
     b1, b2, b3 = st.columns([1, 2, 3])
@@ -292,9 +373,10 @@ with tab_train:
               width="stretch",
               help="He et al. 2015, Fig. 3: the same 30-layer ReLU CNN without BN, once with "
                    "Xavier and once with Kaiming (your training settings).")
+    per_device = "two runs" if st.session_state.get("parallel") else "one run"
     b3.markdown("**Device:** " + ", ".join(d["name"] for d in devices)
-                + f" &nbsp;\u00b7&nbsp; {'two runs' if st.session_state.get('parallel') else 'one run'}"
-                " per device at a time; the rest wait in the queue.")
+                + f" &nbsp;\u00b7&nbsp; {per_device} per device at a time; the rest wait in "
+                "the queue.")
     if st.session_state.get("submit_error"):
         st.error(st.session_state["submit_error"])
 
@@ -305,16 +387,8 @@ with tab_train:
             st.info("No runs yet. Press **Train** to start one; it runs in the background "
                     "and is saved under `" + str(store.root) + "`.")
             return
-        active = [r for r in runs if r.state in ACTIVE_STATES]
-        if active:
-            st.markdown("**Queue**")
-            for info in sorted(active, key=lambda r: r.created):
-                q1, q2, q3 = st.columns([5, 3, 1])
-                q1.markdown(f"{STATE_ICON.get(info.state, '')} {info.label}")
-                q2.progress(info.progress, text=f"{info.state} \u00b7 "
-                            f"{info.progress:.0%}")
-                q3.button("Stop" if info.state == "running" else "Cancel",
-                          key=f"stop_{info.run_id}", on_click=_stop, args=(info.run_id,))
+        active = [r for r in runs if r.state.active]
+        queue_panel(active)
         ids = [r.run_id for r in runs]
         by_id = {r.run_id: r for r in runs}
         if st.session_state.get("view_select") not in by_id:
@@ -324,60 +398,8 @@ with tab_train:
         run_id = st.selectbox("Show run", ids, key="view_select",
                               format_func=lambda r: f"{by_id[r].label} \u2014 "
                                                     f"{by_id[r].state}")
-        info = by_id[run_id]
-        status, config = info.status, info.config
-        synthetic = info.synthetic
-        s1, s2, s3, s4 = st.columns(4)
-        s1.metric("State", info.state)
-        s2.metric("Step", f"{status.get('step') or 0} / {status.get('total_steps') or '?'}")
-        ips = status.get("images_per_second")
-        s3.metric("Images / s", f"{ips:,.0f}" if isinstance(ips, (int, float)) else "\u2013")
-        s4.metric("Device", info.device or "\u2013")
-        if info.state == "running":
-            eta = charts.fmt_seconds(status.get("eta_seconds"))
-            st.progress(info.progress, text=f"epoch {status.get('epoch')}/"
-                        f"{status.get('epochs') or config.get('epochs', '?')} \u00b7 "
-                        f"{status.get('phase') or ''} \u00b7 ETA {eta}")
-            if st.button("Stop this run", key="stop_view"):
-                _stop(run_id)
-        elif info.state == "queued":
-            st.info("Queued: it starts when the device is free.")
-        elif info.state == "diverged":
-            st.error(f"Diverged: {status.get('error') or 'the loss became NaN/Inf'}. "
-                     "The charts show the values up to that point.", icon=":material/warning:")
-        elif info.state == "failed":
-            reason = status.get("error") or "the training process ended without a final state"
-            st.error(f"Failed: {reason}", icon=":material/error:")
-            tail = store.log_tail(run_id, 12)
-            if tail:
-                st.code(tail, language=None)
-        elif info.state == "stopped":
-            st.info(f"Stopped at step {status.get('step')}."
-                    + (f" {status['error']}" if status.get("error") else ""))
-        if synthetic:
-            st.caption(":material/science: This run uses SYNTHETIC data (not CIFAR-10).")
-
-        steps = store.steps(run_id)
-        metrics = store.metrics(run_id)
-        total, epochs = status.get("total_steps"), config.get("epochs")
-        spe = int(total) // int(epochs) if total and epochs else None
-        diverged = info.state == "diverged"
-        c1, c2 = st.columns(2)
-        c1.altair_chart(charts.training_chart(steps, metrics, spe, "loss", synthetic=synthetic,
-                                              diverged=diverged), width="stretch")
-        c2.altair_chart(charts.training_chart(steps, metrics, spe, "accuracy",
-                                              synthetic=synthetic, diverged=diverged),
-                        width="stretch")
-        stats = store.layer_stats(run_id)
-        h1, h2 = st.columns(2)
-        h1.altair_chart(charts.heatmap(stats, "activation_std", synthetic=synthetic),
-                        width="stretch")
-        h2.altair_chart(charts.heatmap(stats, "activation_grad_std", synthetic=synthetic),
-                        width="stretch")
-        st.altair_chart(charts.fractions_chart(stats, synthetic=synthetic),
-                        width="stretch")
-        if len(metrics):
-            st.dataframe(metrics, hide_index=True, width="stretch")
+        run_summary(by_id[run_id])
+        run_charts(by_id[run_id])
 
     training_panel()
 

@@ -43,7 +43,7 @@ def data_info() -> DataInfo:
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         return DataInfo("unavailable", False, str(error))
     if source == "dir":
-        path = os.environ.get(getattr(datasets, "ENV_PATH", "KERAS_VARINIT_CIFAR10"))
+        path = os.environ.get(datasets.ENV_PATH)
         if path and not os.path.exists(os.path.expanduser(path)):
             return DataInfo("unavailable", False,
                             f"$KERAS_VARINIT_CIFAR10 points to {path!r}, which does not exist.")
@@ -51,7 +51,7 @@ def data_info() -> DataInfo:
     if source == "tfds":
         return DataInfo("tfds", True, "CIFAR-10 from TensorFlow Datasets")
     if source == "keras":
-        cached = getattr(datasets, "_keras_cached", lambda: None)()
+        cached = datasets.keras_cached()
         if cached is not None:
             return DataInfo("keras", True, f"CIFAR-10 from the Keras cache ({cached})")
         return DataInfo(
@@ -100,21 +100,11 @@ class Profile:
     explanation: str | None = None   # profile_report.explain_drift: why it misses the recursion
 
 
-def _train_config(settings: dict):
-    from keras_varinit.training import TrainConfig
-
-    s = {**presets.DEFAULTS, **settings}
-    return TrainConfig(model=s["model"], depth=int(s["depth"]), width=int(s["width"]),
-                       init=s["init"], activation=s["activation"],
-                       batch_norm=None if s["batch_norm"] == "none" else s["batch_norm"],
-                       seed=int(s["seed"]), data=s["data"])
-
-
 def build_model(settings: dict, input_shape=(32, 32, 3)):
     """The network of these settings at initialization (exactly what training builds)."""
-    from keras_varinit import training
+    from keras_varinit.training.model import build_model as build
 
-    return training.build(_train_config(settings), tuple(input_shape))
+    return build(presets.to_config(settings), tuple(input_shape))
 
 
 def histogram_layers(depth: int) -> list[int]:
@@ -132,13 +122,13 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
 
     problems = presets.blocking_problems(settings)
     if problems:
-        raise ValueError(problems[0])
+        raise ValueError(problems[0].text)
     start = time.perf_counter()
     n_images = n_images or PROBE_IMAGES.get(settings.get("model"), 32)
     x, y, synthetic = probe_batch(settings.get("data", "auto"), n_images)
     keras.utils.set_random_seed(int(settings.get("seed", 0)))
-    model = build_model(settings, x.shape[1:])
-    x_in = x.reshape(len(x), -1) if len(model.inputs[0].shape) == 2 else x
+    model = build_model(settings, x.shape[1:])   # an MLP flattens the images itself
+    x_in = x
     report = None
     if settings.get("init") == "lsuv":
         from keras_varinit import initializers

@@ -1,11 +1,16 @@
-"""Read (and list) run directories under a runs directory. Plain Python: no Streamlit, no Keras.
+"""Read (and list) run directories under a runs directory. Plain Python: no Streamlit.
 
-A run directory follows the contract in CONTRIBUTING.md::
+A run directory is the trainer's (``keras_varinit.run_files`` owns its format and its
+readers, used here)::
 
     config.json  status.json  steps.jsonl  metrics.csv  layer_stats.jsonl  tensorboard/
 
-plus, for runs the explorer launched, ``explorer_job.json`` (the process id of the training
-subprocess and of the explorer that owns it) and ``explorer.log`` (its stdout and stderr).
+plus, for runs the explorer launched, two files of the explorer's worker: ``explorer_job.json``
+(the settings, the process ids of the training subprocess and of the explorer that owns it, and
+how the worker saw the run end) and ``explorer.log`` (the subprocess's stdout and stderr).
+Each file has one writer: status.json is the trainer's alone; what the worker knows (queued,
+cancelled, killed, crashed) goes to its job file, and :func:`effective_status` combines the
+two for display.
 
 Everything is read from disk, so a new :class:`RunStore` (e.g. after a server restart) lists
 the same runs. Growing JSON-lines files are read incrementally (only the new bytes), so polling
@@ -13,37 +18,24 @@ a long run every second stays cheap.
 """
 from __future__ import annotations
 
-import csv
-import datetime
-import json
 import math
 import os
 import pathlib
+import shutil
 import threading
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from keras_varinit.run_files import (  # noqa: E402  (the run-directory contract, one place)
-    CONFIG_FILE, LAYER_STATS_FILE, METRICS_FILE, STATUS_FILE, STEPS_FILE, TENSORBOARD_DIR,
-    read_json, write_json_atomic,
+from keras_varinit.run_files import (
+    CONFIG_FILE, LAYER_STATS_FIELDS, LAYER_STATS_FILE, METRICS_COLUMNS, METRICS_FILE,
+    STATUS_FILE, STEP_FIELDS, STEPS_FILE, JsonlTail, MetricsCsv, RunState, new_run_dir,
+    read_json,
 )
 
 JOB_FILE = "explorer_job.json"
 LOG_FILE = "explorer.log"
-
-ACTIVE_STATES = ("queued", "running")
-TERMINAL_STATES = ("finished", "stopped", "diverged", "failed")
 ENV_RUNS_DIR = "KERAS_VARINIT_RUNS_DIR"
-
-LAYER_STATS_COLUMNS = (
-    "step", "epoch", "layer", "layer_index", "layer_type",
-    "activation_mean", "activation_std", "zero_fraction", "saturated_fraction",
-    "activation_grad_std", "weight_std", "weight_grad_std", "update_ratio",
-    "nan_count", "inf_count",
-)
-STEPS_COLUMNS = ("step", "epoch", "loss", "accuracy")
-METRICS_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 
 
 def default_runs_dir() -> pathlib.Path:
@@ -54,19 +46,41 @@ def default_runs_dir() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parents[1] / "runs"
 
 
-def utc_now() -> str:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+def effective_state(status: dict, job: dict) -> RunState:
+    """The state to show: status.json's (the trainer's), completed by the worker's job file.
+
+    * no status.json yet: queued (or running once the worker started its process);
+    * the trainer wrote no final state but the worker recorded how the run ended (cancelled,
+      killed, crashed): that;
+    * queued/running but the training process (or, for a queued run, the explorer that queued
+      it) is gone: failed.
+    """
+    state = RunState.parse(status.get("state")) if status.get("state") else (
+        RunState.QUEUED if job else RunState.UNKNOWN)
+    if state.terminal or not job:
+        return state
+    if job.get("final_state"):
+        return RunState.parse(job["final_state"])
+    if state.active:
+        pid, owner = job.get("pid"), job.get("owner_pid")
+        if pid is not None:
+            if not pid_alive(pid):
+                return RunState.FAILED
+            return RunState.RUNNING  # started by the worker (status.json may not exist yet)
+        if owner is not None and not pid_alive(owner):
+            return RunState.FAILED  # queued by an explorer that is gone
+    return state
 
 
-def parse_time(text):
-    """Seconds since the epoch from an ISO time as written in status.json (None if unparsable)."""
-    if not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+def effective_status(status: dict, job: dict) -> dict:
+    """status.json with ``state`` from :func:`effective_state` and, when the worker decided
+    the end, its ``error``."""
+    out = dict(status)
+    state = effective_state(status, job)
+    out["state"] = state.value
+    if job.get("final_state") and not RunState.parse(status.get("state")).terminal:
+        out["error"] = job.get("error")
+    return out
 
 
 def pid_alive(pid) -> bool:
@@ -91,44 +105,6 @@ def pid_alive(pid) -> bool:
         return True
 
 
-class _JsonlTail:
-    """Incremental reader of a JSON-lines file that another process appends to."""
-
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-        self.offset = 0
-        self.records: list[dict] = []
-        self.inode = None
-
-    def read(self) -> list[dict]:
-        try:
-            st = self.path.stat()
-        except OSError:
-            self.offset, self.records, self.inode = 0, [], None
-            return self.records
-        if st.st_ino != self.inode or st.st_size < self.offset:
-            # Replaced or truncated (e.g. a resumed run rewrote it): start again.
-            self.offset, self.records, self.inode = 0, [], st.st_ino
-        if st.st_size == self.offset:
-            return self.records
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            chunk = f.read(st.st_size - self.offset)
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            return self.records  # only a partial line so far
-        for line in chunk[:end].splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                self.records.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-        self.offset += end + 1
-        return self.records
-
-
 def _frame(records, columns) -> pd.DataFrame:
     df = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=list(columns))
     for column in columns:
@@ -151,8 +127,8 @@ class RunInfo:
     run_id: str
     path: pathlib.Path
     config: dict
-    status: dict
-    state: str
+    status: dict          # effective_status: status.json completed by the job file
+    state: RunState
     synthetic: bool
     label: str
     created: float
@@ -160,13 +136,14 @@ class RunInfo:
 
     @property
     def device(self) -> str:
-        return (self.status.get("device") or self.config.get("device") or "")
+        return (self.status.get("device") or self.config.get("device")
+                or self.job.get("device") or "")
 
     @property
     def progress(self) -> float:
         step, total = self.status.get("step"), self.status.get("total_steps")
         try:
-            if self.state == "finished":
+            if self.state == RunState.FINISHED:
                 return 1.0
             return max(0.0, min(1.0, float(step) / float(total)))
         except (TypeError, ValueError, ZeroDivisionError):
@@ -178,27 +155,17 @@ class RunStore:
 
     def __init__(self, root=None):
         self.root = pathlib.Path(root) if root is not None else default_runs_dir()
-        self._tails: dict[tuple[str, str], _JsonlTail] = {}
+        self._tails: dict[tuple[str, str], JsonlTail] = {}
         self._lock = threading.Lock()
 
     # -- creating ------------------------------------------------------------------------
-    def new_run_dir(self, name: str) -> pathlib.Path:
-        """Create ``<root>/<UTC time>-<name>`` (unique) and return it."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
-        for i in range(1000):
-            candidate = self.root / (f"{stamp}-{safe}" + (f"-{i}" if i else ""))
-            try:
-                candidate.mkdir()
-                return candidate
-            except FileExistsError:
-                continue
-        raise RuntimeError(f"could not create a run directory under {self.root}")
+    def new_run_dir(self, slug: str) -> pathlib.Path:
+        """Create ``<root>/<UTC time>-<slug>`` (unique; ``run_files.new_run_dir``)."""
+        return new_run_dir(self.root, slug)
 
     # -- listing -------------------------------------------------------------------------
     def run_ids(self) -> list[str]:
-        """Run directories (those with a config.json or status.json), newest first."""
+        """Run directories (those with a config.json, status.json or job file), newest first."""
         if not self.root.is_dir():
             return []
         ids = []
@@ -238,15 +205,15 @@ class RunStore:
         path = self.path(run_id)
         if not path.is_dir():
             return None
-        job = read_json(path / JOB_FILE, {}) or {}
+        job = self.job(run_id)
         config = read_json(path / CONFIG_FILE, None)
         if not isinstance(config, dict):
             config = dict(job.get("settings") or {})
-        status = read_json(path / STATUS_FILE, {}) or {}
-        state = self.effective_state(status, job, path)
+        status = effective_status(read_json(path / STATUS_FILE, {}) or {}, job)
         synthetic = bool(config.get("synthetic", config.get("data") == "synthetic"))
-        return RunInfo(run_id=run_id, path=path, config=config, status=status, state=state,
-                       synthetic=synthetic, label=self.label(run_id, config, synthetic),
+        return RunInfo(run_id=run_id, path=path, config=config, status=status,
+                       state=RunState(status["state"]), synthetic=synthetic,
+                       label=self.label(run_id, config, synthetic),
                        created=self._created(path), job=job)
 
     @staticmethod
@@ -266,55 +233,38 @@ class RunStore:
             text += " [synthetic]"
         return text
 
-    @staticmethod
-    def effective_state(status: dict, job: dict, path: pathlib.Path | None = None) -> str:
-        """The state to show: status.json's, unless the run's process is known to be gone.
-
-        A run whose status says queued/running but whose training process (recorded by the
-        explorer) has exited without finishing the status -- killed, crashed, lost in a
-        restart -- is shown as "failed". A run whose last loss is NaN/Inf is "diverged".
-        """
-        state = status.get("state") or ("queued" if job else "unknown")
-        if state in ACTIVE_STATES and job:
-            pid = job.get("pid")
-            owner = job.get("owner_pid")
-            if pid is not None and not pid_alive(pid):
-                return "failed"
-            if pid is None and owner is not None and not pid_alive(owner):
-                return "failed"  # queued by an explorer that is gone
-        return state
-
     # -- reading -------------------------------------------------------------------------
     def config(self, run_id: str) -> dict:
         return read_json(self.path(run_id) / CONFIG_FILE, {}) or {}
 
+    def job(self, run_id: str) -> dict:
+        """The worker's job file ({} for runs the explorer did not launch)."""
+        return read_json(self.path(run_id) / JOB_FILE, {}) or {}
+
     def status(self, run_id: str) -> dict:
-        return read_json(self.path(run_id) / STATUS_FILE, {}) or {}
+        """status.json completed by the job file (:func:`effective_status`)."""
+        raw = read_json(self.path(run_id) / STATUS_FILE, {}) or {}
+        return effective_status(raw, self.job(run_id))
 
     def _tail(self, run_id: str, name: str) -> list[dict]:
         key = (run_id, name)
         with self._lock:
             tail = self._tails.get(key)
             if tail is None:
-                tail = self._tails[key] = _JsonlTail(self.path(run_id) / name)
+                tail = self._tails[key] = JsonlTail(self.path(run_id) / name)
             return list(tail.read())
 
     def steps(self, run_id: str) -> pd.DataFrame:
         """steps.jsonl as a DataFrame (step, epoch, loss, accuracy); NaN where not finite."""
-        return _numeric(_frame(self._tail(run_id, STEPS_FILE), STEPS_COLUMNS))
+        return _numeric(_frame(self._tail(run_id, STEPS_FILE), STEP_FIELDS))
 
     def layer_stats(self, run_id: str) -> pd.DataFrame:
-        """layer_stats.jsonl as a DataFrame with the contract's columns (nulls as NaN)."""
-        return _numeric(_frame(self._tail(run_id, LAYER_STATS_FILE), LAYER_STATS_COLUMNS))
+        """layer_stats.jsonl as a DataFrame with the record's fields (nulls as NaN)."""
+        return _numeric(_frame(self._tail(run_id, LAYER_STATS_FILE), LAYER_STATS_FIELDS))
 
     def metrics(self, run_id: str) -> pd.DataFrame:
         """metrics.csv (one row per epoch) as a DataFrame; empty columns where missing."""
-        path = self.path(run_id) / METRICS_FILE
-        try:
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-        except (FileNotFoundError, OSError):
-            rows = []
+        rows = MetricsCsv(self.path(run_id) / METRICS_FILE).read()
         return _numeric(_frame(rows, METRICS_COLUMNS))
 
     def log_tail(self, run_id: str, n_lines: int = 20) -> str:
@@ -330,7 +280,7 @@ class RunStore:
 
     def diverged(self, run_id: str) -> bool:
         """True when the status says diverged or the last logged loss is NaN/Inf."""
-        if self.status(run_id).get("state") == "diverged":
+        if self.status(run_id).get("state") == RunState.DIVERGED:
             return True
         steps = self.steps(run_id)
         if len(steps) and steps["loss"].notna().any():
@@ -349,7 +299,7 @@ class RunStore:
             last_loss = steps["loss"].iloc[-1] if len(steps) else float("nan")
             rows.append({
                 "run": info.run_id,
-                "state": info.state,
+                "state": info.state.value,
                 "data": "synthetic" if info.synthetic else "CIFAR-10",
                 "model": c.get("model"), "depth": c.get("depth"), "width": c.get("width"),
                 "init": c.get("init"), "activation": c.get("activation"),
@@ -366,8 +316,6 @@ class RunStore:
         return pd.DataFrame(rows)
 
     def delete(self, run_id: str) -> None:
-        import shutil
-
         shutil.rmtree(self.path(run_id), ignore_errors=True)
         with self._lock:
             for key in [k for k in self._tails if k[0] == run_id]:

@@ -11,6 +11,10 @@ Stop = SIGINT (the trainer finishes the current batch, writes complete logs and 
 "stopped"), then SIGKILL after a grace period. A process that exits without writing a final
 state (crash, out of memory, killed) is marked "failed" with the tail of its log.
 
+Files: the worker writes only the run's ``explorer_job.json`` (settings, process ids, and how
+it saw the run end: ``final_state``, ``error``) and ``explorer.log``; status.json is the
+trainer's alone (``run_store.effective_status`` combines the two).
+
 Example::
 
     store = RunStore("runs")
@@ -28,13 +32,13 @@ import signal
 import subprocess
 import sys
 import threading
+import enum
 import time
 from dataclasses import dataclass, field
 
 from explorer import presets
-from explorer.run_store import (ACTIVE_STATES, JOB_FILE, LOG_FILE, STATUS_FILE,
-                                TERMINAL_STATES, RunStore, pid_alive, read_json, utc_now,
-                                write_json_atomic)
+from explorer.run_store import JOB_FILE, LOG_FILE, RunStore, pid_alive
+from keras_varinit.run_files import STATUS_FILE, RunState, read_json, write_json_atomic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,13 +69,21 @@ def detect_devices() -> list[dict]:
     return devices
 
 
+class JobPhase(str, enum.Enum):
+    """Where a job is in the worker's queue (not the run's state: see ``RunState``)."""
+
+    QUEUED = "queued"      # waiting for a free device
+    RUNNING = "running"    # its process was started (or adopted after a restart)
+    DONE = "done"          # its process ended, or it was cancelled
+
+
 @dataclass
 class Job:
     run_id: str
     run_dir: pathlib.Path
     settings: dict
     argv: list
-    phase: str = "queued"  # queued | running | done
+    phase: JobPhase = JobPhase.QUEUED
     device: dict | None = None
     proc: subprocess.Popen | None = None
     pid: int | None = None
@@ -81,7 +93,8 @@ class Job:
     ended_at: float | None = None
     stop_requested_at: float | None = None
     returncode: int | None = None
-    final_state: str | None = None
+    final_state: RunState | None = None
+    error: str | None = None         # why the worker ended it (when the trainer could not say)
 
 
 class JobManager:
@@ -157,18 +170,14 @@ class JobManager:
         settings = {**presets.DEFAULTS, **settings}
         problems = presets.blocking_problems(settings)
         if problems:
-            raise ValueError(problems[0])
+            raise ValueError(problems[0].text)
         if stats_every is None:
             stats_every = presets.default_stats_every(settings)
-        run_dir = self.store.new_run_dir(presets.slug(settings))
+        run_dir = self.store.new_run_dir(presets.to_config(settings).slug())
         argv = [self.python, "-m", "keras_varinit.cli",
                 *presets.cli_args(settings, run_dir, stats_every=stats_every)]
         job = Job(run_id=run_dir.name, run_dir=run_dir, settings=settings, argv=argv)
         self._write_job_file(job)
-        write_json_atomic(run_dir / STATUS_FILE, {
-            "state": "queued", "epoch": 0, "step": 0, "total_steps": None,
-            "images_per_second": None, "eta_seconds": None, "device": None,
-            "started_at": None, "updated_at": utc_now(), "error": None})
         with self._lock:
             self._jobs[job.run_id] = job
             self._order.append(job.run_id)
@@ -183,12 +192,11 @@ class JobManager:
         """Cancel a queued run, or ask a running one to stop (SIGINT; SIGKILL after grace)."""
         with self._lock:
             job = self._jobs.get(run_id)
-            if job is None or job.phase == "done":
+            if job is None or job.phase == JobPhase.DONE:
                 return False
-            if job.phase == "queued":
-                job.phase, job.final_state, job.ended_at = "done", "stopped", time.time()
+            if job.phase == JobPhase.QUEUED:
                 self._order.remove(run_id)
-                self._set_status(job, "stopped", error="cancelled before it started")
+                self._end(job, RunState.STOPPED, "cancelled before it started")
                 return True
             if job.stop_requested_at is None:
                 job.stop_requested_at = time.time()
@@ -205,10 +213,10 @@ class JobManager:
             return [self._jobs[r] for r in self._order]
 
     def active(self) -> list[Job]:
-        return [j for j in self.jobs() if j.phase == "running"]
+        return [j for j in self.jobs() if j.phase == JobPhase.RUNNING]
 
     def queued(self) -> list[Job]:
-        return [j for j in self.jobs() if j.phase == "queued"]
+        return [j for j in self.jobs() if j.phase == JobPhase.QUEUED]
 
     def job(self, run_id: str) -> Job | None:
         with self._lock:
@@ -221,13 +229,13 @@ class JobManager:
         self.max_per_device = max(1, int(n))
         self.poll()
 
-    def wait(self, run_id: str, timeout: float = 600.0) -> str | None:
+    def wait(self, run_id: str, timeout: float = 600.0) -> RunState | None:
         """Block until the run has ended (or ``timeout``); returns its final state."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             self.poll()
             job = self.job(run_id)
-            if job is None or job.phase == "done":
+            if job is None or job.phase == JobPhase.DONE:
                 return job.final_state if job else None
             time.sleep(0.2)
         return None
@@ -237,7 +245,7 @@ class JobManager:
         """Reap ended processes, enforce stop deadlines, start queued runs on free devices."""
         with self._lock:
             now = time.time()
-            for job in [j for j in self._jobs.values() if j.phase == "running"]:
+            for job in [j for j in self._jobs.values() if j.phase == JobPhase.RUNNING]:
                 returncode = self._returncode(job)
                 if returncode is None:
                     if (job.stop_requested_at is not None
@@ -246,7 +254,7 @@ class JobManager:
                     continue
                 self._finish(job, returncode)
             for job in self._jobs.values():
-                if job.phase != "queued":
+                if job.phase != JobPhase.QUEUED:
                     continue
                 device = self._free_device()
                 if device is None:
@@ -261,7 +269,7 @@ class JobManager:
     def _free_device(self):
         load = {d["id"]: 0 for d in self.devices}
         for job in self._jobs.values():
-            if job.phase == "running" and job.device is not None:
+            if job.phase == JobPhase.RUNNING and job.device is not None:
                 load[job.device["id"]] = load.get(job.device["id"], 0) + 1
         for device in self.devices:
             if load.get(device["id"], 0) < self.max_per_device:
@@ -285,39 +293,31 @@ class JobManager:
                                             stdin=subprocess.DEVNULL, env=env,
                                             cwd=str(REPO_ROOT), start_new_session=True)
         except OSError as error:
-            job.phase, job.final_state, job.ended_at = "done", "failed", time.time()
-            self._set_status(job, "failed", error=f"could not start training: {error}")
+            self._end(job, RunState.FAILED, f"could not start training: {error}")
             return
         job.pid = job.proc.pid
-        job.phase, job.started_at = "running", time.time()
+        job.phase, job.started_at = JobPhase.RUNNING, time.time()
         self._write_job_file(job)
-        status = read_json(job.run_dir / STATUS_FILE, {}) or {}
-        if status.get("state") in (None, "queued"):
-            self._set_status(job, "running", device=device["name"])
 
     def _finish(self, job: Job, returncode: int):
-        job.returncode, job.ended_at, job.phase = returncode, time.time(), "done"
+        """The process ended: its final state is the trainer's, else the worker's verdict."""
+        job.returncode = returncode
         if job.proc is not None:
             try:
                 job.proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
-        status = read_json(job.run_dir / STATUS_FILE, {}) or {}
-        state = status.get("state")
-        if state in TERMINAL_STATES:
-            job.final_state = state
+        written = RunState.parse((read_json(job.run_dir / STATUS_FILE, {}) or {}).get("state"))
+        if written.terminal:
+            job.phase, job.final_state, job.ended_at = JobPhase.DONE, written, time.time()
+            self._write_job_file(job)
         elif job.stop_requested_at is not None:
-            job.final_state = "stopped"
-            self._set_status(job, "stopped",
-                             error=f"stopped (process exited with code {returncode} before "
-                                   "writing its final state)")
+            self._end(job, RunState.STOPPED, f"stopped (process exited with code {returncode} "
+                                             "before writing its final state)")
         else:
-            job.final_state = "failed"
             tail = self.store.log_tail(job.run_id, 15).strip()
-            self._set_status(job, "failed",
-                             error=f"training process exited with code {returncode} without "
-                                   f"finishing" + (f":\n{tail}" if tail else ""))
-        self._write_job_file(job)
+            self._end(job, RunState.FAILED, f"training process exited with code {returncode} "
+                                            "without finishing" + (f":\n{tail}" if tail else ""))
 
     def _signal(self, job: Job, sig):
         try:
@@ -344,18 +344,19 @@ class JobManager:
             "device_id": job.device["id"] if job.device else None,
             "returncode": job.returncode,
             "final_state": job.final_state,
+            "error": job.error,
+            "ended_at": job.ended_at,
         })
 
-    def _set_status(self, job: Job, state: str, **fields):
-        path = job.run_dir / STATUS_FILE
-        status = read_json(path, {}) or {}
-        status.update(fields)
-        status["state"] = state
-        status["updated_at"] = utc_now()
+    def _end(self, job: Job, state: RunState, error: str):
+        """The worker ends ``job`` in ``state`` (the trainer could not say): recorded in the
+        job file, which ``run_store.effective_status`` reads over status.json."""
+        job.phase, job.final_state, job.error = JobPhase.DONE, state, error
+        job.ended_at = time.time()
         try:
-            write_json_atomic(path, status)
+            self._write_job_file(job)
         except OSError:
-            pass
+            pass  # the run directory was deleted
 
     def _adopt_existing(self):
         """After a restart: keep watching live runs of an earlier explorer, settle dead ones."""
@@ -364,8 +365,9 @@ class JobManager:
             job_file = read_json(path / JOB_FILE, None)
             if not isinstance(job_file, dict):
                 continue
-            status = read_json(path / STATUS_FILE, {}) or {}
-            if status.get("state") not in ACTIVE_STATES:
+            # status.json as the trainer left it (not the store's effective view): decided here
+            written = RunState.parse((read_json(path / STATUS_FILE, {}) or {}).get("state"))
+            if job_file.get("final_state") or written.terminal:
                 continue
             owner = job_file.get("owner_pid")
             if owner == os.getpid():
@@ -378,14 +380,13 @@ class JobManager:
                 device_id = job_file.get("device_id")
                 job.device = next((d for d in self.devices if d["id"] == device_id),
                                   self.devices[0])
-                job.phase, job.started_at = "running", time.time()
+                job.phase, job.started_at = JobPhase.RUNNING, time.time()
                 self._jobs[run_id] = job
                 self._order.append(run_id)
             elif pid is None and owner is not None and pid_alive(owner):
                 continue  # queued by another explorer that is still alive: its business
             else:
-                job.phase, job.final_state = "done", "failed"
                 reason = ("the explorer that queued it stopped before it started"
                           if pid is None else "its training process is gone (explorer or "
                           "machine restarted while it ran)")
-                self._set_status(job, "failed", error=reason)
+                self._end(job, RunState.FAILED, reason)

@@ -16,14 +16,15 @@ from keras_varinit import diagnostics  # noqa: E402
 from keras_varinit import initializers  # noqa: E402
 from keras_varinit import layers  # noqa: E402
 from keras_varinit import models  # noqa: E402
-from keras_varinit import normalization  # noqa: E402
 from keras_varinit import profile_report  # noqa: E402
+# The function shadows its module's name in this namespace: kv.channel_stats(data) is the
+# function; the module's other names import from keras_varinit.channel_stats.
+from keras_varinit.channel_stats import ChannelStats, channel_stats  # noqa: E402
 from keras_varinit.diagnostics import variance_profile  # noqa: E402
 from keras_varinit.initializers import compute_fans, gain, lsuv  # noqa: E402
-from keras_varinit.normalization import ChannelStats, channel_stats  # noqa: E402
 
 __all__ = [
     "callbacks", "datasets", "diagnostics", "initializers", "layers", "models",
-    "normalization", "profile_report", "variance_profile", "compute_fans", "gain", "lsuv",
+    "profile_report", "variance_profile", "compute_fans", "gain", "lsuv",
     "ChannelStats", "channel_stats", "__version__",
 ]

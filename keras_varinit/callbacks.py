@@ -11,7 +11,6 @@ graph (see `keras_varinit.probe`), which measures the quantities of signal-propa
 * backward: std of dL/da^l (``activation_grad_std``) and of dL/dW^l (``weight_grad_std``);
 * weights: std of W^l and the update ratio ||W_now - W_prev|| / ||W_prev|| between two logs.
 """
-import json
 import math
 import os
 import warnings
@@ -20,17 +19,12 @@ import keras
 import numpy as np
 
 from keras_varinit.probe import (
-    STAT_NAMES, Probe, activation_name, finite_or_none, functional_graph, tracked_weight,
+    STAT_NAMES, Probe, activation_name, functional_graph, tracked_weight,
 )
+from keras_varinit.run_files import LAYER_STATS_FIELDS, append_jsonl
 
-RECORD_FIELDS = (
-    "step", "epoch", "layer", "layer_index", "layer_type",
-    "activation_mean", "activation_std", "zero_fraction", "saturated_fraction",
-    "activation_grad_std", "weight_std", "weight_grad_std", "update_ratio",
-    "nan_count", "inf_count",
-)
 # Statistics written to TensorBoard as layer_stats/<statistic>/<layer>.
-SCALAR_FIELDS = RECORD_FIELDS[5:]
+SCALAR_FIELDS = LAYER_STATS_FIELDS[5:]
 
 _ACTIVATION_LAYER_TYPES = ("Activation", "ReLU", "LeakyReLU", "ELU", "PReLU", "Softmax")
 
@@ -79,18 +73,6 @@ def _variable_to_numpy(variable):
     value = variable.value
     value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
     return np.array(value, dtype=np.float64)
-
-
-def _to_jsonable(record):
-    out = {}
-    for k, v in record.items():
-        if isinstance(v, (float, np.floating)):
-            out[k] = finite_or_none(v)
-        elif isinstance(v, np.integer):
-            out[k] = int(v)
-        else:
-            out[k] = v
-    return out
 
 
 class _SummaryWriter:
@@ -145,8 +127,8 @@ class LayerStatsLogger(keras.callbacks.Callback):
     At train begin (step 0: the state at initialization), every `every_n_steps` training steps
     (a global step counter across epochs, started from `optimizer.iterations`) and at every
     epoch end, the probe batch (x, y) is run forward and backward through the model and one
-    record per tracked layer is stored (fields: `RECORD_FIELDS`, the contract in
-    CONTRIBUTING.md):
+    record per tracked layer is stored (fields: `run_files.LAYER_STATS_FIELDS`, the contract
+    in CONTRIBUTING.md):
 
     * ``activation_mean``, ``activation_std``: of the layer's output a^l on the probe;
     * ``zero_fraction``: fraction of exact zeros of a^l (dead ReLUs);
@@ -410,7 +392,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
                     scalars.append((f"layer_stats/{field}/{layer.name}", float(record[field])))
         self.history.extend(records)
         if self.jsonl_path is not None:
-            self._write_jsonl(records)
+            append_jsonl(self.jsonl_path, records)
         if self._writer is not None:
             hists = []
             if self.histograms:
@@ -421,12 +403,6 @@ class LayerStatsLogger(keras.callbacks.Callback):
                 self._writer.write(step, scalars, hists)
             except Exception as e:
                 warnings.warn(f"LayerStatsLogger: TensorBoard write failed at step {step}: {e}")
-
-    def _write_jsonl(self, records):
-        text = "".join(json.dumps(_to_jsonable(r), allow_nan=False) + "\n" for r in records)
-        with open(self.jsonl_path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
 
     # -- Keras hooks -------------------------------------------------------------------------
 
@@ -467,10 +443,10 @@ class LayerStatsLogger(keras.callbacks.Callback):
     # -- results -----------------------------------------------------------------------------
 
     def to_dataframe(self):
-        """The records as a pandas DataFrame (columns `RECORD_FIELDS`, null -> NaN)."""
+        """The records as a pandas DataFrame (columns `LAYER_STATS_FIELDS`, null -> NaN)."""
         import pandas as pd
 
-        df = pd.DataFrame(self.history, columns=list(RECORD_FIELDS))
+        df = pd.DataFrame(self.history, columns=list(LAYER_STATS_FIELDS))
         for field in SCALAR_FIELDS:
             df[field] = pd.to_numeric(df[field], errors="coerce").astype("float64")
         return df

@@ -12,7 +12,7 @@ Sources (``source=``):
 * ``"keras"``: ``keras.datasets.cifar10.load_data()`` (downloads into the Keras cache if needed).
 * ``"dir"``: a directory or ``.tar`` / ``.tar.gz`` archive laid out as
   ``<split>/<class>/<image file>`` with splits ``train`` and ``test`` and the ten class names
-  (e.g. ``../shared/datasets/cifar10-jpeg.tar.gz``). Decoded once with Pillow (with a rich
+  (e.g. ``data/cifar10-jpeg.tar.gz``). Decoded once with Pillow (with a rich
   progress bar) and cached as an ``.npz`` under the cache dir (see :func:`cache_dir`), keyed by
   the archive's resolved path, size and modification time; later loads read the cache (well
   under 2 s). Decoding is single-process (measured: a 2-process pool gave no gain on 2 shared
@@ -43,11 +43,14 @@ import zlib
 
 import numpy as np
 
+from keras_varinit.checks import check_choice
+
 __all__ = [
     "CLASS_NAMES",
     "DatasetUnavailableError",
     "cache_dir",
     "is_synthetic",
+    "keras_cached",
     "load_cifar10",
     "resolve_source",
     "synthetic_cifar10",
@@ -112,7 +115,8 @@ def _tfds_prepared(data_dir=None) -> bool:
     return bool(glob.glob(str(root / "*" / "dataset_info.json")))
 
 
-def _keras_cached() -> pathlib.Path | None:
+def keras_cached() -> pathlib.Path | None:
+    """The Keras cache folder holding CIFAR-10 (``cifar-10-batches-py``), or None."""
     for d in _keras_cifar_dirs():
         if (d / "data_batch_1").exists() and (d / "test_batch").exists():
             return d
@@ -134,9 +138,7 @@ def _full_caches() -> list[pathlib.Path]:
 # Source resolution
 # --------------------------------------------------------------------------------------------
 def _check_source(source):
-    if source not in SOURCES:
-        raise ValueError(f"Unknown CIFAR-10 source. Received: source={source!r}. "
-                         f"Allowed: {', '.join(repr(s) for s in SOURCES)}")
+    check_choice("source", source, SOURCES)
 
 
 def resolve_source(source: str = "auto", path=None, data_dir=None) -> str:
@@ -190,7 +192,7 @@ def load_cifar10(source: str = "auto", path=None, *, data_dir=None, cache: bool 
 
     Example::
 
-        (x, y), (xt, yt) = load_cifar10("dir", "../shared/datasets/cifar10-jpeg.tar.gz")
+        (x, y), (xt, yt) = load_cifar10("dir", "data/cifar10-jpeg.tar.gz")
         x.shape, x.dtype, y.dtype  # (50000, 32, 32, 3), uint8, int64
     """
     _check_source(source)
@@ -209,7 +211,7 @@ def load_cifar10(source: str = "auto", path=None, *, data_dir=None, cache: bool 
         try:
             return _load_keras()
         except Exception as error:
-            if _keras_cached() is not None:
+            if keras_cached() is not None:
                 raise
             raise DatasetUnavailableError(
                 f"keras.datasets.cifar10 could not download CIFAR-10 ({type(error).__name__}: "
@@ -240,7 +242,7 @@ def _load_auto(path, data_dir, *, cache, progress):
         return _load_tfds(data_dir)
     tried.append(f"TFDS {_tfds_data_dir(data_dir) / 'cifar10'} (not prepared)")
 
-    if _keras_cached() is not None:
+    if keras_cached() is not None:
         return _load_keras()
     tried.append("Keras cache " + " or ".join(str(d) for d in _keras_cifar_dirs())
                  + " (absent)")

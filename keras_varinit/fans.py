@@ -6,6 +6,8 @@ diagnostics can call them directly. Re-exported from `keras_varinit.initializers
 import math
 import numbers
 
+from keras_varinit.checks import check_choice
+
 LAYOUTS = ("keras", "torch")
 DEPTHWISE = (False, True, "keras", "torch")
 MODES = ("fan_in", "fan_out", "fan_avg")
@@ -82,12 +84,8 @@ def compute_fans(shape, layout="keras", *, transpose=False, depthwise=False):
     >>> compute_fans((3, 3, 32, 2), depthwise="torch")
     (9, 576)
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"Unknown layout. Received: layout={layout!r}. Allowed: {LAYOUTS}")
-    if depthwise not in DEPTHWISE or isinstance(depthwise, numbers.Number) and \
-            not isinstance(depthwise, bool):
-        raise ValueError(f"Unknown depthwise convention. Received: depthwise={depthwise!r}. "
-                         f"Allowed: {DEPTHWISE}")
+    check_choice("layout", layout, LAYOUTS)
+    check_choice("depthwise", depthwise, DEPTHWISE)
     if not isinstance(transpose, bool):
         raise ValueError(f"`transpose` must be True or False. Received: transpose={transpose!r}")
     shape = _check_shape(shape)
@@ -144,9 +142,7 @@ def gain(nonlinearity, param=None):
     >>> gain("leaky_relu", 0.2)  # sqrt(2/1.04)
     1.386750490563073
     """
-    if not isinstance(nonlinearity, str) or nonlinearity not in NONLINEARITIES:
-        raise ValueError(f"Unknown nonlinearity. Received: nonlinearity={nonlinearity!r}. "
-                         f"Allowed: {NONLINEARITIES}")
+    check_choice("nonlinearity", nonlinearity, NONLINEARITIES)
     if nonlinearity == "leaky_relu":
         if param is None:
             slope = 0.01
@@ -178,8 +174,7 @@ def scaled_variance(scale, mode, fan_in, fan_out):
     >>> scaled_variance(2.0, "fan_in", 100, 400)
     0.02
     """
-    if mode not in MODES:
-        raise ValueError(f"Unknown mode. Received: mode={mode!r}. Allowed: {MODES}")
+    check_choice("mode", mode, MODES)
     if mode == "fan_in":
         n = fan_in
     elif mode == "fan_out":

@@ -14,6 +14,7 @@ import random as python_random
 
 import keras
 
+from keras_varinit.checks import check_choice
 from keras_varinit.fans import (  # noqa: F401  (re-exported)
     MODES,
     NONLINEARITIES,
@@ -53,18 +54,12 @@ def _check_seed(seed):
                      f"Received: seed={seed!r}")
 
 
-def _check_choice(name, value, allowed):
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"Unknown {name}. Received: {name}={value!r}. Allowed: {allowed}")
-    return value
-
-
 class _ScaledInitializer(keras.initializers.Initializer):
     """Base: zero-mean draw with variance `scale / n(mode, fans)` from one of DISTRIBUTIONS."""
 
     def __init__(self, mode, distribution, seed=None, transpose=False, depthwise=False):
-        self.mode = _check_choice("mode", mode, MODES)
-        self.distribution = _check_choice("distribution", distribution, DISTRIBUTIONS)
+        self.mode = check_choice("mode", mode, MODES)
+        self.distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
         compute_fans((1, 1, 1, 1), transpose=transpose, depthwise=depthwise)  # validates both
         self.transpose = transpose
         self.depthwise = depthwise
@@ -230,7 +225,7 @@ class Kaiming(_ScaledInitializer):
 
     def __init__(self, mode="fan_in", distribution="normal", nonlinearity="relu",
                  negative_slope=0.0, seed=None, *, transpose=False, depthwise=False):
-        _check_choice("nonlinearity", nonlinearity, NONLINEARITIES)
+        check_choice("nonlinearity", nonlinearity, NONLINEARITIES)
         if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real) or \
                 not math.isfinite(negative_slope) or negative_slope < 0:
             raise ValueError("`negative_slope` must be a finite number >= 0. "

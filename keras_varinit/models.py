@@ -48,16 +48,18 @@ Human-Level Performance on ImageNet Classification", ICCV 2015 (Sec. 2.2 and Fig
 >>> model = kv.models.plain_cnn(30, kernel_initializer="xavier_normal", seed=0)
 >>> model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 """
-import math
 import numbers
 
 import keras
 import numpy as np
 
 from keras_varinit import initializers as _initializers
+from keras_varinit.checks import check_choice, check_number, format_choices, invalid
+from keras_varinit.layers import BatchNormalization
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "linear", "sigmoid", "selu")
 BATCH_NORMS = (None, "pooled", "per_sample")
+MLP_BATCH_NORMS = (None, "pooled")
 DOWNSAMPLES = ("stride", "maxpool")
 KINDS = ("cnn", "mlp")
 DEFAULT_NEGATIVE_SLOPE = 0.2
@@ -82,31 +84,29 @@ _KAIMING_NAMES = ("kaiming_normal", "kaiming_uniform", "kaiming_truncated_normal
 # validation
 
 def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}. "
-                         f"Allowed: integers >= {minimum}")
-    return int(value)
+    return int(check_number(name, value, integer=True, minimum=minimum))
 
 
-def _check_choice(name, value, allowed):
-    if value not in allowed or (value is not None and not isinstance(value, str)):
-        raise ValueError(f"Unknown {name}. Received: {name}={value!r}. Allowed: {allowed}")
-    return value
+def check_normalization(kind, batch_norm):
+    """Refuse a normalization the network `kind` cannot have (the one home of this rule).
 
+    Per-sample batch normalization averages each image's own standard deviation over its
+    H x W positions; the flat features of an MLP have none.
 
-def _check_slope(negative_slope):
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real) or \
-            not math.isfinite(negative_slope) or negative_slope < 0:
-        raise ValueError("`negative_slope` must be a finite number >= 0. "
-                         f"Received: negative_slope={negative_slope!r}. Allowed: numbers >= 0")
-    return float(negative_slope)
-
-
-def _check_seed(seed):
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise ValueError(f"`seed` must be an int or None. Received: seed={seed!r}. "
-                         "Allowed: int, None")
-    return seed
+    >>> check_normalization("mlp", "per_sample")
+    Traceback (most recent call last):
+    ValueError: Per-sample batch normalization needs spatial positions: ...
+    """
+    check_choice("kind", kind, KINDS)
+    check_choice("batch_norm", batch_norm, BATCH_NORMS)
+    if kind == "mlp" and batch_norm == "per_sample":
+        raise invalid(
+            "batch_norm", batch_norm, f"{format_choices(MLP_BATCH_NORMS)} for an MLP",
+            reason="Per-sample batch normalization needs spatial positions: it averages each "
+                   "image's own standard deviation over its H x W pixels, and an MLP works on "
+                   "flat vectors, so there is nothing to average over. Use the plain CNN, or "
+                   "pooled batch norm")
+    return batch_norm
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,11 +181,6 @@ def _activation_layer(activation, negative_slope, name):
 
 
 def _batch_norm_layer(batch_norm, name):
-    try:
-        from keras_varinit.layers import BatchNormalization
-    except ImportError as err:  # pragma: no cover - only while the layer is being written
-        raise RuntimeError("batch_norm needs keras_varinit.layers.BatchNormalization, which "
-                           f"could not be imported ({err}). Use batch_norm=None.") from err
     return BatchNormalization(variance_estimator=batch_norm, name=name)
 
 
@@ -260,15 +255,15 @@ def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="
     depth = _check_int("depth", depth, 2)
     width = _check_int("width", width, 1)
     num_classes = _check_int("num_classes", num_classes, 1)
-    _check_choice("activation", activation, ACTIVATIONS)
-    _check_choice("batch_norm", batch_norm, BATCH_NORMS)
-    _check_choice("downsample", downsample, DOWNSAMPLES)
-    negative_slope = _check_slope(negative_slope)
-    seed = _check_seed(seed)
+    check_choice("activation", activation, ACTIVATIONS)
+    check_normalization("cnn", batch_norm)
+    check_choice("downsample", downsample, DOWNSAMPLES)
+    negative_slope = float(check_number("negative_slope", negative_slope, minimum=0))
+    check_number("seed", seed, integer=True, allow_none=True)
     input_shape = tuple(input_shape)
     if len(input_shape) != 3:
-        raise ValueError("plain_cnn needs image inputs (height, width, channels). "
-                         f"Received: input_shape={input_shape!r}. Allowed: a 3-tuple")
+        raise invalid("input_shape", input_shape, "a 3-tuple (height, width, channels)",
+                      reason="plain_cnn needs image inputs")
 
     inputs = keras.Input(shape=input_shape, name="input")
     x = inputs
@@ -348,20 +343,15 @@ def plain_mlp(depth, width=256, kernel_initializer="xavier_normal", activation="
     depth = _check_int("depth", depth, 2)
     width = _check_int("width", width, 1)
     num_classes = _check_int("num_classes", num_classes, 1)
-    _check_choice("activation", activation, ACTIVATIONS)
-    _check_choice("batch_norm", batch_norm, BATCH_NORMS)
-    if batch_norm == "per_sample":
-        raise ValueError("batch_norm='per_sample' estimates each image's spread over its "
-                         "spatial positions and has no meaning for the flat features of an "
-                         f"MLP. Received: batch_norm={batch_norm!r}. Allowed: None, 'pooled'")
-    negative_slope = _check_slope(negative_slope)
-    seed = _check_seed(seed)
+    check_choice("activation", activation, ACTIVATIONS)
+    check_normalization("mlp", batch_norm)
+    negative_slope = float(check_number("negative_slope", negative_slope, minimum=0))
+    check_number("seed", seed, integer=True, allow_none=True)
     if input_shape is None:
         input_shape = (_check_int("input_dim", input_dim, 1),)
     input_shape = tuple(input_shape)
     if not input_shape or any(not isinstance(d, numbers.Integral) or d < 1 for d in input_shape):
-        raise ValueError(f"`input_shape` must be a tuple of positive ints. "
-                         f"Received: input_shape={input_shape!r}")
+        raise invalid("input_shape", input_shape, "a tuple of positive ints")
 
     inputs = keras.Input(shape=input_shape, name="input")
     x = inputs
@@ -393,8 +383,7 @@ def reference_cnn(name, **overrides):
 
     >>> model = reference_cnn("small30", kernel_initializer="xavier_normal", seed=0)
     """
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset. Received: name={name!r}. Allowed: {tuple(PRESETS)}")
+    check_choice("name", name, tuple(PRESETS))
     return plain_cnn(**{**PRESETS[name], **overrides})
 
 
@@ -405,7 +394,7 @@ def build_model(kind="cnn", **kwargs):
 
     >>> model = build_model("mlp", depth=5, input_shape=(32, 32, 3))
     """
-    _check_choice("kind", kind, KINDS)
+    check_choice("kind", kind, KINDS)
     preset = kwargs.pop("preset", None)
     if kind == "cnn":
         if preset is not None:

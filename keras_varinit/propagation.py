@@ -1,6 +1,6 @@
 """Predicted forward and backward variances of a plain network at initialization (pure math).
 
-The recursion of He et al. 2015 (see ../shared/DESIGN.md). Weight layer l computes
+The recursion of He et al. 2015 (derived in docs/science.md). Weight layer l computes
 y_l = W_l x_l (+ 0 bias), x_(l+1) = f(y_l), weights zero-mean i.i.d. with variance Var[W_l]:
 
     forward:   Var[y_l]      = fan_in_l * Var[W_l] * E[x_l^2]
@@ -17,7 +17,7 @@ with the activation factors c_f = E[f(y)^2] / Var[y] and c_b = E[f'(y)^2] for sy
     selu        1                   (its self-normalizing fixed point; approximate)
     sigmoid     c_f undefined (sigmoid(0) = 1/2 is not centred), c_b = 1/16 (slope 1/4 at 0)
 
-Convolutions: fan_in = k*k*c_in and fan_out = k*k*c_out (DESIGN.md); a strided convolution
+Convolutions: fan_in = k*k*c_in and fan_out = k*k*c_out (`fans.compute_fans`); a strided convolution
 reaches each input position from fan_out / prod(strides) output terms on average, so the
 backward step divides by the product of the strides.
 

@@ -1,23 +1,28 @@
-"""Writers for the files of a run directory (the contract in CONTRIBUTING.md).
+"""The run directory: its files, their fields, the run states, and the one writer and reader of
+each file. Plain Python (no Keras import), so a reader such as the explorer can use it too.
 
-    <run_dir>/config.json        TrainConfig as a dict (+ "synthetic", "device")
-    <run_dir>/status.json        rewritten atomically (tmp + os.replace) about once a second
-    <run_dir>/steps.jsonl        {"step", "epoch", "loss", "accuracy"} every few steps
-    <run_dir>/metrics.csv        per epoch: epoch, loss, accuracy, val_loss, val_accuracy, seconds
-    <run_dir>/layer_stats.jsonl  written by callbacks.LayerStatsLogger
+    <run_dir>/config.json        TrainConfig.to_dict() + "synthetic", "device", "backend", "slug"
+    <run_dir>/status.json        STATUS_FIELDS; rewritten atomically about once a second by
+                                 StatusWriter, its only writer (the training process)
+    <run_dir>/steps.jsonl        STEP_FIELDS, one record every log_every_n_steps steps
+    <run_dir>/metrics.csv        METRICS_COLUMNS, one row per completed epoch (MetricsCsv)
+    <run_dir>/layer_stats.jsonl  LAYER_STATS_FIELDS, one record per (logged step, layer),
+                                 appended by callbacks.LayerStatsLogger through append_jsonl
     <run_dir>/tensorboard/       TensorBoard logs
     <run_dir>/checkpoint/        BackupAndRestore state for resuming
 
-Plain Python (no Keras import), so that a reader such as the explorer can use the helpers too.
+JSON files hold NaN/Inf as null (``json_safe``); JSON-lines files are appended and flushed one
+record (or one batch of records) at a time, so another process can tail them with
+``JsonlTail`` while training runs.
 """
 import csv
 import datetime
+import enum
 import json
 import math
 import os
 import pathlib
 import threading
-import time
 
 CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
@@ -29,10 +34,51 @@ CHECKPOINT_DIR = "checkpoint"
 RUN_FILES = (CONFIG_FILE, STATUS_FILE, STEPS_FILE, METRICS_FILE, LAYER_STATS_FILE,
              TENSORBOARD_DIR, CHECKPOINT_DIR)
 
-STATES = ("queued", "running", "finished", "stopped", "diverged", "failed")
+STATUS_FIELDS = ("state", "phase", "epoch", "epochs", "step", "total_steps",
+                 "images_per_second", "eta_seconds", "device", "started_at", "updated_at",
+                 "error")
+STEP_FIELDS = ("step", "epoch", "loss", "accuracy")
 METRICS_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
-STATUS_FIELDS = ("state", "epoch", "step", "total_steps", "images_per_second", "eta_seconds",
-                 "device", "started_at", "updated_at", "error")
+#: One layer-statistics record (callbacks.LayerStatsLogger): which step and layer, then the
+#: statistics of its output a^l, of dL/da^l and of its weights W^l (CONTRIBUTING.md).
+LAYER_STATS_FIELDS = (
+    "step", "epoch", "layer", "layer_index", "layer_type",
+    "activation_mean", "activation_std", "zero_fraction", "saturated_fraction",
+    "activation_grad_std", "weight_std", "weight_grad_std", "update_ratio",
+    "nan_count", "inf_count",
+)
+
+
+class RunState(str, enum.Enum):
+    """The ``state`` of ``status.json``. A ``str`` enum: it is written as its value and
+    compares equal to it (``RunState.FINISHED == "finished"``)."""
+
+    QUEUED = "queued"          # waiting for a device (the explorer's queue)
+    RUNNING = "running"
+    FINISHED = "finished"      # every epoch trained
+    STOPPED = "stopped"        # Ctrl-C / stop_event / Stop: complete logs and a checkpoint
+    DIVERGED = "diverged"      # the loss became NaN/Inf
+    FAILED = "failed"          # an exception, or the process died without a final state
+    UNKNOWN = "unknown"        # never written: a reader's answer for a missing/garbled status
+
+    def __str__(self):
+        return self.value
+
+    @property
+    def active(self):
+        return self in (RunState.QUEUED, RunState.RUNNING)
+
+    @property
+    def terminal(self):
+        return self in (RunState.FINISHED, RunState.STOPPED, RunState.DIVERGED, RunState.FAILED)
+
+    @classmethod
+    def parse(cls, value):
+        """The state named by ``value`` (a RunState, its value, or None -> UNKNOWN)."""
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.UNKNOWN
 
 
 def utc_now():
@@ -41,12 +87,33 @@ def utc_now():
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
+def new_run_dir(root, slug):
+    """Create and return ``<root>/<UTC YYYYmmdd-HHMMSS>-<slug>`` (``-1``, ``-2``, ... appended
+    when that name is taken); the one naming of run directories (CLI and explorer)."""
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in slug)[:80]
+    for i in range(1000):
+        candidate = root / (f"{stamp}-{safe}" + (f"-{i}" if i else ""))
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run directory under {root}")
+
+
+# --------------------------------------------------------------------------- JSON
+
 def json_safe(value):
-    """Convert numpy scalars to Python numbers and NaN/Inf to None (valid JSON)."""
+    """Numpy scalars to Python numbers, enums to their values, NaN/Inf to None (valid JSON)."""
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         try:
             value = value.item()
@@ -55,6 +122,10 @@ def json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _dumps(record):
+    return json.dumps(json_safe(record), allow_nan=False)
 
 
 def write_json_atomic(path, data):
@@ -76,22 +147,57 @@ def read_json(path, default=None):
         return default
 
 
+# --------------------------------------------------------------------------- JSON lines
+
+def append_jsonl(path, records):
+    """Append ``records`` (dicts) to a JSON-lines file in one write, flushed at once."""
+    text = "".join(_dumps(record) + "\n" for record in records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+
+
+class JsonlTail:
+    """Incremental reader of a JSON-lines file that another process appends to: each
+    ``read()`` parses only the bytes added since the last one and returns every complete
+    record so far (a last line without its newline is left for later). A file replaced or
+    truncated (a resumed run rewrites its logs) is read again from the start."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        self.offset = 0
+        self.records = []
+        self.inode = None
+
+    def read(self):
+        try:
+            st = self.path.stat()
+        except OSError:
+            self.offset, self.records, self.inode = 0, [], None
+            return self.records
+        if st.st_ino != self.inode or st.st_size < self.offset:
+            self.offset, self.records, self.inode = 0, [], st.st_ino
+        if st.st_size == self.offset:
+            return self.records
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read(st.st_size - self.offset)
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return self.records  # only a partial line so far
+        for line in chunk[:end].splitlines():
+            try:
+                if line.strip():
+                    self.records.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+        self.offset += end + 1
+        return self.records
+
+
 def read_jsonl(path):
-    """All complete records of a JSON-lines file (a partial last line is skipped)."""
-    records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    except FileNotFoundError:
-        pass
-    return records
+    """All complete records of a JSON-lines file ([] if it does not exist)."""
+    return list(JsonlTail(path).read())
 
 
 def truncate_jsonl(path, keep):
@@ -102,27 +208,16 @@ def truncate_jsonl(path, keep):
     records = [r for r in read_jsonl(path) if keep(r)]
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        f.write("".join(_dumps(record) + "\n" for record in records))
     os.replace(tmp, path)
 
 
-class JsonlWriter:
-    """Append one JSON object per line, flushed at once (another process may tail the file)."""
-
-    def __init__(self, path):
-        self.path = pathlib.Path(path)
-        self._lock = threading.Lock()
-
-    def write(self, record):
-        line = json.dumps(json_safe(record), allow_nan=False)
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-
+# --------------------------------------------------------------------------- metrics.csv
 
 class MetricsCsv:
-    """metrics.csv: one row per completed epoch, header written once, flushed at once."""
+    """metrics.csv: one row per completed epoch (METRICS_COLUMNS), header written once, each
+    row flushed at once. ``read()`` returns typed rows: ``epoch`` an int, the rest floats or
+    None."""
 
     def __init__(self, path):
         self.path = pathlib.Path(path)
@@ -133,33 +228,44 @@ class MetricsCsv:
             writer = csv.writer(f, lineterminator="\n")
             if new:
                 writer.writerow(METRICS_COLUMNS)
-            values = []
-            for column in METRICS_COLUMNS:
-                value = json_safe(row.get(column))
-                values.append("" if value is None else value)
-            writer.writerow(values)
+            values = [json_safe(row.get(column)) for column in METRICS_COLUMNS]
+            writer.writerow(["" if value is None else value for value in values])
             f.flush()
 
     def read(self):
         try:
             with open(self.path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
+                return [_typed_row(row) for row in csv.DictReader(f)]
         except FileNotFoundError:
             return []
 
     def truncate(self, keep_epochs):
         """Keep only rows with ``epoch <= keep_epochs`` (used when resuming)."""
-        rows = [r for r in self.read() if r.get("epoch") and int(r["epoch"]) <= keep_epochs]
+        rows = [r for r in self.read() if r.get("epoch") and r["epoch"] <= keep_epochs]
         if self.path.exists():
             self.path.unlink()
         for row in rows:
             self.write(row)
 
 
+def _typed_row(row):
+    out = {}
+    for key, text in row.items():
+        try:
+            out[key] = int(text) if key == "epoch" else (float(text) if text else None)
+        except (TypeError, ValueError):
+            out[key] = None
+    return out
+
+
+# --------------------------------------------------------------------------- status.json
+
 class StatusWriter:
-    """Keeps status.json up to date: ``update(**fields)`` from any thread, and a background
-    thread that rewrites the file about once a second (so ``updated_at`` is a heartbeat).
-    ``close(**final)`` writes the final state synchronously and stops the thread."""
+    """The one writer of status.json: ``update(**fields)`` from any thread of the training
+    process, a background thread that rewrites the file about once a second (so
+    ``updated_at`` is a heartbeat), and ``close(**final)``, which stops the thread and writes
+    the final fields synchronously. A context manager: ``with StatusWriter(...) as status``
+    starts it; leaving the block closes it (keeping what ``close`` wrote, if it was called)."""
 
     def __init__(self, path, interval=1.0, **fields):
         self.path = pathlib.Path(path)
@@ -167,9 +273,16 @@ class StatusWriter:
         self._lock = threading.Lock()
         self._status = {name: None for name in STATUS_FIELDS}
         self._status.update(fields)
-        self._dirty = True
         self._stop = threading.Event()
         self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        if not self._stop.is_set():
+            self.close()
+        return False
 
     def start(self):
         self.flush()
@@ -181,21 +294,15 @@ class StatusWriter:
     def update(self, **fields):
         with self._lock:
             self._status.update(fields)
-            self._dirty = True
 
     def get(self, name, default=None):
         with self._lock:
             return self._status.get(name, default)
 
-    def snapshot(self):
-        with self._lock:
-            return dict(self._status)
-
     def flush(self):
         with self._lock:
             self._status["updated_at"] = utc_now()
             status = dict(self._status)
-            self._dirty = False
         try:
             write_json_atomic(self.path, status)
         except OSError:
@@ -211,36 +318,3 @@ class StatusWriter:
             self._thread.join(timeout=5)
         self.update(**fields)
         self.flush()
-
-
-class Throughput:
-    """Images per second over the recent training batches and the ETA of the run."""
-
-    def __init__(self, window=20):
-        self.window = window
-        self._times = []
-        self._start = None
-        self._start_step = 0
-
-    def reset_window(self):
-        self._times = []
-
-    def batch_end(self, step):
-        now = time.perf_counter()
-        if self._start is None:
-            # The first batch includes tracing/compilation: measure from its end.
-            self._start, self._start_step = now, step
-        self._times.append(now)
-        self._times = self._times[-(self.window + 1):]
-
-    def images_per_second(self, batch_size):
-        if len(self._times) < 2:
-            return None
-        span = self._times[-1] - self._times[0]
-        return (len(self._times) - 1) * batch_size / span if span > 0 else None
-
-    def eta_seconds(self, step, total_steps):
-        if self._start is None or step <= self._start_step:
-            return None
-        per_step = (time.perf_counter() - self._start) / (step - self._start_step)
-        return max(0.0, (total_steps - step) * per_step)

@@ -12,7 +12,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_varinit.callbacks import RECORD_FIELDS, LayerStatsLogger
+from keras_varinit.callbacks import LayerStatsLogger
+from keras_varinit.run_files import LAYER_STATS_FIELDS
 
 bi = pytest.mark.backend_independent
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -81,9 +82,9 @@ def test_records_at_step_zero_every_n_steps_and_epoch_end(tmp_path):
     assert [r["layer_index"] for r in cb.history if r["step"] == 0] == [0, 1, 2, 3]
     assert _rec(cb, "a1", 0)["layer_type"] == "Activation"
     for r in cb.history:
-        assert tuple(r) == RECORD_FIELDS
+        assert tuple(r) == LAYER_STATS_FIELDS
     df = cb.to_dataframe()
-    assert list(df.columns) == list(RECORD_FIELDS)
+    assert list(df.columns) == list(LAYER_STATS_FIELDS)
     assert len(df) == 5 * 4
     # update ratio: null at the first log, > 0 once training moved the weights; null for
     # layers without weights.
@@ -347,7 +348,7 @@ def test_jsonl_file_is_tailable_with_contract_fields(tmp_path):
     assert len(lines) == len(cb.history) == 3 * 4
     for line, rec in zip(lines, cb.history):
         parsed = json.loads(line)
-        assert tuple(parsed) == RECORD_FIELDS
+        assert tuple(parsed) == LAYER_STATS_FIELDS
         assert parsed["step"] == rec["step"] and parsed["layer"] == rec["layer"]
     assert json.loads(lines[0])["update_ratio"] is None
 

@@ -52,7 +52,7 @@ def test_synthetic_both(capsys):
     for label in ("mean", "std, pooled over all pixels", "mean of per-image std"):
         assert label in out
     from keras_varinit.datasets import synthetic_cifar10
-    from keras_varinit.normalization import channel_stats_both
+    from keras_varinit.channel_stats import channel_stats_both
 
     pooled, per_sample = channel_stats_both(synthetic_cifar10(10000, 2000)[0][0], scale=255)
     for value in (pooled.mean[0], pooled.std[1], per_sample.std[2]):

@@ -31,7 +31,7 @@ def test_query_round_trip():
 def test_query_bad_values_fall_back_with_notes():
     settings, notes = presets.from_query({"depth": "999", "init": "bogus", "lr": "abc",
                                           "batch_size": "100", "unknown": "1"})
-    assert settings["depth"] == presets.DEPTH_RANGE[1]
+    assert settings["depth"] == presets.bounds(presets.CONTROLS["depth"])[1] == 60
     assert settings["init"] == presets.DEFAULTS["init"]
     assert settings["lr"] == presets.DEFAULTS["lr"]
     assert settings["batch_size"] == 128
@@ -41,7 +41,7 @@ def test_query_bad_values_fall_back_with_notes():
 def test_every_initializer_is_known_to_the_package():
     from keras_varinit import initializers
 
-    for name in presets.INITIALIZERS.values():
+    for name in presets.offered(presets.CONTROLS["init"]):
         if name == "lsuv":
             continue
         assert initializers.get(name) is not None
@@ -50,12 +50,12 @@ def test_every_initializer_is_known_to_the_package():
 def test_invalid_combinations_are_explained():
     problems = presets.blocking_problems(dict(presets.DEFAULTS, model="mlp",
                                               batch_norm="per_sample"))
-    assert problems and "MLP" in problems[0]
+    assert problems and "MLP" in problems[0].text
     assert presets.blocking_problems(presets.DEFAULTS) == []
     too_big = presets.blocking_problems(dict(presets.DEFAULTS, batch_size=512, subset=256))
-    assert too_big and "batch" in too_big[0].lower()
+    assert too_big and "batch" in too_big[0].text.lower()
     # a huge learning rate is a warning, not a refusal: the run is shown as diverged
-    assert presets.validate(dict(presets.DEFAULTS, lr=3.0))
+    assert presets.problems(dict(presets.DEFAULTS, lr=3.0))
     assert presets.blocking_problems(dict(presets.DEFAULTS, lr=3.0)) == []
 
 

@@ -148,3 +148,18 @@ def test_submit_refuses_invalid_combinations(jobs):
     with pytest.raises(ValueError, match="MLP"):
         jobs.submit(dict(TINY, model="mlp", batch_norm="per_sample"))
     assert jobs.store.list_runs() == []
+
+
+def test_the_worker_never_writes_status_json(tmp_path):
+    """status.json has one writer, the trainer: a run queued and cancelled by the worker has
+    none; the store shows what the worker recorded in its job file."""
+    store = RunStore(tmp_path / "runs")
+    manager = JobManager(store, devices=[], start=False)  # no device: the run stays queued
+    run_id = manager.submit(TINY)
+    assert store.info(run_id).state == "queued"
+    assert manager.stop(run_id)
+    assert not (store.path(run_id) / "status.json").exists()
+    assert store.info(run_id).state == "stopped"
+    assert "cancelled" in store.status(run_id)["error"]
+    job = json.loads((store.path(run_id) / "explorer_job.json").read_text())
+    assert job["final_state"] == "stopped"

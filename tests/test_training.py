@@ -55,54 +55,8 @@ class StopAfter(keras.callbacks.Callback):
 
 
 # --------------------------------------------------------------------------- config
-
-@pytest.mark.backend_independent
-@pytest.mark.parametrize("overrides, match", [
-    ({"depth": 1}, "depth=1"),
-    ({"depth": 2.5}, "depth=2.5"),
-    ({"init": "no_such_init"}, "init='no_such_init'"),
-    ({"init": "normal:-1"}, "init='normal:-1'"),
-    ({"activation": "bogus"}, "activation='bogus'"),
-    ({"model": "resnet"}, "model='resnet'"),
-    ({"batch_norm": "group"}, "batch_norm='group'"),
-    ({"model": "mlp", "batch_norm": "per_sample"}, "per_sample"),
-    ({"optimizer": "lamb"}, "optimizer='lamb'"),
-    ({"lr": 0.0}, "lr=0.0"),
-    ({"lr": float("nan")}, "lr=nan"),
-    ({"momentum": 1.0}, "momentum=1.0"),
-    ({"epochs": 0}, "epochs=0"),
-    ({"batch_size": 0}, "batch_size=0"),
-    ({"subset": -5}, "subset=-5"),
-    ({"distribute": "tpu"}, "distribute='tpu'"),
-    ({"stats_every_n_steps": -1}, "stats_every_n_steps=-1"),
-])
-def test_bad_config_raises_with_received_and_allowed(overrides, match):
-    config = TrainConfig(**{**tiny().to_dict(), **overrides})
-    with pytest.raises(ValueError, match="Received") as info:
-        config.validate()
-    assert match in str(info.value)
-    assert "Allowed" in str(info.value)
-
-
-@pytest.mark.backend_independent
-def test_missing_data_path_is_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no_such_dir"):
-        tiny(data=str(tmp_path / "no_such_dir")).validate()
-
-
-@pytest.mark.backend_independent
-def test_config_roundtrip_and_slug():
-    config = tiny(init="normal:0.01", batch_norm="pooled", subset=0)
-    assert config.subset is None  # 0 = all
-    data = config.to_dict()
-    assert TrainConfig.from_dict(dict(data, synthetic=True, device="CPU")) == config
-    with pytest.raises(ValueError, match="depht"):
-        TrainConfig.from_dict(dict(data, depht=3))
-    slug = config.slug()
-    assert slug.startswith("cnn-d3-w4-normal0.01-relu-bn_pooled-sgd-lr0.01")
-    assert "/" not in slug and ":" not in slug
-    assert TrainConfig(batch_norm="none").batch_norm is None
-
+# The schema's own tests (validation, round trip, slug, CLI/explorer generation):
+# tests/test_training_config.py.
 
 def test_bad_config_writes_nothing(tmp_path):
     with pytest.raises(ValueError):
@@ -171,7 +125,7 @@ def test_mlp_with_lsuv_and_adam(tmp_path):
 
 
 def test_inputs_are_normalized_with_pooled_training_statistics():
-    from keras_varinit.training import load_data
+    from keras_varinit.training.data import load_data
 
     (x, y), (xv, yv), info = load_data(tiny(subset=200, val_subset=50))
     assert x.dtype.name == "float32" and x.shape == (200, 32, 32, 3)
@@ -310,7 +264,8 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-from keras_varinit.training import TrainConfig, make_strategy, run_training
+from keras_varinit.training import TrainConfig, run_training
+from keras_varinit.training.device import make_strategy
 print("REPLICAS", make_strategy("mirrored").num_replicas_in_sync)
 config = TrainConfig(model="cnn", depth=3, width=4, data="synthetic", subset=256,
                      val_subset=64, epochs=1, batch_size=64, distribute="mirrored",

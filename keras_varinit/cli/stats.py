@@ -3,12 +3,12 @@
 Example::
 
     keras-varinit stats --data cifar10                       # train split, both estimators, [0, 1]
-    keras-varinit stats --data ../shared/datasets/cifar10-jpeg.tar.gz --split test
+    keras-varinit stats --data data/cifar10-jpeg.tar.gz --split test
     keras-varinit stats --data synthetic --estimator pooled --scale 1
     keras-varinit stats --data images.npy --markdown         # any (N, H, W, C) / (N, d) array
 
-Prints the table of ../shared/datasets/README.md: mean, the pooled std (what batch
-normalization computes) and the mean of per-image std (the often-quoted "CIFAR-10 std").
+Prints, per channel, the mean, the pooled std (what batch normalization computes) and the
+mean of per-image std (the often-quoted "CIFAR-10 std"); docs/science.md explains the two.
 """
 import os
 import pathlib
@@ -78,7 +78,8 @@ def run(args):
     from rich.console import Console
     from rich.table import Table
 
-    from keras_varinit.normalization import channel_stats, channel_stats_both, format_table
+    from keras_varinit.channel_stats import (channel_stats, channel_stats_both, format_table,
+                                             markdown_table)
 
     if args.scale <= 0:
         raise ValueError(f"--scale must be positive. Received: --scale={args.scale}")
@@ -106,9 +107,7 @@ def run(args):
         if args.estimator == "both":
             text = format_table(pooled, per_sample, names=names, digits=args.digits)
         else:
-            from keras_varinit.normalization import _markdown
-
-            text = _markdown(rows, names, args.digits)
+            text = markdown_table(rows, names, args.digits)
         console.print(f"{title}\n\n{text}", markup=False, highlight=False, soft_wrap=True)
         return 0
     console.print(title, markup=False, highlight=False, soft_wrap=True)

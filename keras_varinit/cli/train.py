@@ -6,89 +6,78 @@ Example::
         --activation relu --optimizer sgd --lr 0.01 --momentum 0.9 --epochs 2 --subset 10000
     tensorboard --logdir runs/
 
-Ctrl-C stops after the current batch, keeps complete logs and a checkpoint; run the same
-command with ``--resume`` (and the same ``--log-dir``) to go on.
+One option per ``TrainConfig`` field, generated from the schema (``add_config_options``): its
+flag, type, help and choices come from the field's declaration, and the config's own
+validation checks the values (one message format). Ctrl-C stops after the current batch,
+keeps complete logs and a checkpoint; run the same command with ``--resume`` (and the same
+``--log-dir``) to go on.
 """
-import datetime
-import os
 import pathlib
 import sys
 
+from keras_varinit import run_files as rf
+from keras_varinit.training.config import TrainConfig, fields
+
 HELP = "train a plain CNN/MLP on CIFAR-10 and log per-layer statistics"
+RUNS_DIR = "runs"
 
 
-def _optional_int(text):
-    value = int(text)
-    return None if value == 0 else value
-
-
-def _batch_norm(text):
-    return None if text.lower() in ("none", "off", "") else text
-
-
-def add_parser(subparsers):
-    from keras_varinit.training import MODELS, OPTIMIZERS, TrainConfig
-
-    d = TrainConfig()
+def add_parser(subparsers, schema=TrainConfig):
+    """Register ``train``: the options of ``schema``'s fields, then the run's own options."""
     p = subparsers.add_parser(
         "train", help=HELP, description="Train a plain CNN/MLP on CIFAR-10. Writes config.json, "
         "status.json, steps.jsonl, metrics.csv, layer_stats.jsonl, tensorboard/ and "
         "checkpoint/ under --log-dir. Ctrl-C stops after the current batch with complete logs "
         "and a checkpoint; --resume goes on from it.")
-    p.add_argument("--model", choices=MODELS, default=d.model, help="plain_cnn or plain_mlp")
-    p.add_argument("--depth", type=int, default=d.depth, help="weight layers (>= 2)")
-    p.add_argument("--width", type=int, default=d.width, help="channels (cnn) / units (mlp)")
-    p.add_argument("--init", default=d.init,
-                   help="initializer: xavier_normal, kaiming_normal, normal:0.01, torch_default, "
-                        "lsuv, or any Keras initializer name (default %(default)s)")
-    p.add_argument("--activation", default=d.activation, help="relu, tanh, ... (%(default)s)")
-    p.add_argument("--batch-norm", type=_batch_norm, default="none",
-                   metavar="{none,pooled,per_sample}",
-                   help="batch normalization variance estimator, or none (default)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (%(default)s)")
-    p.add_argument("--momentum", type=float, default=d.momentum,
-                   help="SGD/RMSprop momentum (%(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--subset", type=_optional_int, default=d.subset,
-                   help="training images (seeded random subset; 0 = all) (%(default)s)")
-    p.add_argument("--val-subset", type=_optional_int, default=d.val_subset,
-                   help="test images used for validation (0 or unset = all)")
-    p.add_argument("--data", default=d.data,
-                   help="auto (KERAS_VARINIT_CIFAR10, caches, download), synthetic, or a path "
-                        "to a CIFAR-10 directory/.tar.gz (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy")
-    p.add_argument("--distribute", choices=("mirrored", "multiworker"), default=None,
-                   help="tf.distribute strategy (TensorFlow backend): mirrored = all local "
-                        "GPUs; multiworker = MultiWorkerMirroredStrategy from TF_CONFIG")
-    p.add_argument("--stats-every", type=int, default=d.stats_every_n_steps, metavar="N",
-                   help="layer statistics every N steps (0 = off) (%(default)s)")
-    p.add_argument("--log-every", type=int, default=d.log_every_n_steps, metavar="N",
-                   help="steps.jsonl record every N steps (%(default)s)")
+    add_config_options(p, schema)
     p.add_argument("--log-dir", default=None,
-                   help="run directory (default runs/<timestamp>-<config slug>)")
+                   help=f"run directory (default {RUNS_DIR}/<UTC timestamp>-<config slug>)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
                        help="continue the run in --log-dir from its checkpoint")
     group.add_argument("--overwrite", action="store_true",
                        help="replace the run in --log-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, schema=schema)
     return p
 
 
-def config_from_args(args):
-    from keras_varinit.training import TrainConfig
+def add_config_options(parser, schema=TrainConfig):
+    """One option per field of ``schema``: ``--<name>`` (or the field's ``flag``), typed as
+    the field, its choices in the metavar, its help and default in the help. Values are
+    checked by ``schema.validate()``, not by argparse, so every bad value gets the same
+    "Received: ... Allowed: ..." message."""
+    for spec in fields(schema):
+        kwargs = dict(dest=spec.name, default=spec.default,
+                      help=f"{spec.help} (default: {spec.to_text(spec.default)})")
+        if spec.type is bool:
+            parser.add_argument(spec.cli_flag, action="store_true", **kwargs)
+            continue
+        metavar = spec.metavar
+        if spec.choices:
+            metavar = "{" + ",".join(spec.to_text(c) for c in spec.choices) + "}"
+        parser.add_argument(spec.cli_flag, type=spec.type, metavar=metavar, **kwargs)
 
-    return TrainConfig(
-        model=args.model, depth=args.depth, width=args.width, init=args.init,
-        activation=args.activation, batch_norm=args.batch_norm, optimizer=args.optimizer,
-        lr=args.lr, momentum=args.momentum, epochs=args.epochs, batch_size=args.batch_size,
-        subset=args.subset, val_subset=args.val_subset, data=args.data, seed=args.seed,
-        mixed_precision=args.mixed_precision, distribute=args.distribute,
-        stats_every_n_steps=args.stats_every, log_every_n_steps=args.log_every)
+
+def config_from_args(args, schema=TrainConfig):
+    """The ``schema`` instance the parsed options describe (not yet validated)."""
+    return schema(**{spec.name: getattr(args, spec.name) for spec in fields(schema)})
+
+
+def config_argv(config):
+    """The options that give back ``config`` (``config_from_args(parse(argv)) == config``)."""
+    argv = []
+    for spec in fields(type(config)):
+        value = getattr(config, spec.name)
+        if spec.type is bool:
+            argv += [spec.cli_flag] if value else []
+        elif value is None and spec.type is int:
+            argv += [spec.cli_flag, "0"]          # an optional count: 0 = None (all)
+        elif isinstance(value, float):
+            argv += [spec.cli_flag, repr(value)]  # every digit (%g keeps six)
+        else:
+            argv += [spec.cli_flag, spec.to_text(value)]
+    return argv
 
 
 def _fmt(value, pct=False):
@@ -98,21 +87,25 @@ def _fmt(value, pct=False):
 
 
 def run(args):
-    from keras_varinit.training import run_training
+    from keras_varinit.training.loop import EXIT_CODES, run_training
 
-    config = config_from_args(args).validate()
-    log_dir = args.log_dir
-    if log_dir is None:
-        if args.resume:
-            raise ValueError("--resume needs the run's directory. Received: --log-dir unset. "
-                             "Allowed: --resume --log-dir runs/<run>.")
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        log_dir = os.path.join("runs", f"{stamp}-{config.slug()}")
+    config = config_from_args(args, args.schema).validate()
+    for problem in config.problems():  # advice only: validate() raised any blocking one
+        print(f"keras-varinit train: warning: {problem.text}", file=sys.stderr)
+    if args.log_dir is None and args.resume:
+        raise ValueError("--resume needs the run's directory. Received: --log-dir unset. "
+                         "Allowed: --resume --log-dir runs/<run>.")
+    log_dir = args.log_dir or rf.new_run_dir(RUNS_DIR, config.slug())
     # A live progress bar on a terminal; one line per epoch when the output goes to a file or
     # a pipe (e.g. the explorer's log), which keeps such logs short and readable.
     verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
     result = run_training(config, log_dir, resume=args.resume, overwrite=args.overwrite,
                           verbose=verbose)
+    _print_summary(config, result)
+    return EXIT_CODES.get(result.state, 1)
+
+
+def _print_summary(config, result):
     m = result.metrics or {}
     run_dir = pathlib.Path(result.run_dir)
     data = "SYNTHETIC data" if result.synthetic else "CIFAR-10"
@@ -130,4 +123,3 @@ def run(args):
     print(f"  view: tensorboard --logdir {run_dir / 'tensorboard'}")
     if result.state == "stopped":
         print(f"  resume: keras-varinit train ... --log-dir {run_dir} --resume")
-    return {"finished": 0, "stopped": 130, "diverged": 3}.get(result.state, 1)

@@ -1,9 +1,8 @@
-"""Dataset statistics for input normalization (and, re-exported from ``batch_norm``, the
-:class:`BatchNormalization` layer): :func:`channel_stats` and :class:`ChannelStats`.
+"""Dataset statistics for input normalization: :func:`channel_stats` and :class:`ChannelStats`.
 
 For images ``(N, H, W, C)`` the statistics are per channel; for flat data ``(N, d)`` per
 feature (the DNN input normalization: subtract the mean, divide by the standard deviation).
-Two estimators of the spread (DESIGN.md section 1), both sharing the mean
+Two estimators of the spread (docs/science.md, "Dataset statistics"), both sharing the mean
 ``mu_c = mean over all N*H*W values of channel c``:
 
 * ``"pooled"``: ``sigma_c^2 = mean over all N*H*W values of (x - mu_c)^2`` (population variance,
@@ -24,10 +23,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from keras_varinit.batch_norm import BatchNormalization  # noqa: F401
-
-__all__ = ["BatchNormalization", "ChannelStats", "channel_stats", "channel_stats_both",
-           "format_table", "ESTIMATORS"]
+__all__ = ["ChannelStats", "channel_stats", "channel_stats_both", "format_table",
+           "markdown_table", "ESTIMATORS"]
 
 ESTIMATORS = ("pooled", "per_sample")
 
@@ -101,7 +98,7 @@ class ChannelStats:
         label = _ROW_LABEL[self.estimator]
         rows = [("mean", self.mean), (label, self.std),
                 (f"variance ({self.estimator})", self.variance)]
-        return _markdown(rows, names, digits)
+        return markdown_table(rows, names, digits)
 
     to_markdown = to_table
 
@@ -119,7 +116,8 @@ _ROW_LABEL = {"pooled": "std, pooled over all pixels",
               "per_sample": "mean of per-image std"}
 
 
-def _markdown(rows, names, digits):
+def markdown_table(rows, names, digits):
+    """A markdown table with one column per channel: ``rows`` are ``(label, values)``."""
     header = ["statistic"] + list(names)
     body = [[label] + [f"{v:.{digits}f}" for v in values] for label, values in rows]
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
@@ -135,7 +133,7 @@ def format_table(pooled: ChannelStats, per_sample: ChannelStats, names=None,
     names = list(names) if names is not None else pooled.channel_names()
     rows = [("mean", pooled.mean), (_ROW_LABEL["pooled"], pooled.std),
             (_ROW_LABEL["per_sample"], per_sample.std)]
-    return _markdown(rows, names, digits)
+    return markdown_table(rows, names, digits)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""keras_varinit.normalization: channel_stats / ChannelStats (BN layer: test_batch_norm.py)."""
+"""keras_varinit.channel_stats: channel_stats / ChannelStats (BN layer: test_batch_norm.py)."""
 import numpy as np
 import pytest
 
-from keras_varinit.normalization import (ChannelStats, channel_stats, channel_stats_both,
+from keras_varinit.channel_stats import (ChannelStats, channel_stats, channel_stats_both,
                                          format_table)
 
 README_TABLE = {  # ../shared/datasets/README.md, decoded JPEG training set on [0, 1]

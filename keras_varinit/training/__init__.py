@@ -1,0 +1,16 @@
+"""Training runs, one module per job:
+
+    config.py       TrainConfig: the schema of a run (fields, choices, ranges, help, slug)
+    data.py         CIFAR-10 or synthetic data, subset, per-channel normalization
+    model.py        the network and optimizer of a config (and LSUV)
+    device.py       the device label, the tf.distribute strategy, the dtype policy
+    run_control.py  the callbacks that log a run and stop it (status, steps, metrics, checkpoint)
+    loop.py         run_training: the run directory, the loop, the result
+
+>>> from keras_varinit.training import TrainConfig, run_training
+>>> result = run_training(TrainConfig(depth=4, data="synthetic", subset=256), "runs/demo")
+"""
+from keras_varinit.training.config import Problem, TrainConfig
+from keras_varinit.training.loop import TrainResult, run_training
+
+__all__ = ["TrainConfig", "Problem", "TrainResult", "run_training"]
