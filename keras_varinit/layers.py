@@ -19,6 +19,8 @@ against it: tests/test_keras_bn_suite.py), plus
 import keras
 from keras import ops
 
+from keras_varinit.checks import check_choice
+
 __all__ = ["BatchNormalization", "PER_SAMPLE_TINY", "VARIANCE_ESTIMATORS", "MOVING_VARIANCES"]
 
 VARIANCE_ESTIMATORS = ("pooled", "per_sample")
@@ -28,14 +30,6 @@ MOVING_VARIANCES = ("biased", "unbiased")
 #: sqrt(var_{n,c}) stays finite on a constant feature map (var = 0). Far below float32
 #: resolution for any variance that is not itself ~0.
 PER_SAMPLE_TINY = 1e-12
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Received: {name}={value!r}. "
-            f"Allowed: {', '.join(repr(a) for a in allowed)}."
-        )
 
 
 @keras.saving.register_keras_serializable(package="keras_varinit")
@@ -120,8 +114,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         renorm_momentum=0.99,
         **kwargs,
     ):
-        _check_choice("variance_estimator", variance_estimator, VARIANCE_ESTIMATORS)
-        _check_choice("moving_variance", moving_variance, MOVING_VARIANCES)
+        check_choice("variance_estimator", variance_estimator, VARIANCE_ESTIMATORS)
+        check_choice("moving_variance", moving_variance, MOVING_VARIANCES)
         if renorm and (variance_estimator != "pooled" or moving_variance != "biased"):
             raise ValueError(
                 "renorm=True is only supported with variance_estimator='pooled' and "

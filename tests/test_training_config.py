@@ -168,11 +168,6 @@ def _definitions(pattern):
     return found
 
 
-# batch_norm.py belongs to another branch of this step (issue 11's layer work); it switches to
-# checks.check_choice when the branches merge.
-_NOT_YET = ("keras_varinit/batch_norm.py",)
-
-
 @pytest.mark.backend_independent
 @pytest.mark.parametrize("what, pattern, home", [
     ("choice validator", r"^def _?check_choice\(", "keras_varinit/checks.py"),
@@ -185,5 +180,5 @@ _NOT_YET = ("keras_varinit/batch_norm.py",)
     ("run-directory naming", r"strftime\(\"%Y%m%d-%H%M%S\"\)", "keras_varinit/run_files.py"),
 ])
 def test_each_rule_and_format_has_one_home(what, pattern, home):
-    found = [f for f in _definitions(pattern) if not f.startswith(_NOT_YET)]
+    found = _definitions(pattern)
     assert len(found) == 1 and found[0].startswith(home + ":"), (what, found)
