@@ -4,12 +4,16 @@
 `plain_mlp(depth, ...)` a fully connected net for flat inputs (the tanh experiments). Both have
 exactly `depth` weight layers, end in a `Dense` layer that returns **logits** (no softmax: use
 `from_logits=True` losses), and keep every pre-activation observable: weight layers have
-`activation=None` and are followed by (an optional batch normalization and) a separate
-activation layer. Layer names:
+`activation=None` and are followed by (an optional normalization and) a separate activation
+layer. Layer names:
 
     conv_01 .. conv_NN   (Conv2D, 3x3, padding "same")    plain_cnn
     dense_01 .. dense_NN (Dense hidden layers)            plain_mlp
-    bn_01 ..             (keras_varinit.layers.BatchNormalization, when batch_norm is set)
+    bn_01 ..             (keras_varinit.layers.BatchNormalization: normalization "batch" or
+                          "batch_per_sample")
+    ln_01 ..             (keras.layers.LayerNormalization: normalization "layer")
+    in_01 ..             (keras.layers.GroupNormalization, one group per channel: "instance")
+    gn_01 ..             (keras.layers.GroupNormalization(groups): "group")
     act_01 ..            (Activation / LeakyReLU)
     pool_2, pool_3       (MaxPooling2D, only with downsample="maxpool")
     gap                  (GlobalAveragePooling2D)
@@ -48,6 +52,7 @@ Human-Level Performance on ImageNet Classification", ICCV 2015 (Sec. 2.2 and Fig
 >>> model = kv.models.plain_cnn(30, kernel_initializer="xavier_normal", seed=0)
 >>> model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 """
+import math
 import numbers
 
 import keras
@@ -58,8 +63,28 @@ from keras_varinit.checks import check_choice, check_number, format_choices, inv
 from keras_varinit.layers import BatchNormalization
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "linear", "sigmoid", "selu")
-BATCH_NORMS = (None, "pooled", "per_sample")
-MLP_BATCH_NORMS = (None, "pooled")
+#: Where a layer's output gets its mean and variance before the activation (Wu & He 2018,
+#: Fig. 2): "batch" over (N, H, W) per channel (keras_varinit's BatchNormalization, pooled
+#: variance: Keras's), "batch_per_sample" the same with each image's own std averaged,
+#: "layer" over (C, H, W) per sample, "instance" over (H, W) per sample and channel, "group"
+#: over (C/G, H, W) per sample and group of channels.
+NORMALIZATIONS = ("none", "batch", "batch_per_sample", "layer", "instance", "group")
+#: Those that mean something on flat features (no spatial positions).
+MLP_NORMALIZATIONS = ("none", "batch", "layer", "group")
+DEFAULT_GROUPS = 8
+_BN_ESTIMATOR = {"batch": "pooled", "batch_per_sample": "per_sample"}
+_NORM_PREFIX = {"batch": "bn", "batch_per_sample": "bn", "layer": "ln", "instance": "in",
+                "group": "gn"}
+_FLAT_REASONS = {
+    "batch_per_sample": "Per-sample batch normalization needs spatial positions: it averages "
+                        "each image's own standard deviation over its H x W pixels, and an MLP "
+                        "works on flat vectors, so there is nothing to average over. Use the "
+                        "plain CNN, or 'batch'",
+    "instance": "Instance normalization needs spatial positions: it normalizes each channel of "
+                "each sample over its H x W pixels, and an MLP's feature is one number (its "
+                "variance is 0, every output would be beta). Use the plain CNN, or 'layer' / "
+                "'group'",
+}
 DOWNSAMPLES = ("stride", "maxpool")
 KINDS = ("cnn", "mlp")
 DEFAULT_NEGATIVE_SLOPE = 0.2
@@ -70,9 +95,9 @@ DEFAULT_NEGATIVE_SLOPE = 0.2
 #: Kaiming both converge and Kaiming starts earlier. "small30": 30 weight layers (29 convs +
 #: classifier), widths 16/32/64, the "30-layer small model" of Fig. 3 where Xavier stalls.
 PRESETS = {
-    "large22": {"depth": 22, "width": 64, "activation": "relu", "batch_norm": None,
+    "large22": {"depth": 22, "width": 64, "activation": "relu", "normalization": "none",
                 "kernel_initializer": "kaiming_normal"},
-    "small30": {"depth": 30, "width": 16, "activation": "relu", "batch_norm": None,
+    "small30": {"depth": 30, "width": 16, "activation": "relu", "normalization": "none",
                 "kernel_initializer": "kaiming_normal"},
 }
 
@@ -87,26 +112,50 @@ def _check_int(name, value, minimum):
     return int(check_number(name, value, integer=True, minimum=minimum))
 
 
-def check_normalization(kind, batch_norm):
-    """Refuse a normalization the network `kind` cannot have (the one home of this rule).
+def stage_widths(kind, width):
+    """The channels (cnn: the three stages, `width * 2**s`) or units (mlp) of the hidden
+    layers: what a normalization layer sees.
 
-    Per-sample batch normalization averages each image's own standard deviation over its
-    H x W positions; the flat features of an MLP have none.
+    >>> stage_widths("cnn", 16)
+    [16, 32, 64]
+    """
+    return [width * 2 ** s for s in range(3)] if kind == "cnn" else [width]
 
-    >>> check_normalization("mlp", "per_sample")
+
+def check_normalization(kind, normalization, width, groups=DEFAULT_GROUPS):
+    """Refuse a normalization the network `kind` of this `width` cannot have (the one home of
+    this rule); return `normalization`.
+
+    * per-sample batch norm and instance norm need spatial positions: refused for an MLP;
+    * group norm splits each layer's channels into `groups` equal groups: `groups` must divide
+      every hidden layer's width (`stage_widths`).
+
+    >>> check_normalization("mlp", "instance", 256)
     Traceback (most recent call last):
-    ValueError: Per-sample batch normalization needs spatial positions: ...
+    ValueError: Instance normalization needs spatial positions: ...
+    >>> check_normalization("cnn", "group", 12, groups=8)
+    Traceback (most recent call last):
+    ValueError: Group normalization splits each layer's channels into 8 equal groups, ...
     """
     check_choice("kind", kind, KINDS)
-    check_choice("batch_norm", batch_norm, BATCH_NORMS)
-    if kind == "mlp" and batch_norm == "per_sample":
-        raise invalid(
-            "batch_norm", batch_norm, f"{format_choices(MLP_BATCH_NORMS)} for an MLP",
-            reason="Per-sample batch normalization needs spatial positions: it averages each "
-                   "image's own standard deviation over its H x W pixels, and an MLP works on "
-                   "flat vectors, so there is nothing to average over. Use the plain CNN, or "
-                   "pooled batch norm")
-    return batch_norm
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    if kind == "mlp" and normalization in _FLAT_REASONS:
+        raise invalid("normalization", normalization,
+                      f"{format_choices(MLP_NORMALIZATIONS)} for an MLP",
+                      reason=_FLAT_REASONS[normalization])
+    if normalization == "group":
+        groups = _check_int("groups", groups, 1)
+        widths = stage_widths(kind, _check_int("width", width, 1))
+        if any(w % groups for w in widths):
+            common = math.gcd(*widths)
+            divisors = [str(g) for g in range(1, common + 1) if common % g == 0]
+            raise invalid(
+                "groups", groups, ", ".join(divisors),
+                reason=f"Group normalization splits each layer's channels into {groups} equal "
+                       f"groups, so groups must divide every hidden layer's width "
+                       f"({'/'.join(map(str, widths))} for this {kind.upper()} of width "
+                       f"{width})")
+    return normalization
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,8 +229,21 @@ def _activation_layer(activation, negative_slope, name):
     return keras.layers.Activation(activation, name=name)
 
 
-def _batch_norm_layer(batch_norm, name):
-    return BatchNormalization(variance_estimator=batch_norm, name=name)
+def _normalization_layer(normalization, channels, groups, spatial, index):
+    """The layer of `normalization` for `channels` features, before the activation (None for
+    "none"). "layer" takes each sample's statistics over all its channels and positions
+    (`axis=[1, 2, 3]` on images; Keras's LayerNormalization then has one gamma and beta per
+    value, as PyTorch's `LayerNorm([C, H, W])`); "instance" is group norm with one channel
+    per group."""
+    if normalization == "none":
+        return None
+    name = f"{_NORM_PREFIX[normalization]}_{index:02d}"
+    if normalization in _BN_ESTIMATOR:
+        return BatchNormalization(variance_estimator=_BN_ESTIMATOR[normalization], name=name)
+    if normalization == "layer":
+        return keras.layers.LayerNormalization(axis=[1, 2, 3] if spatial else -1, name=name)
+    per_layer = channels if normalization == "instance" else groups
+    return keras.layers.GroupNormalization(groups=per_layer, name=name)
 
 
 def _stage_sizes(n_convs):
@@ -194,33 +256,34 @@ def _stage_sizes(n_convs):
     return [base + (1 if s < extra else 0) for s in range(3)]
 
 
-def _default_name(kind, depth, kernel_initializer, activation, batch_norm):
+def _default_name(kind, depth, kernel_initializer, activation, normalization):
     init = kernel_initializer if isinstance(kernel_initializer, str) else \
         type(kernel_initializer).__name__
     init = "".join(c if c.isalnum() or c in "_-." else "_" for c in init)
-    bn = f"_bn_{batch_norm}" if batch_norm else ""
-    return f"plain_{kind}{depth}_{init}_{activation}{bn}"
+    norm = "" if normalization == "none" else f"_norm_{normalization}"
+    return f"plain_{kind}{depth}_{init}_{activation}{norm}"
 
 
 # --------------------------------------------------------------------------------------------
 # models
 
 def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="relu",
-              batch_norm=None, input_shape=(32, 32, 3), num_classes=10,
+              normalization="none", input_shape=(32, 32, 3), num_classes=10,
               first_layer_initializer=None, seed=None, name=None, *,
-              negative_slope=DEFAULT_NEGATIVE_SLOPE, downsample="stride"):
+              negative_slope=DEFAULT_NEGATIVE_SLOPE, downsample="stride",
+              groups=DEFAULT_GROUPS):
     """A plain VGG-style CNN with exactly `depth` weight layers (He et al. 2015's depth study).
 
     Architecture: `depth - 1` 3x3 convolutions (padding "same") in three stages of widths
     `width`, `2*width`, `4*width` (the convolutions split as evenly as possible, earlier
-    stages taking the remainder: 29 -> 10/10/9), each convolution followed by an optional batch
-    normalization and the activation; then global average pooling and one `Dense(num_classes)`
+    stages taking the remainder: 29 -> 10/10/9), each convolution followed by an optional
+    normalization (`normalization`) and the activation; then global average pooling and one `Dense(num_classes)`
     classifier returning logits (no softmax: compile with `from_logits=True`). Between stages
     the resolution halves: `downsample="stride"` (default) makes the first convolution of
     stages 2 and 3 stride 2 (the layer count stays `depth`, no pooling layer in the chain);
     `downsample="maxpool"` inserts a 2x2 max-pooling before them, as the ImageNet nets of the
-    paper do. Convolutions have a zero-initialized bias, or none when batch normalization
-    follows. There are no skip connections: that is the point of the experiment.
+    paper do. Convolutions have a zero-initialized bias, or none when a normalization follows
+    (its beta is the bias). There are no skip connections: that is the point of the experiment.
 
     With `activation="relu"` and Kaiming, the forward variance of each layer is preserved
     (fan_in * 2/fan_in * 1/2 = 1); with Xavier (Var = 2/(fan_in+fan_out) = 1/fan_in at constant
@@ -238,9 +301,12 @@ def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="
         width: channels of the first stage, >= 1.
         kernel_initializer: see the module docstring (Kaiming names follow `activation`).
         activation: one of ACTIVATIONS.
-        batch_norm: None, "pooled" or "per_sample": a
-            `keras_varinit.layers.BatchNormalization(variance_estimator=batch_norm)` between
-            every convolution and its activation.
+        normalization: one of NORMALIZATIONS, between every convolution and its activation:
+            "none"; "batch" (`keras_varinit.layers.BatchNormalization`, pooled variance: what
+            Keras's layer computes); "batch_per_sample" (the same layer with
+            `variance_estimator="per_sample"`); "layer" (`keras.layers.LayerNormalization`
+            over (H, W, C)); "instance" (`keras.layers.GroupNormalization` with one group per
+            channel); "group" (`keras.layers.GroupNormalization(groups)`).
         input_shape: (height, width, channels).
         num_classes: logits of the classifier.
         first_layer_initializer: optional initializer for `conv_01` (the 1/d vs 2/d choice).
@@ -248,6 +314,8 @@ def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="
         name: model name (default e.g. "plain_cnn30_kaiming_normal_relu").
         negative_slope: leaky ReLU slope (default 0.2), also used in the Kaiming gain.
         downsample: "stride" (default) or "maxpool".
+        groups: groups of "group" normalization (default 8); must divide `width` (and so
+            every stage's width). Ignored by the other normalizations.
 
     Returns:
         A `keras.Model` (Functional).
@@ -256,7 +324,7 @@ def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="
     width = _check_int("width", width, 1)
     num_classes = _check_int("num_classes", num_classes, 1)
     check_choice("activation", activation, ACTIVATIONS)
-    check_normalization("cnn", batch_norm)
+    check_normalization("cnn", normalization, width, groups)
     check_choice("downsample", downsample, DOWNSAMPLES)
     negative_slope = float(check_number("negative_slope", negative_slope, minimum=0))
     check_number("seed", seed, integer=True, allow_none=True)
@@ -285,17 +353,18 @@ def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="
                 init = make_initializer(kernel_initializer, activation, negative_slope,
                                         _seed_for(seed, index), index)
             x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same",
-                                    activation=None, use_bias=batch_norm is None,
+                                    activation=None, use_bias=normalization == "none",
                                     kernel_initializer=init, bias_initializer="zeros",
                                     name=f"conv_{index:02d}")(x)
-            if batch_norm is not None:
-                x = _batch_norm_layer(batch_norm, f"bn_{index:02d}")(x)
+            norm = _normalization_layer(normalization, filters, groups, True, index)
+            if norm is not None:
+                x = norm(x)
             x = _activation_layer(activation, negative_slope, f"act_{index:02d}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = _logits(x, num_classes, kernel_initializer, activation, negative_slope,
                       _seed_for(seed, depth), depth)
     return keras.Model(inputs, outputs, name=name or _default_name(
-        "cnn", depth, kernel_initializer, activation, batch_norm))
+        "cnn", depth, kernel_initializer, activation, normalization))
 
 
 def _logits(x, num_classes, kernel_initializer, activation, negative_slope, seed, index):
@@ -305,13 +374,13 @@ def _logits(x, num_classes, kernel_initializer, activation, negative_slope, seed
 
 
 def plain_mlp(depth, width=256, kernel_initializer="xavier_normal", activation="tanh",
-              batch_norm=None, input_dim=3072, num_classes=10, first_layer_initializer=None,
-              seed=None, name=None, *, input_shape=None,
-              negative_slope=DEFAULT_NEGATIVE_SLOPE):
+              normalization="none", input_dim=3072, num_classes=10,
+              first_layer_initializer=None, seed=None, name=None, *, input_shape=None,
+              negative_slope=DEFAULT_NEGATIVE_SLOPE, groups=DEFAULT_GROUPS):
     """A plain fully connected net with exactly `depth` weight layers (Glorot & Bengio 2010).
 
-    `depth - 1` hidden `Dense(width)` layers (zero bias, or none with batch normalization), each
-    followed by an optional batch normalization and the activation, then a `Dense(num_classes)`
+    `depth - 1` hidden `Dense(width)` layers (zero bias, or none with a normalization), each
+    followed by an optional normalization and the activation, then a `Dense(num_classes)`
     classifier returning logits (no softmax: compile with `from_logits=True`). With
     `activation="tanh"`, weights too large saturate every unit at +-1, weights too small
     shrink the activations to 0; Xavier keeps them in between.
@@ -326,8 +395,9 @@ def plain_mlp(depth, width=256, kernel_initializer="xavier_normal", activation="
         width: units of each hidden layer, >= 1.
         kernel_initializer: see the module docstring (Kaiming names follow `activation`).
         activation: one of ACTIVATIONS.
-        batch_norm: None or "pooled". "per_sample" is a per-image spatial estimator and has no
-            meaning on flat features: a ValueError.
+        normalization: "none", "batch", "layer" (over the `width` features of a sample) or
+            "group" (over groups of width/groups features). "batch_per_sample" and "instance"
+            need spatial positions and have no meaning on flat features: a ValueError.
         input_dim: size of the flat input (ignored when `input_shape` is given).
         num_classes: logits of the classifier.
         first_layer_initializer: optional initializer for `dense_01`.
@@ -336,6 +406,7 @@ def plain_mlp(depth, width=256, kernel_initializer="xavier_normal", activation="
         input_shape: optional input shape; with more than one dimension a `Flatten` layer
             ("flatten") comes first (e.g. `(32, 32, 3)` for CIFAR images).
         negative_slope: leaky ReLU slope (default 0.2), also used in the Kaiming gain.
+        groups: groups of "group" normalization (default 8); must divide `width`.
 
     Returns:
         A `keras.Model` (Functional).
@@ -344,7 +415,7 @@ def plain_mlp(depth, width=256, kernel_initializer="xavier_normal", activation="
     width = _check_int("width", width, 1)
     num_classes = _check_int("num_classes", num_classes, 1)
     check_choice("activation", activation, ACTIVATIONS)
-    check_normalization("mlp", batch_norm)
+    check_normalization("mlp", normalization, width, groups)
     negative_slope = float(check_number("negative_slope", negative_slope, minimum=0))
     check_number("seed", seed, integer=True, allow_none=True)
     if input_shape is None:
@@ -364,16 +435,17 @@ def plain_mlp(depth, width=256, kernel_initializer="xavier_normal", activation="
         else:
             init = make_initializer(kernel_initializer, activation, negative_slope,
                                     _seed_for(seed, index), index)
-        x = keras.layers.Dense(width, activation=None, use_bias=batch_norm is None,
+        x = keras.layers.Dense(width, activation=None, use_bias=normalization == "none",
                                kernel_initializer=init, bias_initializer="zeros",
                                name=f"dense_{index:02d}")(x)
-        if batch_norm is not None:
-            x = _batch_norm_layer(batch_norm, f"bn_{index:02d}")(x)
+        norm = _normalization_layer(normalization, width, groups, False, index)
+        if norm is not None:
+            x = norm(x)
         x = _activation_layer(activation, negative_slope, f"act_{index:02d}")(x)
     outputs = _logits(x, num_classes, kernel_initializer, activation, negative_slope,
                       _seed_for(seed, depth), depth)
     return keras.Model(inputs, outputs, name=name or _default_name(
-        "mlp", depth, kernel_initializer, activation, batch_norm))
+        "mlp", depth, kernel_initializer, activation, normalization))
 
 
 def reference_cnn(name, **overrides):

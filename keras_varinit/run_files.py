@@ -2,6 +2,7 @@
 each file. Plain Python (no Keras import), so a reader such as the explorer can use it too.
 
     <run_dir>/config.json        TrainConfig.to_dict() + "synthetic", "device", "backend", "slug"
+                                 (an older run's "batch_norm" is read through upgrade_config)
     <run_dir>/status.json        STATUS_FIELDS; rewritten atomically about once a second by
                                  StatusWriter, its only writer (the training process)
     <run_dir>/steps.jsonl        STEP_FIELDS, one record every log_every_n_steps steps
@@ -38,7 +39,14 @@ STATUS_FIELDS = ("state", "phase", "epoch", "epochs", "step", "total_steps",
                  "images_per_second", "eta_seconds", "device", "started_at", "updated_at",
                  "error")
 STEP_FIELDS = ("step", "epoch", "loss", "accuracy")
-METRICS_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+#: One row per epoch: fit's epoch means (training mode, weights changing), validation
+#: (inference mode), and a fixed slice of the training images evaluated with the epoch's final
+#: weights in both modes: ``train_mode_*`` with batch statistics (the moving averages left
+#: untouched), ``train_eval_*`` in inference mode (moving statistics). Their difference is
+#: batch normalization's train/test discrepancy; without BN the two agree.
+METRICS_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy",
+                   "train_mode_loss", "train_mode_accuracy", "train_eval_loss",
+                   "train_eval_accuracy", "seconds")
 #: One layer-statistics record (callbacks.LayerStatsLogger): which step and layer, then the
 #: statistics of its output a^l, of dL/da^l and of its weights W^l (CONTRIBUTING.md).
 LAYER_STATS_FIELDS = (
@@ -145,6 +153,34 @@ def read_json(path, default=None):
             return json.load(f)
     except (FileNotFoundError, json.JSONDecodeError, OSError, UnicodeDecodeError):
         return default
+
+
+# --------------------------------------------------------------------------- config.json
+
+#: config.json of runs written before the normalization choice held ``batch_norm``: its
+#: values and the ``normalization`` each one meant.
+LEGACY_BATCH_NORM = {None: "none", "none": "none", "pooled": "batch",
+                     "per_sample": "batch_per_sample"}
+
+
+def upgrade_config(record):
+    """A config.json record in today's terms: an older run's ``batch_norm`` (None, "pooled",
+    "per_sample") becomes ``normalization`` ("none", "batch", "batch_per_sample"); anything
+    else is returned unchanged.
+
+    >>> upgrade_config({"depth": 30, "batch_norm": "pooled"})
+    {'depth': 30, 'normalization': 'batch'}
+    """
+    if not isinstance(record, dict) or "batch_norm" not in record:
+        return record
+    old = record["batch_norm"]
+    if old not in LEGACY_BATCH_NORM:
+        allowed = ", ".join(repr(k) for k in LEGACY_BATCH_NORM)
+        raise ValueError(f"Invalid batch_norm in an older config.json. Received: "
+                         f"batch_norm={old!r}. Allowed: {allowed}.")
+    out = {k: v for k, v in record.items() if k != "batch_norm"}
+    out.setdefault("normalization", LEGACY_BATCH_NORM[old])
+    return out
 
 
 # --------------------------------------------------------------------------- JSON lines

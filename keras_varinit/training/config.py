@@ -30,6 +30,7 @@ import types
 import typing
 
 from keras_varinit import initializers, models
+from keras_varinit.run_files import upgrade_config
 from keras_varinit.checks import check_choice, check_number, invalid
 
 NETWORK = "Network"    # the explorer's sidebar sections
@@ -127,7 +128,7 @@ class Option:
 
     def normalize(self, value):
         """The field's canonical value: "none"/"off"/"" -> None and 0 -> None for an
-        optional field (``--batch-norm none``, ``--subset 0`` = all), ints -> float for a
+        optional field (``--distribute none``, ``--subset 0`` = all), ints -> float for a
         float field."""
         if self.optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
             return None
@@ -248,6 +249,10 @@ def _data_slug(value):
     return "synthetic" if value == "synthetic" else ""
 
 
+def _norm_slug(value):
+    return "" if value == "none" else f"norm_{value}"
+
+
 # The initializers the explorer offers: name -> (label, what it does).
 _EXPLORER_INITS = {
     "kaiming_normal": ("Kaiming normal (fan_in)", "He et al. 2015: Var[W] = 2/fan_in, keeps "
@@ -279,8 +284,8 @@ class TrainConfig:
     Each field's help, choices and bounds are declared next to it (see the module docstring);
     ``keras-varinit train --help`` lists them. In short: ``model`` "cnn" (``plain_cnn``) or
     "mlp" (``plain_mlp``); ``init`` an ``initializers.get`` name or "lsuv" (orthogonal start,
-    then ``lsuv`` on a training batch); ``batch_norm`` None, "pooled" or "per_sample" (the BN
-    variance estimator); ``subset``/``val_subset`` None = all; ``data`` "auto", "synthetic"
+    then ``lsuv`` on a training batch); ``normalization`` one of ``models.NORMALIZATIONS``
+    (before each activation; ``groups`` for "group"); ``subset``/``val_subset`` None = all; ``data`` "auto", "synthetic"
     or a path; ``distribute`` None, "mirrored" or "multiworker" (TensorFlow only).
     """
 
@@ -312,12 +317,20 @@ class TrainConfig:
         at_init=True,
         widget=Widget(WidgetKind.SELECT, "Activation", NETWORK,
                       options=("relu", "leaky_relu", "tanh", "linear")))
-    batch_norm: str | None = option(
-        None, "batch normalization variance estimator, or none", choices=models.BATCH_NORMS,
-        slug="bn_{}", at_init=True,
-        widget=Widget(WidgetKind.RADIO, "Batch norm", NETWORK,
-                      help="pooled: variance over all pixels of the batch (what BN computes); "
-                           "per_sample: the mean of each image's own std (CNN only)."))
+    normalization: str = option(
+        "none", "normalization before each activation: batch (Keras's BN: pooled variance), "
+        "batch_per_sample (BN with the per-image std), layer, instance (CNN only), group",
+        choices=models.NORMALIZATIONS, flag="--norm", slug=_norm_slug, at_init=True,
+        widget=Widget(WidgetKind.SELECT, "Normalization", NETWORK,
+                      labels={"none": "None", "batch": "Batch norm",
+                              "batch_per_sample": "Batch norm, per-sample variance",
+                              "layer": "Layer norm", "instance": "Instance norm",
+                              "group": "Group norm"}))
+    groups: int = option(
+        models.DEFAULT_GROUPS, "groups of group normalization (must divide the width of every "
+        "hidden layer)", minimum=1, at_init=True,
+        widget=Widget(WidgetKind.NUMBER, "Groups (group norm)", NETWORK, low=1, high=64, step=1,
+                      used_with=("normalization", ("group",))))
     optimizer: str = option(
         "sgd", "sgd (with momentum), adam or rmsprop (with momentum)",
         choices=("sgd", "adam", "rmsprop"), slug="{}",
@@ -374,7 +387,8 @@ class TrainConfig:
         """Every blocking rule, in order: each field's own, then those across fields."""
         for spec in fields(type(self)):
             yield functools.partial(spec.check, getattr(self, spec.name))
-        yield functools.partial(models.check_normalization, self.model, self.batch_norm)
+        yield functools.partial(models.check_normalization, self.model, self.normalization,
+                                self.width, self.groups)
 
     def validate(self):
         """Raise on the first blocking problem (ValueError "Received: ... Allowed: ...", or
@@ -401,7 +415,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data):
         """Build from a dict (e.g. ``config.json``); the keys the trainer adds to config.json
-        ("synthetic", "device", "slug", "backend") are ignored, misspelt keys are refused."""
+        ("synthetic", "device", "slug", "backend") are ignored, misspelt keys are refused; an
+        older config.json's ``batch_norm`` is read as its ``normalization``
+        (``run_files.upgrade_config``)."""
+        data = upgrade_config(data)
         names = {f.name for f in dataclasses.fields(cls)}
         extra = set(data) - names - set(RECORD_EXTRAS)
         if extra:

@@ -14,8 +14,9 @@ def build_model(config, input_shape):
     init = "orthogonal" if config.init == "lsuv" else config.init
     return models.build_model(
         kind=config.model, depth=config.depth, width=config.width, kernel_initializer=init,
-        activation=config.activation, batch_norm=config.batch_norm, num_classes=NUM_CLASSES,
-        seed=config.seed, input_shape=input_shape)
+        activation=config.activation, normalization=config.normalization,
+        groups=config.groups, num_classes=NUM_CLASSES, seed=config.seed,
+        input_shape=input_shape)
 
 
 def make_optimizer(config):

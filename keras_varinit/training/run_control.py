@@ -11,6 +11,7 @@ import numpy as np
 
 from keras_varinit import run_files as rf
 from keras_varinit.run_files import RunState
+from keras_varinit.training.mode_eval import evaluate_modes
 
 
 @dataclasses.dataclass
@@ -79,10 +80,14 @@ class RunControl(keras.callbacks.Callback):
         stop_requested: a callable, true once the run should stop.
         steps_per_epoch, epochs, batch_size, log_every: as in the config.
         start_epoch: epochs already completed (when resuming).
+        train_slice: ``(x, y)``, training images evaluated after each epoch in training and
+            in inference mode (``mode_eval.evaluate_modes``: metrics.csv's ``train_mode_*``
+            and ``train_eval_*``, also passed on in the epoch's logs); None: not measured.
     """
 
     def __init__(self, progress, status, steps_path, metrics, stop_requested, *,
-                 steps_per_epoch, epochs, batch_size, log_every, start_epoch=0, verbose=0):
+                 steps_per_epoch, epochs, batch_size, log_every, start_epoch=0, verbose=0,
+                 train_slice=None):
         super().__init__()
         self.progress = progress
         self.status = status
@@ -95,6 +100,7 @@ class RunControl(keras.callbacks.Callback):
         self.log_every = log_every
         self.start_epoch = start_epoch
         self.verbose = verbose
+        self.train_slice = train_slice
         self.throughput = Throughput()
         self.epoch = 0
         self.epoch_start_step = 0
@@ -173,6 +179,11 @@ class RunControl(keras.callbacks.Callback):
                "val_loss": None if self.eval_cut else _float(logs.get("val_loss")),
                "val_accuracy": None if self.eval_cut else _float(logs.get("val_accuracy")),
                "seconds": round(time.perf_counter() - self._epoch_start, 3)}
+        if self.train_slice is not None:
+            self.status.update(phase="train/test modes")
+            modes = evaluate_modes(self.model, *self.train_slice, self.batch_size)
+            row.update(modes)
+            logs.update(modes)   # for the TensorBoard callback after this one
         self.metrics.write(row)
         self.progress.last_metrics = row
         if self.stop_requested() and self.progress.state is None:
