@@ -53,8 +53,10 @@ def test_profile_synthetic_data(capsys):
     (["--draws", "0"], "--draws must be >= 1. Received: --draws 0"),
     (["--init", "no_such_init", "--depth", "3", "--width", "2", "--batch-size", "4"],
      "no_such_init"),
-    (["--model", "mlp", "--batch-norm", "per_sample", "--depth", "3", "--batch-size", "4"],
-     "per_sample"),
+    (["--model", "mlp", "--norm", "instance", "--depth", "3", "--batch-size", "4"],
+     "instance"),
+    (["--norm", "group", "--groups", "3", "--width", "4", "--depth", "3", "--batch-size", "4"],
+     "Received: groups=3. Allowed: 1, 2, 4"),
 ])
 def test_profile_errors_exit_2(argv, match, capsys):
     assert main(["profile", *argv]) == 2
@@ -80,3 +82,11 @@ def test_profile_draws_reports_the_spread_over_independent_draws(capsys):
     assert "and 2 more draw(s)" in out
     low, high = re.search(r"range x(\S+) \.\. x(\S+),", line[0]).groups()
     assert float(low) < float(high)   # different draws, not one net three times
+
+
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_profile_with_a_normalization(norm, capsys):
+    code = main(["profile", "--depth", "4", "--width", "4", "--init", "kaiming_normal",
+                 "--batch-size", "8", "--norm", norm, "--groups", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and f"normalization {norm}" in out and "kaiming_normal:" in out

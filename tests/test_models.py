@@ -1,4 +1,5 @@
-"""keras_varinit.models: layer counts, shapes, initializer/activation/BN wiring, errors."""
+"""keras_varinit.models: layer counts, shapes, initializer/activation/normalization wiring,
+errors."""
 import math
 
 import keras
@@ -157,24 +158,126 @@ def test_presets_and_build_model():
     assert len(_weights(models.build_model("cnn", preset="small30", width=2))) == 30
 
 
-@pytest.mark.parametrize("estimator", ["pooled", "per_sample"])
-def test_batch_norm_wiring(estimator):
-    pytest.importorskip("keras_varinit.layers")
+# --------------------------------------------------------------------------- normalization
+
+CHOICES = [("cnn", n) for n in models.NORMALIZATIONS] + \
+    [("mlp", n) for n in models.MLP_NORMALIZATIONS]
+
+
+def _build(kind, normalization, seed=0):
+    if kind == "cnn":
+        return models.plain_cnn(4, width=4, normalization=normalization, groups=2, seed=seed,
+                                input_shape=(8, 8, 3))
+    return models.plain_mlp(3, width=8, normalization=normalization, groups=2, seed=seed,
+                            input_dim=12)
+
+
+@pytest.mark.parametrize("kind,normalization", CHOICES)
+def test_each_normalization_builds_trains_and_round_trips(kind, normalization, tmp_path):
+    """Built before every activation, one optimizer step changes the weights, and the saved
+    .keras file gives back the same network (same outputs, same layer classes)."""
+    model = _build(kind, normalization)
+    shape = (16, 8, 8, 3) if kind == "cnn" else (16, 12)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype("float32")
+    y = rng.integers(0, 10, 16).astype("int32")
+    names = [layer.name for layer in model.layers]
+    hidden = [n for n in names if n.startswith(("conv_", "dense_"))]
+    prefix = {"none": None, "batch": "bn", "batch_per_sample": "bn", "layer": "ln",
+              "instance": "in", "group": "gn"}[normalization]
+    for i, weight in enumerate(hidden, start=1):
+        after = names[names.index(weight) + 1]
+        assert after == (f"{prefix}_{i:02d}" if prefix else f"act_{i:02d}")
+        assert model.get_layer(weight).use_bias == (normalization == "none")
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [np.array(w) for w in model.get_weights()]
+    model.train_on_batch(x, y)
+    assert any(not np.array_equal(b, np.array(a)) for b, a in zip(before, model.get_weights()))
+    path = tmp_path / f"{kind}_{normalization}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert [type(l) for l in loaded.layers] == [type(l) for l in model.layers]
+    np.testing.assert_allclose(np.array(loaded(x, training=False)),
+                               np.array(model(x, training=False)), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_group_instance_are_keras_layers():
     from keras_varinit.layers import BatchNormalization
 
-    model = models.plain_cnn(4, width=4, batch_norm=estimator, seed=0)
-    names = [l.name for l in model.layers]
-    assert names[1:4] == ["conv_01", "bn_01", "act_01"]
-    bn = model.get_layer("bn_01")
-    assert isinstance(bn, BatchNormalization) and bn.variance_estimator == estimator
-    assert not model.get_layer("conv_01").use_bias
-    assert model(np.zeros((2, 32, 32, 3), "float32")).shape == (2, 10)
+    cnn = {n: _build("cnn", n) for n in ("batch", "batch_per_sample", "layer", "instance",
+                                          "group")}
+    assert cnn["batch"].get_layer("bn_01").variance_estimator == "pooled"
+    assert isinstance(cnn["batch"].get_layer("bn_01"), BatchNormalization)
+    assert cnn["batch_per_sample"].get_layer("bn_01").variance_estimator == "per_sample"
+    ln = cnn["layer"].get_layer("ln_01")
+    assert type(ln) is keras.layers.LayerNormalization and list(ln.axis) == [1, 2, 3]
+    channels = [4, 8, 16]   # width 4: one convolution per stage
+    for i, c in enumerate(channels, start=1):
+        inst = cnn["instance"].get_layer(f"in_{i:02d}")
+        assert type(inst) is keras.layers.GroupNormalization and inst.groups == c
+        group = cnn["group"].get_layer(f"gn_{i:02d}")
+        assert type(group) is keras.layers.GroupNormalization and group.groups == 2
+    mlp_ln = _build("mlp", "layer").get_layer("ln_01")
+    assert type(mlp_ln) is keras.layers.LayerNormalization and list(mlp_ln.axis) == [-1]
 
 
-def test_mlp_pooled_batch_norm():
-    pytest.importorskip("keras_varinit.layers")
-    model = models.plain_mlp(3, width=8, batch_norm="pooled", seed=0)
-    assert [l.name for l in model.layers][1:4] == ["dense_01", "bn_01", "act_01"]
+# The axes each normalization averages over, for a (N, H, W, C) output, and what a channel
+# group is: checked on the layer's output at initialization (gamma 1, beta 0).
+_SETS = {"batch": (0, 1, 2), "layer": (1, 2, 3), "instance": (1, 2)}
+
+
+@pytest.mark.parametrize("normalization", ["batch", "layer", "instance", "group"])
+def test_each_normalization_averages_over_its_own_set(normalization):
+    """Zero mean and unit variance over exactly the set of Wu & He's Fig. 2, and not over a
+    neighbouring one (inputs with a different offset per sample and per channel)."""
+    model = models.plain_cnn(2, width=4, normalization=normalization, groups=2, seed=0,
+                             input_shape=(6, 6, 3))
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((8, 6, 6, 3)) * rng.uniform(0.5, 3, (8, 1, 1, 3))
+         + rng.uniform(-4, 4, (8, 1, 1, 3))).astype("float32")
+    prefix = {"batch": "bn", "layer": "ln", "instance": "in", "group": "gn"}[normalization]
+    probe = keras.Model(model.input, model.get_layer(f"{prefix}_01").output)
+    out = np.asarray(probe(x, training=True), dtype="float64")
+    axes = _SETS.get(normalization, (1, 2, 4))
+    if normalization == "group":
+        out = out.reshape(8, 6, 6, 2, 2)      # (N, H, W, group, channel in the group)
+    np.testing.assert_allclose(out.mean(axis=axes), 0, atol=1e-4)
+    np.testing.assert_allclose(out.var(axis=axes), 1, atol=2e-2)
+    # A finer set is not centred: per sample and channel (batch, group), per position over
+    # the channels (layer: Keras's default axis=-1 would centre that one instead).
+    finer = {"batch": (1, 2), "layer": (3,), "group": (1, 2)}.get(normalization)
+    if finer:
+        assert np.abs(out.mean(axis=finer)).max() > 0.1
+
+
+@pytest.mark.parametrize("kind,normalization,groups,width,match", [
+    ("mlp", "instance", 2, 8, r"Instance normalization needs spatial positions.*"
+                              r"Received: normalization='instance'. Allowed: 'none', 'batch', "
+                              r"'layer', 'group' for an MLP"),
+    ("mlp", "batch_per_sample", 2, 8, r"Per-sample batch normalization needs spatial.*"
+                                      r"Received: normalization='batch_per_sample'"),
+    ("cnn", "group", 8, 12, r"into 8 equal groups.*\(12/24/48 for this CNN of width 12\)"
+                            r".*Received: groups=8. Allowed: 1, 2, 3, 4, 6, 12"),
+    ("cnn", "group", 3, 4, r"Received: groups=3. Allowed: 1, 2, 4"),
+    ("mlp", "group", 3, 8, r"\(8 for this MLP of width 8\).*Received: groups=3"),
+    ("cnn", "group", 0, 8, r"Received: groups=0. Allowed: an integer >= 1"),
+    ("cnn", "pooled", 2, 8, r"Received: normalization='pooled'. Allowed: 'none', 'batch', "
+                            r"'batch_per_sample', 'layer', 'instance', 'group'"),
+    ("cnn", None, 2, 8, r"Received: normalization=None"),
+])
+def test_nonsense_normalizations_are_refused(kind, normalization, groups, width, match):
+    with pytest.raises(ValueError, match=match):
+        models.check_normalization(kind, normalization, width, groups)
+    build = models.plain_cnn if kind == "cnn" else models.plain_mlp
+    with pytest.raises(ValueError, match=match):
+        build(3, width=width, normalization=normalization, groups=groups)
+
+
+def test_groups_matter_only_for_group_norm():
+    assert models.check_normalization("cnn", "layer", 12, groups=8) == "layer"
+    assert models.check_normalization("cnn", "group", 12, groups=4) == "group"
+    assert models.stage_widths("cnn", 12) == [12, 24, 48]
+    assert models.plain_cnn(3, width=12, normalization="instance", groups=5) is not None
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -182,7 +285,7 @@ def test_mlp_pooled_batch_norm():
     ({"depth": 2.5}, "depth=2.5"),
     ({"depth": 3, "width": 0}, "width=0"),
     ({"depth": 3, "activation": "gelu"}, "activation='gelu'"),
-    ({"depth": 3, "batch_norm": "group"}, "batch_norm='group'"),
+    ({"depth": 3, "normalization": "pooled"}, "normalization='pooled'"),
     ({"depth": 3, "downsample": "avg"}, "downsample='avg'"),
     ({"depth": 3, "negative_slope": -0.1}, "negative_slope=-0.1"),
     ({"depth": 3, "input_shape": (32, 32)}, "input_shape"),
@@ -195,8 +298,8 @@ def test_cnn_bad_input(kwargs, match):
 
 
 def test_mlp_bad_input():
-    with pytest.raises(ValueError, match="per_sample.*Allowed: None, 'pooled'"):
-        models.plain_mlp(3, batch_norm="per_sample")
+    with pytest.raises(ValueError, match="per_sample.*Allowed: 'none', 'batch', 'layer'"):
+        models.plain_mlp(3, normalization="batch_per_sample")
     with pytest.raises(ValueError, match="Received: depth=1. Allowed"):
         models.plain_mlp(1)
     with pytest.raises(ValueError, match="activation='softmax'"):

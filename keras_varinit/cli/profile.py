@@ -19,12 +19,11 @@ import time
 
 HELP = "per-layer forward/backward variance at init, measured and predicted"
 DATA_CHOICES = ("gaussian", "synthetic")
-BATCH_NORM_CHOICES = ("none", "pooled", "per_sample")
 DEFAULT_INITS = ("xavier_normal", "kaiming_normal")
 
 
 def add_parser(subparsers):
-    from keras_varinit.models import ACTIVATIONS, KINDS
+    from keras_varinit.models import ACTIVATIONS, DEFAULT_GROUPS, KINDS, NORMALIZATIONS
 
     p = subparsers.add_parser(
         "profile", help=HELP,
@@ -46,8 +45,11 @@ def add_parser(subparsers):
     p.add_argument("--width", type=int, default=None,
                    help="channels of the first CNN stage (default 16, the 'small30' net) or "
                         "MLP units (default 256)")
-    p.add_argument("--batch-norm", choices=BATCH_NORM_CHOICES, default="none",
-                   help="batch normalization after every hidden weight layer "
+    p.add_argument("--norm", choices=NORMALIZATIONS, default="none",
+                   help="normalization between every hidden weight layer and its activation "
+                        "(default %(default)s; instance and batch_per_sample: CNN only)")
+    p.add_argument("--groups", type=int, default=DEFAULT_GROUPS,
+                   help="groups of --norm group; must divide the width of every hidden layer "
                         "(default %(default)s)")
     p.add_argument("--first-layer-init", default=None, metavar="NAME",
                    help="initializer of the first layer (a Kaiming name gives 1/fan_in)")
@@ -106,7 +108,7 @@ def build(args, init, seed=None):
     from keras_varinit import models
 
     kwargs = dict(depth=args.depth, kernel_initializer=init, activation=args.activation,
-                  batch_norm=None if args.batch_norm == "none" else args.batch_norm,
+                  normalization=args.norm, groups=args.groups,
                   first_layer_initializer=args.first_layer_init,
                   seed=args.seed if seed is None else seed,
                   negative_slope=args.negative_slope)
@@ -222,7 +224,7 @@ def run(args):
 
     width = args.width if args.width is not None else (16 if args.model == "cnn" else 256)
     header = (f"plain {args.model.upper()}, {args.depth} weight layers, width {width}, "
-              f"{args.activation}, batch norm {args.batch_norm}; batch {args.batch_size} of "
+              f"{args.activation}, normalization {args.norm}; batch {args.batch_size} of "
               f"{description}; seed {args.seed}; backend {keras.backend.backend()}")
     console.print(header, markup=False)
     if len(profiles) > 1 and not args.full:
