@@ -35,18 +35,20 @@ def cli(*argv, timeout=300, **kwargs):
 @pytest.mark.backend_independent
 def test_arguments_map_to_the_config():
     args = parse(["--model", "mlp", "--depth", "12", "--width", "64", "--init", "normal:0.01",
-                  "--activation", "tanh", "--batch-norm", "none", "--optimizer", "adam",
+                  "--activation", "tanh", "--norm", "layer", "--optimizer", "adam",
                   "--lr", "0.001", "--momentum", "0", "--epochs", "3", "--batch-size", "32",
                   "--subset", "0", "--data", "synthetic", "--seed", "7", "--mixed-precision",
                   "--stats-every", "10"])
     config = train.config_from_args(args)
     assert (config.model, config.depth, config.width, config.init) == \
         ("mlp", 12, 64, "normal:0.01")
-    assert config.batch_norm is None and config.subset is None
+    assert config.normalization == "layer" and config.subset is None
     assert (config.optimizer, config.lr, config.momentum, config.epochs) == ("adam", 1e-3, 0, 3)
     assert config.seed == 7 and config.mixed_precision is True
     assert config.stats_every_n_steps == 10 and config.distribute is None
-    assert parse(["--batch-norm", "per_sample"]).batch_norm == "per_sample"
+    assert parse(["--norm", "batch_per_sample"]).normalization == "batch_per_sample"
+    norm_group = train.config_from_args(parse(["--norm", "group", "--groups", "4"]))
+    assert (norm_group.normalization, norm_group.groups) == ("group", 4)
     assert parse(["--distribute", "mirrored"]).distribute == "mirrored"
     with pytest.raises(SystemExit):
         parse(["--resume", "--overwrite"])
@@ -60,7 +62,9 @@ def test_arguments_map_to_the_config():
     (["--depth", "1"], "depth=1"),
     (["--init", "bogus_init"], "init='bogus_init'"),
     (["--activation", "bogus"], "activation='bogus'"),
-    (["--batch-norm", "group"], "batch_norm='group'"),
+    (["--norm", "pooled"], "normalization='pooled'"),
+    (["--norm", "group", "--groups", "3"], "groups=3. Allowed: 1, 2, 4"),   # TINY: width 4
+    (["--model", "mlp", "--norm", "instance"], "Instance normalization needs spatial"),
 ])
 def test_bad_arguments_raise_value_error(tmp_path, argv, match):
     args = parse([*TINY, *argv, "--log-dir", str(tmp_path / "run")])
@@ -89,9 +93,11 @@ def test_every_config_field_is_an_option_and_argv_round_trips():
     text = train.add_parser(parser.add_subparsers(dest="command")).format_help()
     for spec in fields(TrainConfig):
         assert spec.cli_flag in text, spec.name
-    assert "{none,pooled,per_sample}" in text and "{cnn,mlp}" in text
-    config = TrainConfig(model="mlp", depth=5, init="normal:0.01", batch_norm="pooled",
-                         optimizer="adam", lr=0.0123456789, subset=None, val_subset=64,
+    assert "--norm {none,batch,batch_per_sample,layer,instance,group}" in text
+    assert "{cnn,mlp}" in text and "--groups" in text
+    config = TrainConfig(model="mlp", depth=5, init="normal:0.01", normalization="group",
+                         groups=4, optimizer="adam", lr=0.0123456789, subset=None,
+                         val_subset=64,
                          data="synthetic", seed=3, mixed_precision=True, distribute="mirrored",
                          stats_every_n_steps=0, log_every_n_steps=4)
     assert train.config_from_args(parse(train.config_argv(config))) == config

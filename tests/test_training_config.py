@@ -28,8 +28,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
     ({"init": "normal:-1"}, "init='normal:-1'"),
     ({"activation": "bogus"}, "activation='bogus'"),
     ({"model": "resnet"}, "model='resnet'"),
-    ({"batch_norm": "group"}, "batch_norm='group'"),
-    ({"model": "mlp", "batch_norm": "per_sample"}, "per_sample"),
+    ({"normalization": "pooled"}, "normalization='pooled'"),
+    ({"model": "mlp", "normalization": "batch_per_sample"}, "batch_per_sample"),
+    ({"model": "mlp", "normalization": "instance"}, "normalization='instance'"),
+    ({"normalization": "group", "width": 4, "groups": 8}, "groups=8. Allowed: 1, 2, 4"),
+    ({"groups": 0}, "groups=0"),
     ({"optimizer": "lamb"}, "optimizer='lamb'"),
     ({"lr": 0.0}, "lr=0.0"),
     ({"lr": float("nan")}, "lr=nan"),
@@ -56,45 +59,64 @@ def test_missing_data_path_is_file_not_found(tmp_path):
 
 @pytest.mark.backend_independent
 def test_config_roundtrip_and_slug():
-    config = tiny(init="normal:0.01", batch_norm="pooled", subset=0)
+    config = tiny(init="normal:0.01", normalization="batch", subset=0)
     assert config.subset is None  # 0 = all
     data = config.to_dict()
     assert TrainConfig.from_dict(dict(data, synthetic=True, device="CPU")) == config
     with pytest.raises(ValueError, match="depht"):
         TrainConfig.from_dict(dict(data, depht=3))
     slug = config.slug()
-    assert slug.startswith("cnn-d3-w4-normal0.01-relu-bn_pooled-sgd-lr0.01")
+    assert slug.startswith("cnn-d3-w4-normal0.01-relu-norm_batch-sgd-lr0.01")
     assert "/" not in slug and ":" not in slug
-    assert TrainConfig(batch_norm="none").batch_norm is None
+    assert TrainConfig().slug() == "cnn-d30-w16-kaiming_normal-relu-sgd-lr0.01-s0"  # no "none"
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("old, new", [(None, "none"), ("none", "none"), ("pooled", "batch"),
+                                      ("per_sample", "batch_per_sample")])
+def test_an_older_config_json_with_batch_norm_is_read(old, new):
+    """Runs written before the normalization choice say batch_norm: from_dict maps it."""
+    record = dict(tiny().to_dict(), synthetic=True, device="CPU", slug="x")
+    del record["normalization"], record["groups"]
+    record["batch_norm"] = old
+    config = TrainConfig.from_dict(record)
+    assert config.normalization == new and config.groups == models.DEFAULT_GROUPS
+    config.validate()
+    with pytest.raises(ValueError, match=r"Received: batch_norm='group'. Allowed: None, "
+                                         r"'none', 'pooled', 'per_sample'"):
+        TrainConfig.from_dict(dict(record, batch_norm="group"))
 
 
 @pytest.mark.backend_independent
 def test_problems_are_typed_blocking_or_advice():
     assert TrainConfig().problems() == []
-    (blocking,) = TrainConfig(model="mlp", batch_norm="per_sample").problems()
+    (blocking,) = TrainConfig(model="mlp", normalization="batch_per_sample").problems()
     assert blocking.blocking and "Per-sample batch normalization" in blocking.text
-    assert "Allowed: None, 'pooled'" in blocking.text
+    assert "Allowed: 'none', 'batch', 'layer', 'group' for an MLP" in blocking.text
     (advice,) = TrainConfig(lr=3.0).problems()
     assert advice == Problem(blocking=False, text=advice.text) and "diverge" in advice.text
     TrainConfig(lr=3.0).validate()  # advice does not block
 
 
 @pytest.mark.backend_independent
-def test_the_mlp_per_sample_refusal_is_the_models_rule():
-    """One home: TrainConfig calls models.check_normalization, which plain_mlp also uses."""
+@pytest.mark.parametrize("kind, normalization, width, groups", [
+    ("mlp", "batch_per_sample", 256, 8), ("mlp", "instance", 256, 8), ("cnn", "group", 12, 8)])
+def test_the_normalization_refusals_are_the_models_rule(kind, normalization, width, groups):
+    """One home: TrainConfig calls models.check_normalization, which the models also use."""
     with pytest.raises(ValueError) as from_models:
-        models.check_normalization("mlp", "per_sample")
+        models.check_normalization(kind, normalization, width, groups)
     with pytest.raises(ValueError) as from_config:
-        TrainConfig(model="mlp", batch_norm="per_sample").validate()
+        TrainConfig(model=kind, normalization=normalization, width=width,
+                    groups=groups).validate()
     assert str(from_config.value) == str(from_models.value)
-    models.check_normalization("cnn", "per_sample")
+    models.check_normalization("cnn", normalization, 16, groups)
 
 
 @pytest.mark.backend_independent
 def test_choices_are_the_models_own():
     specs = {spec.name: spec for spec in fields(TrainConfig)}
     assert specs["activation"].choices == models.ACTIVATIONS
-    assert specs["batch_norm"].choices == models.BATCH_NORMS
+    assert specs["normalization"].choices == models.NORMALIZATIONS
     assert specs["model"].choices == models.KINDS
     for spec in specs.values():  # what the explorer offers is allowed by the schema
         if spec.widget is not None and spec.choices:
@@ -150,7 +172,7 @@ def test_explorer_settings_are_the_schema_fields_with_a_widget():
     assert {spec.widget.section for spec in fields(TrainConfig) if spec.widget} == \
         {NETWORK, TRAINING}
     config = presets.to_config(presets.DEFAULTS)
-    assert config.batch_norm is None and config.epochs == 3  # the page's own default
+    assert config.normalization == "none" and config.epochs == 3  # the page's own default
     for name in presets.PROFILE_KEYS:
         assert next(s for s in fields(TrainConfig) if s.name == name).at_init
 
@@ -175,8 +197,9 @@ def _definitions(pattern):
     ("slug function", r"^\s*def slug\(", "keras_varinit/training/config.py"),
     ("layer-statistics fields", r'"step", "epoch", "layer", "layer_index"',
      "keras_varinit/run_files.py"),
-    ("metrics columns", r'"val_loss", "val_accuracy", "seconds"\)',
-     "keras_varinit/run_files.py"),
+    ("metrics columns", r'"train_eval_accuracy", "seconds"\)', "keras_varinit/run_files.py"),
+    ("old batch_norm values", r"^LEGACY_BATCH_NORM = ", "keras_varinit/run_files.py"),
+    ("normalization choices", r"^NORMALIZATIONS = ", "keras_varinit/models.py"),
     ("run-directory naming", r"strftime\(\"%Y%m%d-%H%M%S\"\)", "keras_varinit/run_files.py"),
 ])
 def test_each_rule_and_format_has_one_home(what, pattern, home):
