@@ -97,9 +97,8 @@ def test_every_config_field_is_an_option_and_argv_round_trips():
     assert "{cnn,mlp}" in text and "--groups" in text
     config = TrainConfig(model="mlp", depth=5, init="normal:0.01", normalization="group",
                          groups=4, optimizer="adam", lr=0.0123456789, subset=None,
-                         val_subset=64,
-                         data="synthetic", seed=3, mixed_precision=True, distribute="mirrored",
-                         stats_every_n_steps=0, log_every_n_steps=4)
+                         val_subset=64, data="synthetic", seed=3, mixed_precision=True,
+                         distribute="mirrored", stats_every_n_steps=0, log_every_n_steps=4)
     assert train.config_from_args(parse(train.config_argv(config))) == config
     assert train.config_from_args(parse(train.config_argv(TrainConfig()))) == TrainConfig()
 

@@ -20,7 +20,8 @@ PYTHON = sys.executable
 STATUS_KEYS = {"state", "epoch", "step", "total_steps", "images_per_second", "eta_seconds",
                "device", "started_at", "updated_at", "error"}
 STEP_KEYS = {"step", "epoch", "loss", "accuracy"}
-METRICS_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
+METRICS_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "train_mode_loss",
+                   "train_mode_accuracy", "train_eval_loss", "train_eval_accuracy", "seconds"]
 LAYER_KEYS = {"step", "epoch", "layer", "layer_index", "layer_type", "activation_mean",
               "activation_std", "zero_fraction", "saturated_fraction", "activation_grad_std",
               "weight_std", "weight_grad_std", "update_ratio", "nan_count", "inf_count"}
@@ -113,6 +114,63 @@ def test_tiny_run_writes_every_file_of_the_contract(tmp_path):
 
     events = [p for p in (run_dir / "tensorboard").rglob("events.out.tfevents*")]
     assert events
+
+
+# --------------------------------------------------------------------------- train/test modes
+
+def _modes_run(tmp_path, normalization):
+    """4 steps of 16 images: a BN layer's moving averages (momentum 0.99) still hold
+    0.99^4 = 0.96 of their initial values (mean 0, variance 1)."""
+    config = tiny(normalization=normalization, groups=2, subset=64, epochs=1, batch_size=16,
+                  stats_every_n_steps=0)
+    result = run_training(config, tmp_path / normalization, verbose=0, keep_data=True)
+    (_, rows) = read_metrics(tmp_path / normalization)
+    (x, y), _ = result.data
+    return result.model, x, y, {k: float(v) for k, v in rows[-1].items()}
+
+
+@pytest.mark.backend_independent
+def test_batch_norm_run_measures_its_train_test_gap(tmp_path):
+    model, x, y, row = _modes_run(tmp_path, "batch")
+    assert len(x) == 64   # the whole subset is the slice (fewer than TRAIN_EVAL_IMAGES)
+    assert abs(row["train_mode_loss"] - row["train_eval_loss"]) > 0.01
+    # inference mode: what Keras's own evaluate gives with the final weights
+    keras_eval = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    assert row["train_eval_loss"] == pytest.approx(keras_eval["loss"], rel=1e-4)
+    assert row["train_eval_accuracy"] == pytest.approx(keras_eval["accuracy"], abs=1e-6)
+    # training mode: each batch of 16 with its own statistics
+    logits = keras.ops.concatenate([model(x[i:i + 16], training=True) for i in (0, 16, 32, 48)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits)
+    assert row["train_mode_loss"] == pytest.approx(float(loss), rel=1e-4)
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("normalization", ["none", "group"])
+def test_without_batch_norm_the_two_modes_agree(tmp_path, normalization):
+    _, _, _, row = _modes_run(tmp_path, normalization)
+    assert row["train_mode_loss"] == pytest.approx(row["train_eval_loss"], rel=1e-6)
+    assert row["train_mode_accuracy"] == row["train_eval_accuracy"]
+    assert 0 < row["train_eval_loss"] < 10
+
+
+@pytest.mark.backend_independent
+def test_evaluate_modes_leaves_the_moving_averages_alone():
+    import numpy as np
+
+    from keras_varinit.training.mode_eval import evaluate_modes
+    from keras_varinit.training.model import compile_model
+
+    rng = np.random.default_rng(0)
+    x = (3 + 2 * rng.standard_normal((32, 8, 8, 3))).astype("float32")
+    y = rng.integers(0, 10, 32).astype("int32")
+    model = compile_model(tiny(normalization="batch"), x)
+    before = [np.array(v) for v in model.non_trainable_variables]
+    figures = evaluate_modes(model, x, y, batch_size=8)
+    after = [np.array(v) for v in model.non_trainable_variables]
+    assert all(np.array_equal(b, a) for b, a in zip(before, after))
+    assert set(figures) == {"train_mode_loss", "train_mode_accuracy", "train_eval_loss",
+                            "train_eval_accuracy"}
+    assert figures["train_mode_loss"] != pytest.approx(figures["train_eval_loss"], rel=1e-3)
 
 
 def test_mlp_with_lsuv_and_adam(tmp_path):
