@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from explorer import charts, presets  # noqa: E402
+from explorer import charts, norm_figure, presets  # noqa: E402
 from explorer.run_store import RunStore, default_runs_dir  # noqa: E402
 from explorer.worker import JobManager, detect_devices  # noqa: E402
 from keras_varinit.run_files import RunState  # noqa: E402
@@ -98,22 +98,25 @@ def _use_synthetic():
     st.session_state["data"] = "synthetic"
 
 
-def _preset(init=None, activation=None, depth=None, batch_norm=None):
+def _preset(init=None, activation=None, depth=None, normalization=None):
     def apply():
         for key, value in (("init", init), ("activation", activation), ("depth", depth),
-                           ("batch_norm", batch_norm)):
+                           ("normalization", normalization)):
             if value is not None:
                 st.session_state[key] = value
     return apply
 
 
 ON_CHANGE = {"model": _on_model_change}
+# Tooltips the page words itself: one sentence on each normalization (norm_figure's).
+HELP = {"normalization": "\n\n".join(
+    f"**{norm_figure.TITLES[name]}**: {text}" for name, text in norm_figure.DESCRIPTIONS.items())}
 
 
 def control(spec):
     """The sidebar widget of one TrainConfig field, as its ``widget`` declares it."""
     widget = spec.widget
-    kwargs = dict(key=spec.name, help=widget.help or spec.help,
+    kwargs = dict(key=spec.name, help=HELP.get(spec.name) or widget.help or spec.help,
                   on_change=ON_CHANGE.get(spec.name))
     if widget.used_with:
         field, values = widget.used_with
@@ -130,16 +133,26 @@ def control(spec):
         st.slider(widget.label, *presets.bounds(spec), step=widget.step, **kwargs)
     else:
         st.number_input(widget.label, *presets.bounds(spec), step=widget.step, **kwargs)
+    if spec.name == "normalization":
+        normalization_note(st.session_state.get("normalization", "none"))
+
+
+def normalization_note(method):
+    """Under the normalization select: what the chosen one averages over, drawn and said."""
+    st.caption(norm_figure.DESCRIPTIONS[method])
+    if method != "none":
+        st.altair_chart(norm_figure.norm_figure((method,)), width="content")
 
 
 def quick_presets():
     st.caption("Quick presets (30 layers unless noted)")
     p1, p2 = st.columns(2)
     p1.button("ReLU Xavier", on_click=_preset("xavier_normal", "relu", 30, "none"),
-              help="30 layers, ReLU, Xavier normal, no BN: stalls (He et al. 2015, Fig. 3)",
-              width="stretch")
+              help="30 layers, ReLU, Xavier normal, no normalization: stalls (He et al. 2015, "
+                   "Fig. 3)", width="stretch")
     p2.button("ReLU Kaiming", on_click=_preset("kaiming_normal", "relu", 30, "none"),
-              help="30 layers, ReLU, Kaiming normal, no BN: trains", width="stretch")
+              help="30 layers, ReLU, Kaiming normal, no normalization: trains",
+              width="stretch")
     p3, p4 = st.columns(2)
     p3.button("tanh small", on_click=_preset("normal:0.01", "tanh", 10, "none"),
               help="10 layers, tanh, N(0, 0.01^2): activations shrink to 0",
@@ -265,6 +278,10 @@ with tab_init:
                     st.dataframe(result["lsuv"], hide_index=True, width="stretch")
             with st.expander("Per-layer table"):
                 st.dataframe(table, hide_index=True, width="stretch")
+    with st.expander("What each normalization averages over"):
+        st.altair_chart(norm_figure.norm_figure(), width="content")
+        st.markdown("\n".join(f"* **{norm_figure.TITLES[name]}**: {text}"
+                               for name, text in norm_figure.DESCRIPTIONS.items()))
 
 # --------------------------------------------------------------------------------------------
 # Training
@@ -358,6 +375,10 @@ def run_charts(info):
     h2.altair_chart(charts.heatmap(stats, "activation_grad_std", synthetic=synthetic),
                     width="stretch")
     st.altair_chart(charts.fractions_chart(stats, synthetic=synthetic), width="stretch")
+    m1, m2 = st.columns(2)
+    m1.altair_chart(charts.modes_chart(metrics, "accuracy", synthetic=synthetic),
+                    width="stretch")
+    m2.altair_chart(charts.mode_gap_chart(metrics, synthetic=synthetic), width="stretch")
     if len(metrics):
         st.dataframe(metrics, hide_index=True, width="stretch")
 
@@ -435,11 +456,20 @@ def compare_panel():
             c2.altair_chart(charts.compare_chart(step_frames, "step", "loss",
                                                  title="Training loss", synthetic=any_synth),
                             width="stretch")
+            gaps = {lab: charts.mode_gaps(frame) for lab, frame in epoch_frames.items()}
+            st.altair_chart(charts.compare_chart(
+                gaps, "epoch", "mode_gap", synthetic=any_synth,
+                title="Train/test gap: training-mode minus inference-mode accuracy on the "
+                      "training slice (0 without batch norm)"), width="stretch")
         st.markdown("**All runs** (final epoch)")
         st.dataframe(store.final_metrics(chosen or runs), hide_index=True,
                      width="stretch",
                      column_config={"train_acc": st.column_config.NumberColumn(format="%.3f"),
                                     "val_acc": st.column_config.NumberColumn(format="%.3f"),
+                                    "train_mode_acc": st.column_config.NumberColumn(
+                                        format="%.3f"),
+                                    "train_eval_acc": st.column_config.NumberColumn(
+                                        format="%.3f"),
                                     "train_loss": st.column_config.NumberColumn(format="%.3f"),
                                     "val_loss": st.column_config.NumberColumn(format="%.3f"),
                                     "images_per_s": st.column_config.NumberColumn(format="%.0f")})

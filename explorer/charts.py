@@ -237,6 +237,97 @@ def training_chart(steps: pd.DataFrame, metrics: pd.DataFrame, steps_per_epoch: 
 
 
 # --------------------------------------------------------------------------------------------
+# Training mode vs inference mode (batch normalization's train/test discrepancy)
+# --------------------------------------------------------------------------------------------
+#: metrics.csv's per-epoch evaluations: column prefix -> what it is.
+MODES = {
+    "train_mode": "train slice, training mode (batch statistics)",
+    "train_eval": "train slice, inference mode (moving statistics)",
+    "val": "validation (inference mode)",
+}
+MODE_COLORS = ("#4c78a8", "#e45756", "#f58518")
+MODES_SUBTITLE = ("A fixed slice of the training images, evaluated after each epoch with its "
+                  "final weights in both modes: batch norm makes them differ, layer/instance/"
+                  "group norm (and none) do not.")
+
+
+def modes_long(metrics: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
+    """``epoch, mode, value``: ``metric`` of each evaluation in ``MODES`` (finite values
+    only; runs written before these columns existed give an empty frame)."""
+    parts = []
+    for prefix, mode in MODES.items():
+        column = f"{prefix}_{metric}"
+        if len(metrics) and column in metrics:
+            parts.append(pd.DataFrame({"epoch": metrics["epoch"], "mode": mode,
+                                       "value": pd.to_numeric(metrics[column],
+                                                              errors="coerce")}))
+    out = pd.concat(parts, ignore_index=True) if parts else \
+        pd.DataFrame(columns=["epoch", "mode", "value"])
+    has_modes = out["mode"] != MODES["val"]
+    if not out[has_modes]["value"].notna().any():
+        return pd.DataFrame(columns=["epoch", "mode", "value"])
+    return out[np.isfinite(out["value"].astype(float))]
+
+
+def mode_gaps(metrics: pd.DataFrame) -> pd.DataFrame:
+    """``metrics`` with the gap between the modes per epoch: ``mode_gap`` =
+    training-mode minus inference-mode accuracy, ``mode_gap_loss`` = inference-mode minus
+    training-mode loss (both positive when the moving statistics do worse)."""
+    out = metrics.copy()
+    for column in ("train_mode_accuracy", "train_eval_accuracy", "train_mode_loss",
+                   "train_eval_loss"):
+        values = out[column] if column in out else pd.Series(np.nan, index=out.index)
+        out[column] = pd.to_numeric(values, errors="coerce")
+    out["mode_gap"] = out["train_mode_accuracy"] - out["train_eval_accuracy"]
+    out["mode_gap_loss"] = out["train_eval_loss"] - out["train_mode_loss"]
+    return out
+
+
+def modes_chart(metrics: pd.DataFrame, metric: str = "accuracy", *, synthetic: bool = False,
+                height: int = HEIGHT) -> alt.Chart:
+    """``metric`` per epoch in training mode and in inference mode on the same training
+    images, and on the validation set."""
+    data = modes_long(metrics, metric)
+    if data.empty:
+        return empty_chart("No training/inference-mode evaluation in this run (runs trained "
+                           "before it was measured, or no epoch finished yet).")
+    scale = alt.Scale(domain=[0, 1]) if metric == "accuracy" else alt.Scale(zero=False)
+    return alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("epoch:Q", title="epoch", axis=count_axis(data["epoch"])),
+        y=alt.Y("value:Q", title=metric, scale=scale),
+        color=alt.Color("mode:N", title="", legend=alt.Legend(orient="top", columns=1),
+                        scale=alt.Scale(domain=list(MODES.values()),
+                                        range=list(MODE_COLORS))),
+        tooltip=["mode:N", "epoch:Q", alt.Tooltip("value:Q", format=".4f")],
+    ).properties(height=height, title=_title(
+        f"{metric.capitalize()}: training mode vs inference mode", synthetic, MODES_SUBTITLE))
+
+
+def mode_gap_chart(metrics: pd.DataFrame, *, synthetic: bool = False,
+                   height: int = HEIGHT) -> alt.Chart:
+    """The train/test gap per epoch: training-mode minus inference-mode accuracy on the
+    training slice (0 without batch normalization), with a rule at 0."""
+    data = mode_gaps(metrics)[["epoch", "mode_gap", "mode_gap_loss"]]
+    data = data[np.isfinite(data["mode_gap"].astype(float))]
+    if data.empty:
+        return empty_chart("No train/test gap to show (no training/inference-mode "
+                           "evaluation in this run).")
+    line = alt.Chart(data).mark_line(point=True, color="#e45756").encode(
+        x=alt.X("epoch:Q", title="epoch", axis=count_axis(data["epoch"])),
+        y=alt.Y("mode_gap:Q", title="accuracy gap", axis=alt.Axis(format="%")),
+        tooltip=["epoch:Q", alt.Tooltip("mode_gap:Q", title="accuracy gap",
+                                        format=".2%"),
+                 alt.Tooltip("mode_gap_loss:Q", title="loss gap", format=".4f")],
+    )
+    zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="gray",
+                                                           strokeDash=[3, 3]).encode(y="y:Q")
+    return (zero + line).properties(height=height, title=_title(
+        "Train/test gap: training-mode minus inference-mode accuracy", synthetic,
+        "Same training images, same weights; positive: the moving statistics do worse "
+        "than the batch's own."))
+
+
+# --------------------------------------------------------------------------------------------
 # Layer statistics
 # --------------------------------------------------------------------------------------------
 STAT_TITLES = {

@@ -181,10 +181,10 @@ def _outside_controls(settings, schema):
 
 
 def _page_rules(s):
-    if s["init"] == "lsuv" and s["batch_norm"] != "none":
-        yield ("LSUV rescales each layer so its output variance is 1; batch normalization "
-               "already does that, so LSUV with batch norm is not a meaningful comparison. "
-               "Pick batch norm 'none' to see LSUV's effect.")
+    if s["init"] == "lsuv" and s["normalization"] != "none":
+        yield ("LSUV rescales each layer so its output variance is 1; a normalization layer "
+               "already does that, so LSUV with normalization is not a meaningful comparison. "
+               "Pick normalization 'none' to see LSUV's effect.")
     if s["subset"] is not None and s["batch_size"] > s["subset"]:
         yield (f"Batch size ({s['batch_size']}) is larger than the training subset "
                f"({s['subset']} images): not even one full batch.")
@@ -200,9 +200,13 @@ def describe(settings: dict) -> str:
     """One-line human description of a configuration."""
     model = "CNN" if settings.get("model") == "cnn" else "MLP"
     init = label(CONTROLS["init"], settings.get("init"))
-    bn = settings.get("batch_norm", "none")
-    bn_text = "no BN" if bn in (None, "none") else f"BN {bn}"
-    return f"{settings.get('depth')}-layer {model}, {init}, {settings.get('activation')}, {bn_text}"
+    norm = settings.get("normalization", "none")
+    norm_text = "no normalization" if norm == "none" else \
+        label(CONTROLS["normalization"], norm).lower()
+    if norm == "group":
+        norm_text += f" (G = {settings.get('groups')})"
+    return (f"{settings.get('depth')}-layer {model}, {init}, {settings.get('activation')}, "
+            f"{norm_text}")
 
 
 def cli_args(settings: dict, run_dir, stats_every: int | None = None) -> list[str]:
@@ -223,7 +227,7 @@ def default_stats_every(settings: dict) -> int:
 def reference_pair(settings: dict | None = None) -> list[dict]:
     """He et al. 2015, Fig. 3: a 30-layer plain ReLU CNN without BN, Xavier vs Kaiming."""
     base = {**DEFAULTS, **(settings or {})}
-    base.update(model="cnn", depth=30, activation="relu", batch_norm="none",
+    base.update(model="cnn", depth=30, activation="relu", normalization="none",
                 width=base["width"] if base.get("model") == "cnn" else DEFAULT_WIDTH["cnn"])
     return [dict(base, init="xavier_normal"), dict(base, init="kaiming_normal")]
 

@@ -30,7 +30,7 @@ import pandas as pd
 from keras_varinit.run_files import (
     CONFIG_FILE, LAYER_STATS_FIELDS, LAYER_STATS_FILE, METRICS_COLUMNS, METRICS_FILE,
     STATUS_FILE, STEP_FIELDS, STEPS_FILE, JsonlTail, MetricsCsv, RunState, new_run_dir,
-    read_json,
+    read_json, upgrade_config,
 )
 
 JOB_FILE = "explorer_job.json"
@@ -206,9 +206,7 @@ class RunStore:
         if not path.is_dir():
             return None
         job = self.job(run_id)
-        config = read_json(path / CONFIG_FILE, None)
-        if not isinstance(config, dict):
-            config = dict(job.get("settings") or {})
+        config = self.config(run_id) or _upgraded(dict(job.get("settings") or {}))
         status = effective_status(read_json(path / STATUS_FILE, {}) or {}, job)
         synthetic = bool(config.get("synthetic", config.get("data") == "synthetic"))
         return RunInfo(run_id=run_id, path=path, config=config, status=status,
@@ -223,9 +221,9 @@ class RunStore:
         init = config.get("init", "?")
         text = (f"{config.get('model', '?')} d{config.get('depth', '?')} {init} "
                 f"{config.get('activation', '')}")
-        bn = config.get("batch_norm")
-        if bn and bn != "none":
-            text += f" bn:{bn}"
+        norm = config.get("normalization", "none")
+        if norm != "none":
+            text += f" norm:{norm}" + (f" G={config.get('groups')}" if norm == "group" else "")
         stamp = run_id.split("-")[1] if run_id.count("-") >= 2 else ""
         if len(stamp) == 6 and stamp.isdigit():
             text += f" @{stamp[:2]}:{stamp[2:4]}:{stamp[4:]}"
@@ -235,7 +233,10 @@ class RunStore:
 
     # -- reading -------------------------------------------------------------------------
     def config(self, run_id: str) -> dict:
-        return read_json(self.path(run_id) / CONFIG_FILE, {}) or {}
+        """config.json ({} if missing or garbled); an older run's ``batch_norm`` read as its
+        ``normalization`` (``run_files.upgrade_config``), an unknown one left as written."""
+        config = read_json(self.path(run_id) / CONFIG_FILE, {})
+        return _upgraded(config) if isinstance(config, dict) else {}
 
     def job(self, run_id: str) -> dict:
         """The worker's job file ({} for runs the explorer did not launch)."""
@@ -303,13 +304,15 @@ class RunStore:
                 "data": "synthetic" if info.synthetic else "CIFAR-10",
                 "model": c.get("model"), "depth": c.get("depth"), "width": c.get("width"),
                 "init": c.get("init"), "activation": c.get("activation"),
-                "batch_norm": c.get("batch_norm"), "optimizer": c.get("optimizer"),
-                "lr": c.get("lr"),
+                "normalization": c.get("normalization"), "optimizer": c.get("optimizer"),
+                "lr": c.get("lr"), "batch_size": c.get("batch_size"),
                 "epochs": _get(last, "epoch"),
                 "train_loss": _get(last, "loss", last_loss),
                 "train_acc": _get(last, "accuracy"),
                 "val_loss": _get(last, "val_loss"),
                 "val_acc": _get(last, "val_accuracy"),
+                "train_mode_acc": _get(last, "train_mode_accuracy"),
+                "train_eval_acc": _get(last, "train_eval_accuracy"),
                 "images_per_s": info.status.get("images_per_second"),
                 "device": info.device,
             })
@@ -320,6 +323,15 @@ class RunStore:
         with self._lock:
             for key in [k for k in self._tails if k[0] == run_id]:
                 del self._tails[key]
+
+
+def _upgraded(config: dict) -> dict:
+    """``run_files.upgrade_config(config)``, or ``config`` as written if its old
+    ``batch_norm`` value is unknown (the page still lists the run)."""
+    try:
+        return upgrade_config(config)
+    except ValueError:
+        return config
 
 
 def _get(row, key, default=float("nan")):

@@ -1,6 +1,7 @@
 """The Streamlit page through `streamlit.testing.v1.AppTest` (no browser): it renders, the init
 profile follows depth and initializer, invalid combinations are explained, the offline-data
 banner offers the synthetic set, and a tiny synthetic training run completes on the page."""
+import json
 import pathlib
 import time
 
@@ -64,10 +65,37 @@ def test_page_renders_and_profile_follows_depth_and_initializer(runs_dir):
 
 
 def test_invalid_combination_is_explained_not_crashed(runs_dir):
-    at = _app(data="synthetic", model="mlp", batch_norm="per_sample", depth=5).run()
+    at = _app(data="synthetic", model="mlp", normalization="batch_per_sample", depth=5).run()
     _no_exceptions(at)
     assert any("Per-sample batch normalization" in e.value for e in at.error)
     assert at.button(key="train").disabled
+    at.selectbox(key="normalization").set_value("instance").run()
+    assert any("Instance normalization needs spatial" in e.value for e in at.error)
+    at.radio(key="model").set_value("cnn").run()
+    at.selectbox(key="normalization").set_value("group").run()
+    at.number_input(key="groups").set_value(3).run()
+    _no_exceptions(at)
+    assert any("Received: groups=3" in e.value for e in at.error)
+    assert at.button(key="train").disabled
+
+
+@pytest.mark.parametrize("method", ["batch", "layer", "instance", "group"])
+def test_normalization_select_says_and_draws_what_it_averages_over(runs_dir, method):
+    from explorer import norm_figure
+
+    at = _app(data="synthetic", depth=4, normalization=method).run()
+    _no_exceptions(at)
+    select = at.selectbox(key="normalization")
+    assert select.value == method
+    assert norm_figure.DESCRIPTIONS["layer"] in select.help   # one sentence on each
+    assert any(c.value == norm_figure.DESCRIPTIONS[method] for c in at.caption)
+    assert at.number_input(key="groups").disabled == (method != "group")
+    title = norm_figure.TITLES[method]
+    assert any(s.value.endswith(title.lower() + (" (G = 8)" if method == "group" else ""))
+               for s in at.subheader)
+    charts = [json.loads(c.proto.spec) for c in at.sidebar.get("vega_lite_chart")]
+    assert any(title in json.dumps(spec) for spec in charts)   # the picture, in the sidebar
+    assert _verdict(at)   # the init profile works with this normalization
 
 
 def test_bad_url_values_are_reported(runs_dir):
@@ -124,6 +152,10 @@ def test_tiny_synthetic_training_run_completes_on_the_page(runs_dir):
     assert len(runs) == 1 and (runs[0] / "metrics.csv").exists()
     # metrics appear: the epoch table, images/s and the run in the Compare tab
     assert any("val_accuracy" in df.value.columns for df in at.dataframe)
+    assert any("train_eval_accuracy" in df.value.columns for df in at.dataframe)
+    specs = " ".join(c.proto.spec for c in at.main.get("vega_lite_chart"))
+    assert "Accuracy: training mode vs inference mode" in specs
+    assert "Train/test gap" in specs and "No train/test gap" not in specs
     assert _metric(at, "Images / s") not in ("\u2013", "")
     assert any("SYNTHETIC" in c.value for c in at.caption)
     compare = [df.value for df in at.dataframe if "val_acc" in df.value.columns]
@@ -134,7 +166,7 @@ def test_tiny_synthetic_training_run_completes_on_the_page(runs_dir):
 @pytest.mark.parametrize("query", [
     dict(init="lsuv", depth=5),
     dict(init="normal:1.0", activation="tanh", depth=6, model="mlp"),
-    dict(init="normal:0.01", activation="tanh", depth=6, batch_norm="pooled"),
+    dict(init="normal:0.01", activation="tanh", depth=6, normalization="batch"),
 ])
 def test_other_initializers_render(runs_dir, query):
     at = _app(data="synthetic", **query).run()

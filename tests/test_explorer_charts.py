@@ -59,3 +59,28 @@ def test_profile_chart_layer_axis():
 def test_count_axis_without_finite_values():
     assert charts.count_axis(pd.Series([float("nan"), float("inf")])).to_dict() == {
         "format": "d"}
+
+
+def _modes_metrics(epochs):
+    return pd.DataFrame({"epoch": list(range(1, epochs + 1)), "val_accuracy": [0.3] * epochs,
+                         "train_mode_accuracy": [0.5] * epochs,
+                         "train_eval_accuracy": [0.2] * epochs,
+                         "train_mode_loss": [1.5] * epochs, "train_eval_loss": [2.5] * epochs})
+
+
+@pytest.mark.parametrize("epochs,ticks", [(1, [1]), (3, [1, 2, 3])])
+def test_mode_charts_have_integer_epoch_ticks(epochs, ticks):
+    assert x_axis(charts.modes_chart(_modes_metrics(epochs))) == {"format": "d",
+                                                                   "values": ticks}
+    spec = charts.mode_gap_chart(_modes_metrics(epochs)).to_dict()
+    (line,) = [layer for layer in spec["layer"] if "x" in layer.get("encoding", {})]
+    assert line["encoding"]["x"]["axis"] == {"format": "d", "values": ticks}
+    gaps = charts.mode_gaps(_modes_metrics(epochs))
+    assert gaps["mode_gap"].tolist() == pytest.approx([0.3] * epochs)
+
+
+def test_gap_compare_chart_keeps_negative_gaps():
+    """The gap is not an accuracy: the compare chart must not clip it to [0, 1]."""
+    frame = charts.mode_gaps(_modes_metrics(2).assign(train_eval_accuracy=[0.6, 0.7]))
+    spec = charts.compare_chart({"a": frame}, "epoch", "mode_gap", title="gap").to_dict()
+    assert spec["encoding"]["y"]["scale"] == {"zero": False}

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.backend_independent
 # settings
 def test_query_round_trip():
     for overrides in ({}, {"model": "mlp", "depth": 12, "init": "normal:0.01"},
-                      {"depth": 60, "lr": 0.1, "batch_norm": "per_sample", "data": "synthetic",
-                       "activation": "tanh", "width": 32, "seed": 7}):
+                      {"depth": 60, "lr": 0.1, "normalization": "batch_per_sample",
+                       "data": "synthetic", "activation": "tanh", "width": 32, "seed": 7},
+                      {"normalization": "group", "groups": 4}):
         width = presets.DEFAULT_WIDTH[overrides.get("model", "cnn")]
         settings = {**presets.DEFAULTS, "width": width, **overrides}
         back, notes = presets.from_query(presets.to_query(settings))
@@ -49,8 +50,14 @@ def test_every_initializer_is_known_to_the_package():
 
 def test_invalid_combinations_are_explained():
     problems = presets.blocking_problems(dict(presets.DEFAULTS, model="mlp",
-                                              batch_norm="per_sample"))
+                                              normalization="batch_per_sample"))
     assert problems and "MLP" in problems[0].text
+    problems = presets.blocking_problems(dict(presets.DEFAULTS, normalization="group",
+                                              groups=3))
+    assert problems and "Received: groups=3. Allowed: 1, 2, 4, 8, 16" in problems[0].text
+    problems = presets.blocking_problems(dict(presets.DEFAULTS, normalization="layer",
+                                              init="lsuv"))
+    assert problems and "LSUV" in problems[0].text
     assert presets.blocking_problems(presets.DEFAULTS) == []
     too_big = presets.blocking_problems(dict(presets.DEFAULTS, batch_size=512, subset=256))
     assert too_big and "batch" in too_big[0].text.lower()
@@ -62,10 +69,11 @@ def test_invalid_combinations_are_explained():
 def test_cli_args_are_accepted_by_the_train_command(tmp_path):
     from keras_varinit.cli import build_parser
 
-    args = presets.cli_args(dict(presets.DEFAULTS, init="normal:0.01", batch_norm="pooled"),
-                            tmp_path / "run", stats_every=5)
+    args = presets.cli_args(dict(presets.DEFAULTS, init="normal:0.01", normalization="group",
+                                 groups=4), tmp_path / "run", stats_every=5)
     parsed = build_parser().parse_args(args)
     assert parsed.depth == 30 and parsed.init == "normal:0.01"
+    assert (parsed.normalization, parsed.groups) == ("group", 4)
     assert str(parsed.log_dir) == str(tmp_path / "run")
 
 
@@ -73,18 +81,27 @@ def test_reference_pair():
     pair = presets.reference_pair(dict(presets.DEFAULTS, model="mlp", epochs=5))
     assert [p["init"] for p in pair] == ["xavier_normal", "kaiming_normal"]
     assert all(p["depth"] == 30 and p["model"] == "cnn" and p["activation"] == "relu"
-               and p["batch_norm"] == "none" and p["epochs"] == 5 for p in pair)
+               and p["normalization"] == "none" and p["epochs"] == 5 for p in pair)
 
 
 # --------------------------------------------------------------------------------------------
 # run store
+# metrics.csv of a run written before the training/inference-mode columns, and of a newer one
+OLD_METRICS = "epoch,loss,accuracy,val_loss,val_accuracy,seconds\n1,2.0,0.2,2.1,0.15,3.5\n"
+NEW_METRICS = ("epoch,loss,accuracy,val_loss,val_accuracy,train_mode_loss,train_mode_accuracy,"
+               "train_eval_loss,train_eval_accuracy,seconds\n"
+               "1,2.0,0.2,2.1,0.15,1.9,0.3,2.4,0.1,3.5\n2,1.8,0.3,2.0,0.2,1.7,0.4,1.9,0.35,3.4\n")
+
+
 def _write_run(root, name, *, state="finished", losses=(2.3, 2.1, 1.9), synthetic=True,
-               epochs=1):
+               epochs=1, normalization={"batch_norm": None}, metrics=OLD_METRICS):
+    """A run directory; by default as written before the normalization choice (its config
+    says ``batch_norm``) and before the mode columns of metrics.csv."""
     run = root / name
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({
         "model": "cnn", "depth": 3, "width": 4, "init": "kaiming_normal",
-        "activation": "relu", "batch_norm": None, "optimizer": "sgd", "lr": 0.01,
+        "activation": "relu", **normalization, "optimizer": "sgd", "lr": 0.01,
         "epochs": epochs, "batch_size": 64, "subset": 192, "data": "synthetic",
         "seed": 0, "synthetic": synthetic, "device": "CPU"}))
     (run / "status.json").write_text(json.dumps({
@@ -97,8 +114,7 @@ def _write_run(root, name, *, state="finished", losses=(2.3, 2.1, 1.9), syntheti
             value = None if (loss is None or not math.isfinite(loss)) else loss
             f.write(json.dumps({"step": i, "epoch": 1, "loss": value, "accuracy": 0.1 * i})
                     + "\n")
-    (run / "metrics.csv").write_text(
-        "epoch,loss,accuracy,val_loss,val_accuracy,seconds\n1,2.0,0.2,2.1,0.15,3.5\n")
+    (run / "metrics.csv").write_text(metrics)
     with open(run / "layer_stats.jsonl", "w") as f:
         for step in (0, 2):
             for index, layer in enumerate(("conv_01", "conv_02", "logits"), 1):
@@ -138,6 +154,46 @@ def test_store_lists_and_reads_runs(tmp_path):
     assert (table["data"] == "synthetic").all()
     # a new store object (a restarted explorer) sees the same runs
     assert [r.run_id for r in RunStore(tmp_path).list_runs()] == [r.run_id for r in runs]
+
+
+@pytest.mark.parametrize("old, new", [(None, "none"), ("pooled", "batch"),
+                                      ("per_sample", "batch_per_sample")])
+def test_runs_written_with_batch_norm_are_listed_and_read(tmp_path, old, new):
+    """config.json of older runs says batch_norm: the page lists them under today's names."""
+    from keras_varinit.training import TrainConfig
+
+    run = _write_run(tmp_path, "20260101-000000-old", normalization={"batch_norm": old})
+    store = RunStore(tmp_path)
+    (info,) = store.list_runs()
+    assert info.config["normalization"] == new and "batch_norm" not in info.config
+    assert ("norm:" in info.label) == (new != "none")
+    assert store.final_metrics()["normalization"].tolist() == [new]
+    assert TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    metrics = store.metrics(run.name)   # no mode columns yet: empty, not an error
+    assert metrics["train_eval_accuracy"].isna().all()
+    assert "No training/inference-mode" in json.dumps(charts.modes_chart(metrics).to_dict())
+
+
+def test_a_config_json_with_an_unknown_batch_norm_is_still_listed(tmp_path):
+    _write_run(tmp_path, "20260101-000000-odd", normalization={"batch_norm": "weird"})
+    (info,) = RunStore(tmp_path).list_runs()
+    assert info.config["batch_norm"] == "weird" and info.state == "finished"
+
+
+def test_new_runs_show_both_modes_and_their_gap(tmp_path):
+    run = _write_run(tmp_path, "20260101-000000-new", metrics=NEW_METRICS, epochs=2,
+                     normalization={"normalization": "group", "groups": 2})
+    store = RunStore(tmp_path)
+    info = store.info(run.name)
+    assert info.label.startswith("cnn d3 kaiming_normal relu norm:group G=2")
+    metrics = store.metrics(run.name)
+    long = charts.modes_long(metrics, "accuracy")
+    assert sorted(long["mode"].unique()) == sorted(charts.MODES.values())
+    gaps = charts.mode_gaps(metrics)
+    assert gaps["mode_gap"].tolist() == pytest.approx([0.2, 0.05])
+    assert gaps["mode_gap_loss"].tolist() == pytest.approx([0.5, 0.2])
+    table = store.final_metrics()
+    assert table[["train_mode_acc", "train_eval_acc"]].values.tolist() == [[0.4, 0.35]]
 
 
 def test_store_reads_growing_files_incrementally(tmp_path):

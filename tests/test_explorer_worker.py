@@ -13,7 +13,7 @@ from explorer.run_store import RunStore
 from explorer.worker import JobManager, detect_devices
 
 TINY = dict(model="cnn", depth=3, width=4, activation="relu", init="kaiming_normal",
-            batch_norm="none", optimizer="sgd", lr=0.01, momentum=0.9, batch_size=64,
+            normalization="none", optimizer="sgd", lr=0.01, momentum=0.9, batch_size=64,
             epochs=1, subset=256, seed=0, data="synthetic")
 # Long enough to be caught running (thousands of steps), stopped long before it ends.
 LONG = dict(TINY, subset=4096, batch_size=16, epochs=50)
@@ -146,7 +146,7 @@ def test_restart_adopts_live_runs_and_fails_orphans(tmp_path):
 
 def test_submit_refuses_invalid_combinations(jobs):
     with pytest.raises(ValueError, match="MLP"):
-        jobs.submit(dict(TINY, model="mlp", batch_norm="per_sample"))
+        jobs.submit(dict(TINY, model="mlp", normalization="instance"))
     assert jobs.store.list_runs() == []
 
 

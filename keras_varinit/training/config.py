@@ -322,8 +322,8 @@ class TrainConfig:
         "batch_per_sample (BN with the per-image std), layer, instance (CNN only), group",
         choices=models.NORMALIZATIONS, flag="--norm", slug=_norm_slug, at_init=True,
         widget=Widget(WidgetKind.SELECT, "Normalization", NETWORK,
-                      labels={"none": "None", "batch": "Batch norm",
-                              "batch_per_sample": "Batch norm, per-sample variance",
+                      labels={"none": "No normalization", "batch": "Batch norm",
+                              "batch_per_sample": "Batch norm (per-sample variance)",
                               "layer": "Layer norm", "instance": "Instance norm",
                               "group": "Group norm"}))
     groups: int = option(
