@@ -11,7 +11,7 @@ import numpy as np
 
 from keras_varinit import run_files as rf
 from keras_varinit.run_files import RunState
-from keras_varinit.training.mode_eval import evaluate_modes
+from keras_varinit.training.mode_eval import ModeEvaluator
 
 
 @dataclasses.dataclass
@@ -81,7 +81,7 @@ class RunControl(keras.callbacks.Callback):
         steps_per_epoch, epochs, batch_size, log_every: as in the config.
         start_epoch: epochs already completed (when resuming).
         train_slice: ``(x, y)``, training images evaluated after each epoch in training and
-            in inference mode (``mode_eval.evaluate_modes``: metrics.csv's ``train_mode_*``
+            in inference mode (``mode_eval.ModeEvaluator``: metrics.csv's ``train_mode_*``
             and ``train_eval_*``, also passed on in the epoch's logs); None: not measured.
     """
 
@@ -101,6 +101,7 @@ class RunControl(keras.callbacks.Callback):
         self.start_epoch = start_epoch
         self.verbose = verbose
         self.train_slice = train_slice
+        self._modes = None   # the ModeEvaluator (compiled once, at the first epoch's end)
         self.throughput = Throughput()
         self.epoch = 0
         self.epoch_start_step = 0
@@ -181,7 +182,9 @@ class RunControl(keras.callbacks.Callback):
                "seconds": round(time.perf_counter() - self._epoch_start, 3)}
         if self.train_slice is not None:
             self.status.update(phase="train/test modes")
-            modes = evaluate_modes(self.model, *self.train_slice, self.batch_size)
+            if self._modes is None:
+                self._modes = ModeEvaluator(self.model, self.batch_size)
+            modes = self._modes(*self.train_slice)
             row.update(modes)
             logs.update(modes)   # for the TensorBoard callback after this one
         self.metrics.write(row)
