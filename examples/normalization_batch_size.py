@@ -26,7 +26,7 @@ statistics), and on a fixed slice of the training images in both modes
   (log2 x axis), and the train/test gap.
 
 CPU defaults (about 15 minutes on 2 cores): a 6-layer CNN of width 8 (8/16/32 channels, GN
-with 4 groups), 3 epochs over 5,000 CIFAR-10 training images, validation on 2,000 test images,
+with 4 groups), 2 epochs over 5,000 CIFAR-10 training images, validation on 2,000 test images,
 base learning rate 0.05 at batch 32::
 
     KERAS_VARINIT_CIFAR10=/path/to/cifar10-jpeg.tar.gz python examples/normalization_batch_size.py
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=8,
                    help="channels of the first stage (default %(default)s)")
     p.add_argument("--groups", type=int, default=4, help="GN groups (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=3, help="(default %(default)s)")
+    p.add_argument("--epochs", type=int, default=2, help="(default %(default)s)")
     p.add_argument("--subset", type=int, default=5000,
                    help="training images, 0 = all 50,000 (default %(default)s)")
     p.add_argument("--val-subset", type=int, default=2000,
