@@ -35,6 +35,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ESTIMATORS = (("pooled", "tab:blue"), ("per_sample", "tab:orange"))
+NORMALIZATION = {"pooled": "batch", "per_sample": "batch_per_sample"}   # the TrainConfig choice
 
 
 def parse_args(argv=None):
@@ -61,8 +62,8 @@ def train_both(args):
     for estimator, _ in ESTIMATORS:
         config = TrainConfig(
             model="cnn", depth=args.depth, width=args.width, init=args.init,
-            activation="relu", batch_norm=estimator, optimizer="sgd", lr=args.lr,
-            momentum=args.momentum, epochs=args.epochs, batch_size=args.batch_size,
+            activation="relu", normalization=NORMALIZATION[estimator], optimizer="sgd",
+            lr=args.lr, momentum=args.momentum, epochs=args.epochs, batch_size=args.batch_size,
             subset=args.subset or None, val_subset=args.val_subset or None, data=args.data,
             seed=args.seed, stats_every_n_steps=0)
         run_dir = pathlib.Path(args.out) / "runs" / f"bn-{estimator}"

@@ -74,7 +74,7 @@ def train_pair(args):
     for init in INITS:
         config = TrainConfig(
             model="cnn", depth=args.pair, width=args.width, init=init, activation="relu",
-            batch_norm=None, optimizer="sgd", lr=args.lr, momentum=args.momentum,
+            normalization="none", optimizer="sgd", lr=args.lr, momentum=args.momentum,
             epochs=args.epochs, batch_size=args.batch_size, subset=args.subset or None,
             val_subset=args.val_subset or None, data=args.data, seed=args.seed,
             # Layer statistics at step 0 and epoch ends (plus every N steps if asked).

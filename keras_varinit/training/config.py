@@ -285,8 +285,8 @@ class TrainConfig:
     ``keras-varinit train --help`` lists them. In short: ``model`` "cnn" (``plain_cnn``) or
     "mlp" (``plain_mlp``); ``init`` an ``initializers.get`` name or "lsuv" (orthogonal start,
     then ``lsuv`` on a training batch); ``normalization`` one of ``models.NORMALIZATIONS``
-    (before each activation; ``groups`` for "group"); ``subset``/``val_subset`` None = all; ``data`` "auto", "synthetic"
-    or a path; ``distribute`` None, "mirrored" or "multiworker" (TensorFlow only).
+    (before each activation; ``groups`` for "group"); ``subset``/``val_subset`` None = all;
+    ``data`` "auto", "synthetic" or a path; ``distribute`` None, "mirrored" or "multiworker" (TensorFlow only).
     """
 
     model: str = option(
