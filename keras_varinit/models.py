@@ -278,8 +278,8 @@ def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="
     `width`, `2*width`, `4*width` (the convolutions split as evenly as possible, earlier
     stages taking the remainder: 29 -> 10/10/9), each convolution followed by an optional
     normalization (`normalization`) and the activation; then global average pooling and one
-    `Dense(num_classes)` classifier returning logits (no softmax: compile with `from_logits=True`). Between stages
-    the resolution halves: `downsample="stride"` (default) makes the first convolution of
+    `Dense(num_classes)` classifier returning logits (no softmax: compile with
+    `from_logits=True`). Between stages the resolution halves: `downsample="stride"` (default) makes the first convolution of
     stages 2 and 3 stride 2 (the layer count stays `depth`, no pooling layer in the chain);
     `downsample="maxpool"` inserts a 2x2 max-pooling before them, as the ImageNet nets of the
     paper do. Convolutions have a zero-initialized bias, or none when a normalization follows
