@@ -275,15 +275,16 @@ def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="
     """A plain VGG-style CNN with exactly `depth` weight layers (He et al. 2015's depth study).
 
     Architecture: `depth - 1` 3x3 convolutions (padding "same") in three stages of widths
-    `width`, `2*width`, `4*width` (the convolutions split as evenly as possible, earlier
-    stages taking the remainder: 29 -> 10/10/9), each convolution followed by an optional
-    normalization (`normalization`) and the activation; then global average pooling and one
+    `width`, `2*width`, `4*width` (the convolutions split as evenly as possible, earlier stages
+    taking the remainder: 29 -> 10/10/9), each convolution followed by an optional normalization
+    (`normalization`) and the activation; then global average pooling and one
     `Dense(num_classes)` classifier returning logits (no softmax: compile with
-    `from_logits=True`). Between stages the resolution halves: `downsample="stride"` (default) makes the first convolution of
-    stages 2 and 3 stride 2 (the layer count stays `depth`, no pooling layer in the chain);
-    `downsample="maxpool"` inserts a 2x2 max-pooling before them, as the ImageNet nets of the
-    paper do. Convolutions have a zero-initialized bias, or none when a normalization follows
-    (its beta is the bias). There are no skip connections: that is the point of the experiment.
+    `from_logits=True`). Between stages the resolution halves: `downsample="stride"` (default)
+    makes the first convolution of stages 2 and 3 stride 2 (the layer count stays `depth`, no
+    pooling layer in the chain); `downsample="maxpool"` inserts a 2x2 max-pooling before them,
+    as the ImageNet nets of the paper do. Convolutions have a zero-initialized bias, or none
+    when a normalization follows (its beta is the bias). There are no skip connections: that is
+    the point of the experiment.
 
     With `activation="relu"` and Kaiming, the forward variance of each layer is preserved
     (fan_in * 2/fan_in * 1/2 = 1); with Xavier (Var = 2/(fan_in+fan_out) = 1/fan_in at constant

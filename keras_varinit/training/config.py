@@ -286,7 +286,8 @@ class TrainConfig:
     "mlp" (``plain_mlp``); ``init`` an ``initializers.get`` name or "lsuv" (orthogonal start,
     then ``lsuv`` on a training batch); ``normalization`` one of ``models.NORMALIZATIONS``
     (before each activation; ``groups`` for "group"); ``subset``/``val_subset`` None = all;
-    ``data`` "auto", "synthetic" or a path; ``distribute`` None, "mirrored" or "multiworker" (TensorFlow only).
+    ``data`` "auto", "synthetic" or a path; ``distribute`` None, "mirrored" or "multiworker"
+    (TensorFlow only).
     """
 
     model: str = option(
