@@ -25,9 +25,10 @@ statistics), and on a fixed slice of the training images in both modes
 * ``<out>/normalization_batch_size.png``: validation error against the batch size per method
   (log2 x axis), and the train/test gap.
 
-CPU defaults (about 15 minutes on 2 cores): a 6-layer CNN of width 8 (8/16/32 channels, GN
-with 4 groups), 2 epochs over 5,000 CIFAR-10 training images, validation on 2,000 test images,
-base learning rate 0.05 at batch 32::
+CPU defaults (sized for about 15 minutes on 2 cores; measured 18.8 min on 2 cores shared with
+other jobs, load average 5.5-6.7): a 6-layer CNN of width 8 (8/16/32 channels, GN with 4
+groups), 2 epochs over 5,000 CIFAR-10 training images, validation on 2,000 test images, base
+learning rate 0.05 at batch 32::
 
     KERAS_VARINIT_CIFAR10=/path/to/cifar10-jpeg.tar.gz python examples/normalization_batch_size.py
 
