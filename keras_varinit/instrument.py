@@ -37,7 +37,7 @@ Supported and not:
   (`layer.quantize(...)`) bypass `call` and are refused the same way.
 
 Public names: `LayerSite`, `layer_sites`, `weight_sites`, `is_weight_layer`, `final_layer`,
-`LayerCall`, `intercept`, `CallTensors`, `CallRecord`, `Recording`, `Recorder`,
+`fused_activation`, `LayerCall`, `intercept`, `CallTensors`, `CallRecord`, `Recording`, `Recorder`,
 `default_loss`, `UnsupportedLayerError`, `NoWeightLayerError`.
 """
 import contextlib
@@ -197,7 +197,7 @@ def check_interceptable(sites, model):
 # --------------------------------------------------------------------------------------------
 # interception
 
-def _fused_activation(layer):
+def fused_activation(layer):
     """The fused activation `intercept` can split off, or None (linear or not splittable)."""
     if not isinstance(layer, SPLITTABLE_LAYERS):
         return None
@@ -224,7 +224,7 @@ class LayerCall:
     @property
     def activation(self):
         """The fused activation `run_split` leaves out, or None."""
-        return _fused_activation(self.site.layer)
+        return fused_activation(self.site.layer)
 
     def run(self):
         """The layer's own output."""
@@ -397,7 +397,7 @@ class Recorder:
         self.statistics, self.loss = statistics, loss
         self.training, self.split = training, bool(split)
         wanted = self.sites if gradient_sites is None else list(gradient_sites)
-        self._grad_ids = {id(site) for site in wanted} if loss is not None else set()
+        self._grad_ids = {id(site.layer) for site in wanted} if loss is not None else set()
         self._weight_of = weight_of if loss is not None else None
         self._weights = self._unique_weights()
         self._plan = None
@@ -442,7 +442,7 @@ class Recorder:
                     f"{type(pre).__name__}, not one tensor: it cannot be recorded. Allowed: "
                     "layers with a single output tensor.")
             slot = None
-            if id(call.site) in self._grad_ids:
+            if id(call.site.layer) in self._grad_ids:
                 slot, slots[0] = slots[0], slots[0] + 1
                 pre = inject(slot, pre)
             out = activation(pre) if activation is not None else pre

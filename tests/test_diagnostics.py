@@ -291,7 +291,8 @@ def test_profile_bad_input():
     with pytest.raises(ValueError, match="same number of examples"):
         diagnostics.variance_profile(model, _images(4), y=np.zeros(3, "int32"))
     empty = keras.Sequential([keras.Input((4,)), keras.layers.Activation("relu")])
-    with pytest.raises(ValueError, match="no Dense or Conv layer"):
+    with pytest.raises(ValueError, match=r"no layer with a kernel in model 'sequential' "
+                                         r"\(Sequential\).*Allowed: models with Dense"):
         diagnostics.variance_profile(empty, np.zeros((4, 4), "float32"))
 
 
