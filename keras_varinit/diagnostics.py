@@ -138,12 +138,11 @@ def kernel_terms(layer):
             fans.compute_fans(p_shape)[1]
         return fan_in, fan_out, _mean_square(depthwise) * _mean_square(pointwise), \
             _strides(layer)
-    if isinstance(layer, _DEPTHWISE):
-        shape = tuple(layer.depthwise_kernel.shape)
+    shape = tuple(layer.kernel.shape)
+    if isinstance(layer, _DEPTHWISE):   # its `kernel` is the depthwise one
         return (fans.compute_fans(shape, depthwise=True)[0],
                 fans.compute_fans(shape, depthwise="keras")[1],
-                _mean_square(layer.depthwise_kernel), _strides(layer))
-    shape = tuple(layer.kernel.shape)
+                _mean_square(layer.kernel), _strides(layer))
     if isinstance(layer, _TRANSPOSED):
         fan_in, fan_out = fans.compute_fans(shape, transpose=True)
         return fan_in, fan_out, _mean_square(layer.kernel), 1.0
