@@ -366,7 +366,7 @@ def run(args):
     else:
         profiles, header, spreads = _profile_plain_nets(args)
     elapsed = time.perf_counter() - start
-    console.print(header, markup=False)
+    console.print(header, markup=False, soft_wrap=True)
     if len(profiles) > 1 and not args.full:
         console.print(_comparison(profiles))
     else:
@@ -374,7 +374,7 @@ def run(args):
             console.print(_table(df, name, args.full))
     for name, df in profiles.items():
         for line in _verdict_lines(name, df) + ([spreads[name]] if name in spreads else []):
-            console.print(line, markup=False)
+            console.print(line, markup=False, soft_wrap=True)
     if args.plot:
         profile_report.plot_profile(profiles, args.plot, title=header.split(";")[0])
         console.print(f"plot written to {args.plot}")
