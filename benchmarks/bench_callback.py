@@ -18,8 +18,10 @@ random data, SGD(0.01, momentum 0.9), after a warm-up fit (traces Keras's train 
    included), interleaved none, logger, none, ... `--repeats` rounds. Goal: <= 1.05x.
    `--tensorboard` adds Keras's `TensorBoard(histogram_freq=1)` as a third variant.
 
-Minimum and median of the repeats are printed with their ratios (this machine's speed is
-bimodal from run to run: compare minima).
+Minimum and median of the repeats are printed with their ratios, in wall-clock seconds and in
+CPU seconds of this process (`time.process_time`, user + system over all its threads): on a
+shared machine other jobs stretch wall time far more than the work this process does (this
+machine's speed is bimodal from run to run: compare minima).
 
     .venv/bin/python benchmarks/bench_callback.py                   # both parts, 5 repeats
     .venv/bin/python benchmarks/bench_callback.py --images 2048 --repeats 2   # quick look
@@ -46,15 +48,32 @@ from keras_varinit.probe import EAGER_CALLS  # noqa: E402
 PROBE = 128
 
 
+class _Clock:
+    """Wall-clock and process CPU seconds of a block: `with _Clock() as c: ...; c.wall, c.cpu`."""
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+
+
 def _summary(name, times, anchor):
-    mn, md = min(times), statistics.median(times)
-    return (f"{name:12s} {mn:9.3f} {md:9.3f} {mn / min(anchor):11.3f} "
-            f"{md / statistics.median(anchor):11.3f}")
+    cells = []
+    for kind in (0, 1):   # wall, cpu
+        values, base = [t[kind] for t in times], [t[kind] for t in anchor]
+        mn, md = min(values), statistics.median(values)
+        cells.append(f"{mn:9.3f} {md:9.3f} {mn / min(base):8.3f} "
+                     f"{md / statistics.median(base):8.3f}")
+    return f"{name:12s} " + "  |".join(cells)
 
 
 def _print_table(times, anchor_name):
-    print(f"{'variant':12s} {'min s':>9s} {'median s':>9s} {'ratio(min)':>11s} "
-          f"{'ratio(med)':>11s}")
+    print(f"{'':12s} {'wall-clock seconds':^37s}  | {'process CPU seconds':^37s}")
+    head = f"{'min':>9s} {'median':>9s} {'r(min)':>8s} {'r(med)':>8s}"
+    print(f"{'variant':12s} {head}  |{head}")
     for name, values in times.items():
         print(_summary(name, values, times[anchor_name]))
 
@@ -68,28 +87,34 @@ def probe_vs_step(model, x, y, repeats):
 
     def log():
         step[0] += 1
-        start = time.perf_counter()
-        logger._log(step[0], 0)
-        return time.perf_counter() - start
+        with _Clock() as clock:
+            logger._log(step[0], 0)
+        return clock.wall, clock.cpu
 
-    start = time.perf_counter()
-    logger.on_train_begin()   # builds the probe; its first (eager) pass is the step-0 log
-    first = [time.perf_counter() - start] + [log() for _ in range(EAGER_CALLS - 1)]
+    def train_step():
+        with _Clock() as clock:
+            model.train_on_batch(xb, yb)
+        return clock.wall, clock.cpu
+
+    with _Clock() as clock:
+        logger.on_train_begin()   # builds the probe; its first (eager) pass is the step-0 log
+    first = [(clock.wall, clock.cpu)] + [log() for _ in range(EAGER_CALLS - 1)]
     trace = log()   # the call that traces the tf.function and runs it once
-    print(f"first {EAGER_CALLS} logs (eager, the first with the probe's build): "
-          f"{', '.join(f'{t:.3f}' for t in first)} s; the tf.function trace + first run: "
-          f"{trace:.3f} s")
+    steps = [train_step() for _ in range(2)]
+    print(f"first {EAGER_CALLS} logs (eager; the first includes the probe's build), wall/CPU s: "
+          f"{', '.join(f'{w:.3f}/{c:.3f}' for w, c in first)}; the tf.function trace + first "
+          f"run: {trace[0]:.3f}/{trace[1]:.3f}; two train steps: "
+          f"{', '.join(f'{w:.3f}/{c:.3f}' for w, c in steps)}")
     times = {"train step": [], "probe log": []}
     for _ in range(repeats):
-        start = time.perf_counter()
-        model.train_on_batch(xb, yb)
-        times["train step"].append(time.perf_counter() - start)
+        times["train step"].append(train_step())
         times["probe log"].append(log())
     print(f"tracked layers: {len(logger.tracked_layers)}; interleaved x{repeats}, batch {PROBE}:")
     _print_table(times, "train step")
-    eager = min(first[1:]) if len(first) > 1 else first[0]
-    print(f"eager log (min of calls 2-{EAGER_CALLS}) / train step (min): "
-          f"{eager / min(times['train step']):.2f}")
+    for kind, label in ((0, "wall"), (1, "CPU")):
+        eager = min(t[kind] for t in first[1:]) if len(first) > 1 else first[0][kind]
+        print(f"eager log (min of calls 2-{EAGER_CALLS}) / train step (min), {label}: "
+              f"{eager / min(t[kind] for t in times['train step']):.2f}")
     return times
 
 
@@ -109,13 +134,14 @@ def fit_overhead(model, x, y, args, tmp):
     for r in range(args.repeats):
         for kind in kinds:
             cbs = callbacks(kind, r)
-            start = time.perf_counter()
-            model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0,
-                      callbacks=cbs)
-            times[kind].append(time.perf_counter() - start)
+            with _Clock() as clock:
+                model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0,
+                          callbacks=cbs)
+            times[kind].append((clock.wall, clock.cpu))
             if kind == "logger":
                 logs = len({rec["step"] for rec in cbs[0].history})
-            print(f"round {r + 1} {kind:12s} {times[kind][-1]:8.2f} s", flush=True)
+            print(f"round {r + 1} {kind:12s} {clock.wall:8.2f} s wall, {clock.cpu:8.2f} s CPU, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"fit of {len(x)} images, batch {args.batch_size}, {args.epochs} epoch(s); "
           f"{logs} logs per fit with the logger:")
     _print_table(times, "none")
@@ -144,10 +170,10 @@ def main(argv=None):
           f"cpus={os.cpu_count()} python={platform.python_version()} "
           f"load={os.getloadavg()[0]:.1f}")
     print(f"model: plain_cnn({args.depth}), {len(model.layers)} layers")
-    start = time.perf_counter()
-    model.fit(x[:4 * args.batch_size], y[:4 * args.batch_size], batch_size=args.batch_size,
-              epochs=1, verbose=0)
-    print(f"warm-up fit: {time.perf_counter() - start:.1f} s")
+    with _Clock() as clock:
+        model.fit(x[:4 * args.batch_size], y[:4 * args.batch_size], batch_size=args.batch_size,
+                  epochs=1, verbose=0)
+    print(f"warm-up fit: {clock.wall:.1f} s")
     if args.part in ("both", "probe"):
         print("\n-- 1. one probe log vs one training step")
         probe_vs_step(model, x, y, args.repeats)
