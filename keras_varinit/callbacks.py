@@ -431,16 +431,27 @@ class LayerStatsLogger(keras.callbacks.Callback):
         self._epoch = int(epoch)
         self._epoch_base = self._step
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_begin(self, batch, logs=None):
+        # `batch` batches of this epoch are done. Logging here, before the next step, and not
+        # in on_train_batch_end keeps Keras's asynchronous dispatch of batch-end callbacks on.
+        self._advance(self._epoch_base + int(batch))
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = self._current_step_from_optimizer()
+        if done is None:
+            per_epoch = (self.params or {}).get("steps")
+            done = self._epoch_base + per_epoch if per_epoch else self._step
+        self._advance(done)
+        if self.log_on_epoch_end:
+            self._log(self._step, int(epoch))
+
+    def _advance(self, step):
+        """The global step is now `step`: log if it crossed a multiple of every_n_steps."""
         prev = self._step
-        self._step = max(self._epoch_base + int(batch) + 1, prev + 1)
+        self._step = max(int(step), prev)
         n = self.every_n_steps
         if n is not None and self._step // n != prev // n:
             self._log(self._step, self._epoch)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.log_on_epoch_end:
-            self._log(self._step, int(epoch))
 
     def on_train_end(self, logs=None):
         if self._writer is not None:

@@ -37,8 +37,14 @@ Supported and not:
   (`layer.quantize(...)`) bypass `call` and are refused the same way.
 
 Public names: `LayerSite`, `layer_sites`, `weight_sites`, `is_weight_layer`, `final_layer`,
-`fused_activation`, `LayerCall`, `intercept`, `CallTensors`, `CallRecord`, `Recording`, `Recorder`,
-`default_loss`, `UnsupportedLayerError`, `NoWeightLayerError`.
+`check_interceptable`, `fused_activation`, `LayerCall`, `intercept`, `CallTensors`,
+`CallRecord`, `Recording`, `Recorder`, `default_loss`, `UnsupportedLayerError`,
+`NoWeightLayerError`.
+
+>>> sites = [s for s in layer_sites(model) if s.is_leaf]
+>>> recorder = Recorder(model, sites, lambda v: {"var": keras.ops.var(v.output)},
+...                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+>>> [(r.name, float(r.stats["var"])) for r in recorder(x, y).records]
 """
 import contextlib
 import dataclasses
