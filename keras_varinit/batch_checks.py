@@ -66,8 +66,8 @@ def check_finite(arrays, caller):
         nan, inf, size = nan + n, inf + i, size + np.size(array)
     if nan or inf:
         shapes = [tuple(np.shape(a)) for a in arrays]
+        shape = shapes[0] if len(shapes) == 1 else shapes
         raise ValueError(
             f"{caller} needs a finite batch. Received: x with {nan + inf} non-finite value(s) "
-            f"({nan} NaN, {inf} Inf) among {size} (shape {shapes[0] if len(shapes) == 1 else shapes}"
-            "). Allowed: finite numbers only; drop or repair those examples first (e.g. "
-            "np.nan_to_num).")
+            f"({nan} NaN, {inf} Inf) among {size} (shape {shape}). Allowed: finite numbers "
+            "only; drop or repair those examples first (e.g. np.nan_to_num).")

@@ -357,8 +357,9 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
           strides), `weight_var` (Var of the kernel);
         * `input_second_moment`: E[x_l^2] of the layer's input;
         * `forward_var`: Var of the pre-activation output y_l;
-        * `forward_var_post`: Var after the following activation (about its batch mean) (the layer's own activation,
-          else the next activation layer before the next weight layer; else = forward_var);
+        * `forward_var_post`: Var after the following activation (about its batch mean): the
+          layer's own activation, else the next activation layer before the next weight
+          layer; else = forward_var;
         * `backward_var`: Var of dL/dy_l;
         * `predicted_forward_var`: one step, fan_in * Var[W] * E[x_l^2] (measured input);
         * `predicted_forward_var_cumulative`: the recursion from the first layer's input

@@ -180,6 +180,7 @@ class _Calibration:
                           "initial_variance": initial, "final_variance": var,
                           "converged": status is Status.CONVERGED, "status": status.value})
         if self.verbose:
+            note = "" if status is Status.CONVERGED else f"  ({status.value})"
             print(f"lsuv {call.site.path:>20}: variance {initial:.4g} -> {var:.4g} in "
-                  f"{iterations} step(s){'' if status is Status.CONVERGED else f'  ({status.value})'}")
+                  f"{iterations} step(s){note}")
         return activation(pre) if activation is not None else pre

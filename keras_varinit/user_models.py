@@ -12,8 +12,8 @@ code, imported and called in this process: the CLI's path, never the explorer's.
 >>> check_cifar10_input(model)                        # ValueError if not (32, 32, 3) images
 
 Public names: `ModelLoadError`, `load_user_model`, `load_model_file`, `load_factory`,
-`unknown_classes`, `model_input_shape`, `cifar10_shape_mismatch`, `cifar10_mismatch`, `check_cifar10_input`,
-`CIFAR10_INPUT_SHAPE`.
+`unknown_classes`, `model_input_shape`, `cifar10_shape_mismatch`, `cifar10_mismatch`,
+`check_cifar10_input`, `CIFAR10_INPUT_SHAPE`.
 """
 import contextlib
 import importlib

@@ -327,7 +327,8 @@ def test_nan_in_probe_batch_is_refused_with_the_count():
     x[0, :3] = np.nan
     x[1, 0] = np.inf
     with pytest.raises(ValueError, match=r"LayerStatsLogger's probe needs a finite batch. "
-                                         r"Received: x with 4 non-finite value\(s\) \(3 NaN, 1 Inf\)"):
+                                         r"Received: x with 4 non-finite value\(s\) "
+                                         r"\(3 NaN, 1 Inf\)"):
         LayerStatsLogger((x, y))
 
 

@@ -219,7 +219,7 @@ def test_split_activation_records_the_pre_activation():
     assert fused.activation is keras.activations.tanh and "call" not in vars(fused)
 
 
-# ----------------------------------------------------------------------------- the model is untouched
+# ----------------------------------------------------------------------------- model untouched
 
 def _snapshot(model):
     return [keras.ops.convert_to_numpy(v).copy() for v in model.variables]
