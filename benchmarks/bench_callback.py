@@ -1,21 +1,30 @@
-"""Overhead of LayerStatsLogger on `fit()`: no callback vs LayerStatsLogger vs Keras TensorBoard.
+"""Cost of LayerStatsLogger: one probe log against one training step, and fit() with it against
+fit() without it.
 
 One process, one model, one data set: the 22-layer plain CNN (`keras_varinit.models.plain_cnn`,
-or an equivalent built here if that module is missing) on CIFAR-sized random data. After a
-warm-up fit (traces Keras's train function), each configuration is timed over `--epochs`
-epochs, in interleaved rounds (none, logger, tensorboard, none, ...), and the minimum and
-median per configuration are reported, with ratios against "no callback".
+45 Keras layers; the logger tracks 43: 21 Conv2D, 21 Activation, the Dense) on CIFAR-sized
+random data, SGD(0.01, momentum 0.9), after a warm-up fit (traces Keras's train function).
 
-* none: `model.fit` without callbacks;
-* logger: `LayerStatsLogger(probe=(x[:128], y[:128]), log_dir=...)`, all other arguments at
-  their defaults (every_n_steps=100, no histograms). A fresh instance per timed fit, so its
-  one-off build (tracing the probe function) is included;
-* tensorboard: `keras.callbacks.TensorBoard(log_dir, histogram_freq=1)`.
+1. Probe log vs training step, batch 128 both: `model.train_on_batch` on the probe batch
+   against one `LayerStatsLogger` log of it (forward + backward + in-graph statistics + the
+   records and update ratios; no TensorBoard or JSON file), interleaved step, log, step, log,
+   ... `--repeats` times, after the probe's eager calls and its tf.function trace (reported
+   separately: what the first logs of a fit cost). Goal: log <= 1.5 steps (a probe is the same
+   forward and backward without the update, so about one step is the floor).
+2. fit() of `--images` images in batches of 128 for `--epochs` epoch(s) (default 8192 x 1 =
+   64 steps: a short epoch, where the step-0 and epoch-end logs weigh most), without a
+   callback and with `LayerStatsLogger((x[:128], y[:128]))` at its defaults (every_n_steps
+   100: logs at step 0 and at every epoch end), a fresh logger per fit (its one-off build is
+   included), interleaved none, logger, none, ... `--repeats` rounds. Goal: <= 1.05x.
+   `--tensorboard` adds Keras's `TensorBoard(histogram_freq=1)` as a third variant.
 
-Goal: logger <= 1.05x none.
+Minimum and median of the repeats are printed with their ratios, in wall-clock seconds and in
+CPU seconds of this process (`time.process_time`, user + system over all its threads): on a
+shared machine other jobs stretch wall time far more than the work this process does (this
+machine's speed is bimodal from run to run: compare minima).
 
-    .venv/bin/python benchmarks/bench_callback.py            # 4096 images, batch 128, 2 epochs
-    .venv/bin/python benchmarks/bench_callback.py --rounds 3 --images 2048
+    .venv/bin/python benchmarks/bench_callback.py                   # both parts, 5 repeats
+    .venv/bin/python benchmarks/bench_callback.py --images 2048 --repeats 2   # quick look
 """
 import argparse
 import os
@@ -33,84 +42,147 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from keras_varinit.callbacks import LayerStatsLogger  # noqa: E402
+from keras_varinit.models import plain_cnn  # noqa: E402
+from keras_varinit.probe import EAGER_CALLS  # noqa: E402
+
+PROBE = 128
 
 
-def build_cnn(depth=22, seed=0):
-    try:
-        from keras_varinit.models import plain_cnn
+class _Clock:
+    """Wall-clock and process CPU seconds of a block: `with _Clock() as c: ...; c.wall, c.cpu`."""
 
-        return plain_cnn(depth, seed=seed), "keras_varinit.models.plain_cnn"
-    except Exception as e:  # the models module is another engineer's; keep a fallback
-        print(f"(plain_cnn unavailable: {type(e).__name__}: {e}; building an equivalent)")
-    n_conv = depth - 1
-    per = [n_conv // 3 + (1 if i < n_conv % 3 else 0) for i in range(3)]
-    inp = keras.Input((32, 32, 3))
-    h = inp
-    for stage, (width, n) in enumerate(zip((16, 32, 64), per)):
-        for i in range(n):
-            h = keras.layers.Conv2D(width, 3, strides=2 if (stage and not i) else 1,
-                                    padding="same", kernel_initializer="he_normal")(h)
-            h = keras.layers.Activation("relu")(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    return keras.Model(inp, keras.layers.Dense(10)(h)), "local 22-layer plain CNN"
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+
+
+def _summary(name, times, anchor):
+    cells = []
+    for kind in (0, 1):   # wall, cpu
+        values, base = [t[kind] for t in times], [t[kind] for t in anchor]
+        mn, md = min(values), statistics.median(values)
+        cells.append(f"{mn:9.3f} {md:9.3f} {mn / min(base):8.3f} "
+                     f"{md / statistics.median(base):8.3f}")
+    return f"{name:12s} " + "  |".join(cells)
+
+
+def _print_table(times, anchor_name):
+    print(f"{'':12s} {'wall-clock seconds':^37s}  | {'process CPU seconds':^37s}")
+    head = f"{'min':>9s} {'median':>9s} {'r(min)':>8s} {'r(med)':>8s}"
+    print(f"{'variant':12s} {head}  |{head}")
+    for name, values in times.items():
+        print(_summary(name, values, times[anchor_name]))
+
+
+def probe_vs_step(model, x, y, repeats):
+    """Part 1: seconds of one training step and of one probe log, interleaved."""
+    xb, yb = x[:PROBE], y[:PROBE]
+    logger = LayerStatsLogger((xb, yb))
+    logger.set_model(model)
+    step = [0]
+
+    def log():
+        step[0] += 1
+        with _Clock() as clock:
+            logger._log(step[0], 0)
+        return clock.wall, clock.cpu
+
+    def train_step():
+        with _Clock() as clock:
+            model.train_on_batch(xb, yb)
+        return clock.wall, clock.cpu
+
+    with _Clock() as clock:
+        logger.on_train_begin()   # builds the probe; its first (eager) pass is the step-0 log
+    first = [(clock.wall, clock.cpu)] + [log() for _ in range(EAGER_CALLS - 1)]
+    trace = log()   # the call that traces the tf.function and runs it once
+    steps = [train_step() for _ in range(2)]
+    print(f"first {EAGER_CALLS} logs (eager; the first includes the probe's build), wall/CPU s: "
+          f"{', '.join(f'{w:.3f}/{c:.3f}' for w, c in first)}; the tf.function trace + first "
+          f"run: {trace[0]:.3f}/{trace[1]:.3f}; two train steps: "
+          f"{', '.join(f'{w:.3f}/{c:.3f}' for w, c in steps)}")
+    times = {"train step": [], "probe log": []}
+    for _ in range(repeats):
+        times["train step"].append(train_step())
+        times["probe log"].append(log())
+    print(f"tracked layers: {len(logger.tracked_layers)}; interleaved x{repeats}, batch {PROBE}:")
+    _print_table(times, "train step")
+    for kind, label in ((0, "wall"), (1, "CPU")):
+        eager = min(t[kind] for t in first[1:]) if len(first) > 1 else first[0][kind]
+        print(f"eager log (min of calls 2-{EAGER_CALLS}) / train step (min), {label}: "
+              f"{eager / min(t[kind] for t in times['train step']):.2f}")
+    return times
+
+
+def fit_overhead(model, x, y, args, tmp):
+    """Part 2: seconds of fit() without a callback and with a fresh LayerStatsLogger."""
+    def callbacks(kind, r):
+        if kind == "none":
+            return []
+        if kind == "logger":
+            return [LayerStatsLogger((x[:PROBE], y[:PROBE]),
+                                     log_dir=os.path.join(tmp, f"ls{r}"))]
+        return [keras.callbacks.TensorBoard(os.path.join(tmp, f"tb{r}"), histogram_freq=1)]
+
+    kinds = ("none", "logger") + (("tensorboard",) if args.tensorboard else ())
+    times = {k: [] for k in kinds}
+    logs = None
+    for r in range(args.repeats):
+        for kind in kinds:
+            cbs = callbacks(kind, r)
+            with _Clock() as clock:
+                model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0,
+                          callbacks=cbs)
+            times[kind].append((clock.wall, clock.cpu))
+            if kind == "logger":
+                logs = len({rec["step"] for rec in cbs[0].history})
+            print(f"round {r + 1} {kind:12s} {clock.wall:8.2f} s wall, {clock.cpu:8.2f} s CPU, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"fit of {len(x)} images, batch {args.batch_size}, {args.epochs} epoch(s); "
+          f"{logs} logs per fit with the logger:")
+    _print_table(times, "none")
+    return times
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--images", type=int, default=8192)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--depth", type=int, default=22)
+    p.add_argument("--part", choices=("both", "probe", "fit"), default="both")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also time keras.callbacks.TensorBoard(histogram_freq=1)")
     args = p.parse_args(argv)
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.images, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, args.images)
-    model, source = build_cnn(args.depth)
+    model = plain_cnn(args.depth, seed=0)
     model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    tmp = tempfile.mkdtemp(prefix="bench_callback_")
     print(f"backend={keras.backend.backend()} keras={keras.__version__} "
-          f"cpus={os.cpu_count()} python={platform.python_version()}")
-    print(f"model: {source}, {len(model.layers)} layers; data {x.shape}, "
-          f"batch {args.batch_size}, {args.epochs} epochs "
-          f"({args.epochs * -(-args.images // args.batch_size)} steps) per timed fit")
-
-    t = time.perf_counter()
-    model.fit(x[:4 * args.batch_size], y[:4 * args.batch_size], batch_size=args.batch_size,
-              epochs=1, verbose=0)
-    print(f"warm-up fit: {time.perf_counter() - t:.1f}s")
-
-    def make(kind, r):
-        if kind == "none":
-            return []
-        if kind == "logger":
-            return [LayerStatsLogger((x[:128], y[:128]), log_dir=os.path.join(tmp, f"ls{r}"))]
-        return [keras.callbacks.TensorBoard(os.path.join(tmp, f"tb{r}"), histogram_freq=1)]
-
-    kinds = ("none", "logger", "tensorboard")
-    times = {k: [] for k in kinds}
-    n_logs = None
-    for r in range(args.rounds):
-        for kind in kinds:
-            cbs = make(kind, r)
-            t = time.perf_counter()
-            model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0,
-                      callbacks=cbs)
-            dt = time.perf_counter() - t
-            times[kind].append(dt)
-            if kind == "logger":
-                n_logs = len({rec["step"] for rec in cbs[0].history})
-            print(f"round {r + 1} {kind:12s} {dt:7.2f}s", flush=True)
-
-    base_min, base_med = min(times["none"]), statistics.median(times["none"])
-    print(f"\nlogger: {len(model.layers)} model layers, probe 128 images, {n_logs} logs per fit")
-    print(f"{'config':12s} {'min s':>8s} {'median s':>9s} {'ratio(min)':>11s} {'ratio(med)':>11s}")
-    for kind in kinds:
-        mn, md = min(times[kind]), statistics.median(times[kind])
-        print(f"{kind:12s} {mn:8.2f} {md:9.2f} {mn / base_min:11.3f} {md / base_med:11.3f}")
+          f"cpus={os.cpu_count()} python={platform.python_version()} "
+          f"load={os.getloadavg()[0]:.1f}")
+    print(f"model: plain_cnn({args.depth}), {len(model.layers)} layers")
+    with _Clock() as clock:
+        model.fit(x[:4 * args.batch_size], y[:4 * args.batch_size], batch_size=args.batch_size,
+                  epochs=1, verbose=0)
+    print(f"warm-up fit: {clock.wall:.1f} s")
+    if args.part in ("both", "probe"):
+        print("\n-- 1. one probe log vs one training step")
+        probe_vs_step(model, x, y, args.repeats)
+    if args.part in ("both", "fit"):
+        print("\n-- 2. fit() with LayerStatsLogger at its defaults vs without")
+        fit_overhead(model, x, y, args, tempfile.mkdtemp(prefix="bench_callback_"))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

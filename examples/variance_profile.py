@@ -45,7 +45,7 @@ def main(argv=None):
         keras.backend.clear_session()
         df = profiles[init]
         one_step = (df["forward_var"] / df["predicted_forward_var"]).iloc[1:-1]
-        print(f"{init}: {profile_report.summarize_profile(df)}")
+        print(f"{init}: {profile_report.summarize_profile(df).text}")
         print(f"  one-step forward prediction / measured on hidden layers 2-29: "
               f"{1 / one_step.max():.2f} .. {1 / one_step.min():.2f}")
     title = (f"30-layer plain ReLU CNN (width {args.width}), batch {args.batch_size} of "

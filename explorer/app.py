@@ -220,6 +220,7 @@ with tab_init:
                 "built.")
     else:
         from explorer.profile import histogram_layers, signal_summary
+        from keras_varinit.profile_report import VerdictLevel
 
         try:
             with st.spinner("Building the network and measuring one batch..."):
@@ -234,14 +235,13 @@ with tab_init:
             table = result["table"]
             ratios = signal_summary(table)
             fwd, bwd = ratios.get("forward"), ratios.get("backward")
-            verdict = result["verdict"] or "No verdict available."
-            troubled = any(w in verdict for w in ("expect", "overflow", "vanish", "undefined"))
-            if troubled:
-                st.error(verdict, icon=":material/warning:")
-            elif "drift" in verdict:
-                st.warning(verdict, icon=":material/trending_down:")
+            verdict = result["verdict"]
+            if verdict.level is VerdictLevel.FAILURE:
+                st.error(verdict.text, icon=":material/warning:")
+            elif verdict.level is VerdictLevel.WARNING:
+                st.warning(verdict.text, icon=":material/trending_down:")
             else:
-                st.success(verdict, icon=":material/check_circle:")
+                st.success(verdict.text, icon=":material/check_circle:")
             if result.get("explanation"):
                 st.info(result["explanation"][0].upper() + result["explanation"][1:] + ".",
                         icon=":material/info:")

@@ -91,7 +91,7 @@ def probe_batch(data: str, n: int = 128, seed: int = 0):
 @dataclass
 class Profile:
     table: pd.DataFrame
-    verdict: str
+    verdict: object   # keras_varinit.profile_report.Verdict (.level, .text)
     activations: dict = field(default_factory=dict)   # layer name -> activation sample
     layer_names: list = field(default_factory=list)   # every activation layer, in order
     synthetic: bool = False

@@ -2,8 +2,9 @@
 
 Keras 3 / TF2 dropped `TensorBoard(write_grads=True)` and never logged activations; the usual
 workarounds patch the optimizer or `train_step`. This callback does neither: it keeps a fixed
-probe batch and, at chosen steps, runs it forward and backward through the model's own layer
-graph (see `keras_varinit.probe`), which measures the quantities of signal-propagation theory
+probe batch and, at chosen steps, runs it forward and backward through the model (any Keras
+model; see `keras_varinit.probe` and `keras_varinit.instrument`), which measures the quantities
+of signal-propagation theory
 (Glorot & Bengio 2010; He et al. 2015):
 
 * forward: Var[a^l] (``activation_std``), dead ReLUs (``zero_fraction``), tanh/sigmoid
@@ -18,9 +19,8 @@ import warnings
 import keras
 import numpy as np
 
-from keras_varinit.probe import (
-    STAT_NAMES, Probe, activation_name, functional_graph, tracked_weight,
-)
+from keras_varinit import batch_checks, instrument
+from keras_varinit.probe import STAT_NAMES, LayerProbe, finite_or_none, tracked_weight
 from keras_varinit.run_files import LAYER_STATS_FIELDS, append_jsonl
 
 # Statistics written to TensorBoard as layer_stats/<statistic>/<layer>.
@@ -35,15 +35,8 @@ def _class_names(obj):
 
 def _is_default_tracked(layer):
     """Default selection: layers with a kernel (Dense, Conv, ...) and activation layers."""
-    if isinstance(layer, keras.layers.InputLayer):
-        return False
-    try:
-        kernel = getattr(layer, "kernel", None)
-    except Exception:
-        kernel = None
-    if isinstance(kernel, keras.Variable):
-        return True
-    return bool(_class_names(layer) & set(_ACTIVATION_LAYER_TYPES))
+    return instrument.is_weight_layer(layer) or \
+        bool(_class_names(layer) & set(_ACTIVATION_LAYER_TYPES))
 
 
 def _matcher(specs, argname):
@@ -60,10 +53,10 @@ def _matcher(specs, argname):
                 f"Received: {s!r} of type {type(s).__name__}."
             )
 
-    def match(layer, s):
+    def match(site, s):
         if isinstance(s, type):
-            return isinstance(layer, s)
-        return layer.name == s or s in _class_names(layer)
+            return isinstance(site.layer, s)
+        return s in (site.path, site.layer.name) or s in _class_names(site.layer)
 
     return match, specs
 
@@ -147,6 +140,10 @@ class LayerStatsLogger(keras.callbacks.Callback):
     otherwise cross-entropy: sparse if y holds integer labels, categorical if y is one-hot,
     from logits unless the last layer applies a softmax.
 
+    Any Keras model (Sequential, Functional, nested, subclassed): `layer` is the layer's path
+    (`backbone/conv1`), and a layer called k > 1 times per forward pass gives one record per
+    call, `path#1` ... `path#k`.
+
     Sinks: TensorBoard scalars `layer_stats/<statistic>/<layer>` in `log_dir` (one chart per
     statistic, every layer on it), optional histograms `layer_hist/activation/<layer>` and
     `layer_hist/activation_grad/<layer>`; `.history` (list of records) and `.to_dataframe()`;
@@ -158,8 +155,9 @@ class LayerStatsLogger(keras.callbacks.Callback):
         log_dir: TensorBoard log directory, or None for no TensorBoard output.
         every_n_steps: log every this many training steps (None: only at train begin and epoch
             ends).
-        layers: track only these layers: names, layer classes or class-name strings. Default:
-            layers with a kernel (Dense, Conv, ...) and activation layers.
+        layers: track only these layers: names or paths (`backbone/conv1`), layer classes or
+            class-name strings. Default: layers with a kernel (Dense, Conv, ...) and
+            activation layers, at any depth of nested models.
         exclude: layers to leave out (same forms).
         histograms: also write activation and activation-gradient histograms (TensorBoard).
         jsonl_path: path of the JSON-lines file, or None.
@@ -205,6 +203,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
                 f"Received: every_n_steps={every_n_steps!r}."
             )
         self.probe_x = keras.tree.map_structure(np.asarray, x)
+        batch_checks.check_finite(keras.tree.flatten(self.probe_x), "LayerStatsLogger's probe")
         self.probe_y = y
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
@@ -231,50 +230,37 @@ class LayerStatsLogger(keras.callbacks.Callback):
     # -- setup -------------------------------------------------------------------------------
 
     def _select_layers(self, model):
-        graph = functional_graph(model)
-        candidates = [l for l in graph.layers if not isinstance(l, keras.layers.InputLayer)]
+        """The tracked `instrument.LayerSite`s: the default selection or `layers=`, less
+        `exclude=`. Layers inside a recurrent layer's loop cannot be tracked: an explicit
+        selection of one is an error, the default selection leaves them out with a warning."""
+        candidates = instrument.layer_sites(model)
         if self._layers_match is None:
-            chosen = [l for l in candidates if _is_default_tracked(l)]
+            chosen = [s for s in candidates if _is_default_tracked(s.layer)]
         else:
-            chosen = [l for l in candidates
-                      if any(self._layers_match(l, s) for s in self._layers_specs)]
-            for s in self._layers_specs:
-                if not any(self._layers_match(l, s) for l in candidates):
+            chosen = [s for s in candidates
+                      if any(self._layers_match(s, spec) for spec in self._layers_specs)]
+            for spec in self._layers_specs:
+                if not any(self._layers_match(s, spec) for s in candidates):
                     raise ValueError(
-                        f"`layers` entry {s!r} matches no layer of model {model.name!r}. "
-                        f"Allowed: a layer name among {[l.name for l in candidates]}, "
+                        f"`layers` entry {spec!r} matches no layer of model {model.name!r}. "
+                        f"Allowed: a layer name or path among {[s.path for s in candidates]}, "
                         "or a layer type."
                     )
         if self._exclude_match is not None:
-            chosen = [l for l in chosen
-                      if not any(self._exclude_match(l, s) for s in self._exclude_specs)]
-        usable = []
-        for l in chosen:
-            nodes = getattr(l, "_inbound_nodes", [])
-            if len(nodes) != 1 or len(keras.tree.flatten(nodes[0].outputs)) != 1:
-                if self._layers_match is not None:
-                    raise ValueError(
-                        f"Layer {l.name!r} cannot be tracked: it is called {len(nodes)} times "
-                        "in the model or has several outputs. Allowed: layers with one call "
-                        "and one output."
-                    )
-                continue
-            usable.append(l)
-        if not usable:
+            chosen = [s for s in chosen
+                      if not any(self._exclude_match(s, spec) for spec in self._exclude_specs)]
+        if self._layers_match is None and any(s.in_loop for s in chosen):
+            looped = [s.path for s in chosen if s.in_loop]
+            warnings.warn(
+                f"LayerStatsLogger does not track {looped}: they run inside a recurrent "
+                "layer's loop. Track the RNN layer itself with `layers=`.", UserWarning)
+            chosen = [s for s in chosen if not s.in_loop]
+        if not chosen:
             raise ValueError(
                 f"LayerStatsLogger tracks no layer of model {model.name!r} with "
                 f"layers={self._layers_specs or None!r}, exclude={self._exclude_specs or None!r}."
             )
-        return usable
-
-    def _fallback_loss(self, model):
-        graph = functional_graph(model)
-        last = graph.layers[-1] if graph.layers else None
-        from_logits = activation_name(last) != "softmax" if last is not None else True
-        y = self.probe_y
-        if y.ndim >= 2 and y.shape[-1] > 1:
-            return keras.losses.CategoricalCrossentropy(from_logits=from_logits)
-        return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+        return chosen
 
     def _compiled_loss(self, model):
         loss = getattr(model, "loss", None)
@@ -293,36 +279,29 @@ class LayerStatsLogger(keras.callbacks.Callback):
         loss = self._compiled_loss(model)
         if loss is not None:
             try:
-                self._probe = Probe(model, self.tracked_layers, loss, training=self.training,
-                                    return_tensors=self.histograms)
-                # Traces/compiles once and validates the loss; kept for the step-0 log.
+                self._probe = LayerProbe(model, self.tracked_layers, loss,
+                                         training=self.training, return_tensors=self.histograms)
+                # Validates the loss on the probe's y; kept for the step-0 log.
                 self._first_out = self._probe(self._x, self._y)
                 self.loss_source = "compiled"
+            except instrument.UnsupportedLayerError:
+                raise
             except Exception as e:  # a compiled loss that does not fit the probe's y
                 warnings.warn(
                     f"LayerStatsLogger: the model's compiled loss does not accept the probe "
                     f"({type(e).__name__}: {str(e)[:200]}); using cross-entropy instead.")
                 self._probe = None
         if self._probe is None:
-            self._probe = Probe(model, self.tracked_layers, self._fallback_loss(model),
-                                training=self.training, return_tensors=self.histograms)
+            loss, self._y = instrument.default_loss(model, self.probe_y)
+            self._probe = LayerProbe(model, self.tracked_layers, loss, training=self.training,
+                                     return_tensors=self.histograms)
             self.loss_source = "cross_entropy"
         self._probe_model = model
 
     def _prepare_inputs(self):
-        graph = functional_graph(self.model)
-        x = self.probe_x
-        flat = keras.tree.flatten(x)
-        flat = [np.asarray(t, dtype=inp.dtype) if np.issubdtype(np.asarray(t).dtype, np.number)
-                else t for t, inp in zip(flat, graph.inputs)]
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            self._x = [tf.constant(t) for t in flat]
-            self._y = tf.constant(self.probe_y)
-        else:
-            self._x = flat
-            self._y = self.probe_y
+        """The probe batch as backend tensors, converted once."""
+        self._x = keras.tree.map_structure(keras.ops.convert_to_tensor, self.probe_x)
+        self._y = keras.ops.convert_to_tensor(self.probe_y)
 
     # -- logging -----------------------------------------------------------------------------
 
@@ -342,67 +321,70 @@ class LayerStatsLogger(keras.callbacks.Callback):
         if sync is not None:
             sync()
         try:
-            out, self._first_out = self._first_out, None
-            if out is None:
-                out = self._probe(self._x, self._y)
+            recording, self._first_out = self._first_out, None
+            if recording is None:
+                recording = self._probe(self._x, self._y)
         except Exception as e:  # never let the logger end a training run
             warnings.warn(f"LayerStatsLogger: probe failed at step {step}: "
                           f"{type(e).__name__}: {e}")
             return
-        if self.histograms:
-            stats, acts, grads = out
-        else:
-            stats, acts, grads = out, None, None
-        stats = np.asarray(stats, dtype=np.float64)
-        records = []
-        scalars = []
-        for i, layer in enumerate(self.tracked_layers):
-            row = dict(zip(STAT_NAMES, stats[i].tolist()))
-            w = tracked_weight(layer)
-            update_ratio = None
-            if w is None:
-                row["weight_std"] = None
-                row["weight_grad_std"] = None
-            else:
-                w_now = _variable_to_numpy(w)
-                prev = self._prev_weights.get(id(layer))
-                if prev is not None:
-                    with np.errstate(all="ignore"):
-                        denom = np.linalg.norm(prev)
-                        update_ratio = float(np.linalg.norm(w_now - prev) / denom) \
-                            if denom > 0 else float("nan")
-                self._prev_weights[id(layer)] = w_now
-            record = {
-                "step": int(step), "epoch": int(epoch), "layer": layer.name,
-                "layer_index": i, "layer_type": type(layer).__name__,
-                "activation_mean": row["activation_mean"],
-                "activation_std": row["activation_std"],
-                "zero_fraction": row["zero_fraction"],
-                "saturated_fraction": row["saturated_fraction"],
-                "activation_grad_std": row["activation_grad_std"],
-                "weight_std": row["weight_std"],
-                "weight_grad_std": row["weight_grad_std"],
-                "update_ratio": update_ratio,
-                "nan_count": int(row["nan_count"]) if math.isfinite(row["nan_count"]) else None,
-                "inf_count": int(row["inf_count"]) if math.isfinite(row["inf_count"]) else None,
-            }
-            records.append(record)
-            for field in SCALAR_FIELDS:
-                if record[field] is not None:
-                    scalars.append((f"layer_stats/{field}/{layer.name}", float(record[field])))
+        records = [self._record(call, i, step, epoch)
+                   for i, call in enumerate(recording.records)]
         self.history.extend(records)
         if self.jsonl_path is not None:
             append_jsonl(self.jsonl_path, records)
         if self._writer is not None:
-            hists = []
-            if self.histograms:
-                for layer, a, g in zip(self.tracked_layers, acts, grads):
-                    hists.append((f"layer_hist/activation/{layer.name}", a))
-                    hists.append((f"layer_hist/activation_grad/{layer.name}", g))
-            try:
-                self._writer.write(step, scalars, hists)
-            except Exception as e:
-                warnings.warn(f"LayerStatsLogger: TensorBoard write failed at step {step}: {e}")
+            self._write_tensorboard(step, records, recording)
+
+    def _record(self, call, index, step, epoch):
+        """One record (`run_files.LAYER_STATS_FIELDS`) of a recorded layer call."""
+        row = {name: float(call.stats[name]) for name in STAT_NAMES}
+        update_ratio = self._update_ratio(call)
+        if tracked_weight(call.layer) is None:
+            row["weight_std"] = row["weight_grad_std"] = None
+        count = lambda v: int(v) if math.isfinite(v) else None  # noqa: E731
+        return {
+            "step": int(step), "epoch": int(epoch), "layer": call.name,
+            "layer_index": index, "layer_type": type(call.layer).__name__,
+            "activation_mean": row["activation_mean"],
+            "activation_std": row["activation_std"],
+            "zero_fraction": row["zero_fraction"],
+            "saturated_fraction": row["saturated_fraction"],
+            "activation_grad_std": row["activation_grad_std"],
+            "weight_std": row["weight_std"],
+            "weight_grad_std": row["weight_grad_std"],
+            "update_ratio": update_ratio,
+            "nan_count": count(row["nan_count"]), "inf_count": count(row["inf_count"]),
+        }
+
+    def _update_ratio(self, call):
+        """||W_now - W_prev|| / ||W_prev|| since the previous log (None at the first)."""
+        w = tracked_weight(call.layer)
+        if w is None:
+            return None
+        w_now = _variable_to_numpy(w)
+        prev = self._prev_weights.get(call.name)
+        self._prev_weights[call.name] = w_now
+        if prev is None:
+            return None
+        with np.errstate(all="ignore"):
+            denom = np.linalg.norm(prev)
+            return float(np.linalg.norm(w_now - prev) / denom) if denom > 0 else float("nan")
+
+    def _write_tensorboard(self, step, records, recording):
+        scalars = [(f"layer_stats/{field}/{record['layer']}", float(record[field]))
+                   for record in records for field in SCALAR_FIELDS
+                   if record[field] is not None]
+        hists = []
+        if self.histograms:
+            for call in recording.records:
+                hists.append((f"layer_hist/activation/{call.name}", call.stats["activation"]))
+                hists.append((f"layer_hist/activation_grad/{call.name}",
+                              call.stats["activation_grad"]))
+        try:
+            self._writer.write(step, scalars, hists)
+        except Exception as e:
+            warnings.warn(f"LayerStatsLogger: TensorBoard write failed at step {step}: {e}")
 
     # -- Keras hooks -------------------------------------------------------------------------
 
@@ -425,16 +407,27 @@ class LayerStatsLogger(keras.callbacks.Callback):
         self._epoch = int(epoch)
         self._epoch_base = self._step
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_begin(self, batch, logs=None):
+        # `batch` batches of this epoch are done. Logging here, before the next step, and not
+        # in on_train_batch_end keeps Keras's asynchronous dispatch of batch-end callbacks on.
+        self._advance(self._epoch_base + int(batch))
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = self._current_step_from_optimizer()
+        if done is None:
+            per_epoch = (self.params or {}).get("steps")
+            done = self._epoch_base + per_epoch if per_epoch else self._step
+        self._advance(done)
+        if self.log_on_epoch_end:
+            self._log(self._step, int(epoch))
+
+    def _advance(self, step):
+        """The global step is now `step`: log if it crossed a multiple of every_n_steps."""
         prev = self._step
-        self._step = max(self._epoch_base + int(batch) + 1, prev + 1)
+        self._step = max(int(step), prev)
         n = self.every_n_steps
         if n is not None and self._step // n != prev // n:
             self._log(self._step, self._epoch)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.log_on_epoch_end:
-            self._log(self._step, int(epoch))
 
     def on_train_end(self, logs=None):
         if self._writer is not None:

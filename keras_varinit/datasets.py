@@ -76,7 +76,7 @@ class DatasetUnavailableError(RuntimeError):
 # Paths
 # --------------------------------------------------------------------------------------------
 def _keras_home() -> pathlib.Path:
-    # Same rule as keras.src.backend.config, without importing keras.
+    # Same rule as Keras's own backend config, without importing keras.
     if "KERAS_HOME" in os.environ:
         return pathlib.Path(os.environ["KERAS_HOME"]).expanduser()
     base = os.path.expanduser("~")

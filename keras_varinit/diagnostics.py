@@ -1,38 +1,44 @@
 """Per-layer variance profile at initialization: measured and predicted (He et al. 2015).
 
 `variance_profile(model, x, y)` runs one forward and one backward pass of a batch and returns,
-per weight layer (Dense / Conv), the measured variances of the signal and of the gradient next
-to what the recursion of `keras_varinit.propagation` predicts. It shows at a glance whether an
+per call of a weight layer (Dense, EinsumDense, Conv*, Conv*Transpose, DepthwiseConv*,
+SeparableConv*), the measured variances of the signal and of the gradient next to what the
+recursion of `keras_varinit.propagation` predicts. It shows at a glance whether an
 initialization keeps the signal alive through depth:
 
 >>> import keras_varinit as kv, numpy as np
 >>> model = kv.models.plain_cnn(30, kernel_initializer="xavier_normal", seed=0)
 >>> x = np.random.default_rng(0).standard_normal((256, 32, 32, 3)).astype("float32")
 >>> df = kv.variance_profile(model, x)
->>> kv.profile_report.summarize_profile(df)
+>>> kv.profile_report.summarize_profile(df).text
 'forward variance falls 10^-11x from conv_01 to conv_29 (30 weight layers): expect training to stall'
 
-How the numbers are obtained (TensorFlow and JAX backends). The model's graph (Sequential, or
-Functional through the same node walk `Functional.call` uses) is re-run layer by layer with two
-changes at every weight layer: its own activation, if any, is applied separately so the
-pre-activation y_l is observable, and y_l is made a differentiation target: TensorFlow watches
-it on a `tf.GradientTape`; JAX adds a zero tensor e_l and differentiates with respect to e_l
-(`jax.grad`, jitted), since dL/de_l = dL/dy_l. The pass runs inside a `keras.StatelessScope`,
-so it changes nothing in the model
-(batch normalization moving statistics included).
+Any Keras model: Sequential, Functional, nested (a row's `layer` is its path, e.g.
+`backbone/conv1_conv`), subclassed, and layers called several times (one row per call,
+`name#1`, `name#2`). How the numbers are obtained: `keras_varinit.instrument` records every
+leaf layer's call in one pass (TensorFlow and JAX); a weight layer's fused activation is split
+off, so its pre-activation y_l is what is measured and differentiated. Nothing in the model
+changes (batch-normalization moving statistics included).
+
+The recorded non-weight layers feed the predictions: activation layers (ReLU, Activation, ...)
+give the activation factor and `forward_var_post`; BatchNormalization restarts the forward
+recursion from its measured output and scales the gradient by its measured per-channel gain;
+pooling and other structural layers carry their measured ratio of second moments. This needs
+the recorded layers to form a plain chain (each layer's input is the previous one's output,
+as in a Sequential model); with branches (Add, Concatenate in residual blocks), skip
+connections or raw tensor ops between layers, the cumulative and one-step backward
+predictions are NaN (the one-step forward prediction, from the layer's measured input, is
+always there).
 
 Reading the table (the one-line verdict, why a draw drifts, the plot):
 `keras_varinit.profile_report`.
 """
-import inspect
-
 import keras
 import numpy as np
 import pandas as pd
 from keras import ops
 
-from keras_varinit import propagation
-from keras_varinit.models import is_weight_layer
+from keras_varinit import batch_checks, fans, instrument, propagation
 
 #: Columns of `variance_profile`'s DataFrame, in order.
 COLUMNS = (
@@ -80,10 +86,10 @@ def activation_of(layer):
     return name, None
 
 
-def _fans(layer):
-    shape = tuple(int(d) for d in layer.kernel.shape)
-    receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
-    return receptive * shape[-2], receptive * shape[-1]
+_TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+               keras.layers.Conv3DTranspose)
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+_SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 
 
 def _strides(layer):
@@ -91,41 +97,80 @@ def _strides(layer):
     return float(np.prod(strides)) if strides else 1.0
 
 
-def _accepts_training(layer, cache={}):  # noqa: B006 (a deliberate per-class cache)
-    key = type(layer)
-    if key not in cache:
-        try:
-            cache[key] = "training" in inspect.signature(layer.call).parameters
-        except (TypeError, ValueError):
-            cache[key] = False
-    return cache[key]
+def _mean_square(variable):
+    return float(np.mean(np.square(keras.ops.convert_to_numpy(variable).astype(np.float64))))
 
 
-def _layer_sequence(model):
-    """Layers in execution order, and whether they form a single chain (each layer's input is
-    the previous layer's output)."""
-    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    if isinstance(model, keras.Sequential):
-        return layers, True
-    chain = True
-    previous = model.inputs[0] if len(model.inputs) == 1 else None
-    for layer in layers:
-        try:
-            inputs = layer.input
-        except (AttributeError, ValueError):
-            return layers, False
-        if previous is None or inputs is not previous:
-            chain = False
-            break
-        previous = layer.output
-    return layers, chain
+def _einsum_fans(layer):
+    """EinsumDense: kernel axes summed over (absent from the output) make fan_in, the others
+    fan_out (`"ab,bc->ac"`: fan_in = b, fan_out = c)."""
+    inputs, output = layer.equation.split("->")
+    kernel_axes = inputs.split(",")[1]
+    shape = tuple(int(d) for d in layer.kernel.shape)
+    fan_in = int(np.prod([d for a, d in zip(kernel_axes, shape) if a not in output]))
+    fan_out = int(np.prod([d for a, d in zip(kernel_axes, shape) if a in output]))
+    return fan_in, fan_out
+
+
+def kernel_terms(layer):
+    """`(fan_in, fan_out, weight_var, stride)` of a weight layer, as the recursion uses them.
+
+    fan_in: inputs summed into one output; fan_out: outputs one input reaches (He et al. 2015);
+    weight_var: E[W^2] of the kernel; stride: product of the strides (the backward step
+    divides fan_out by it).
+
+    * Dense, Conv*, custom kernels: `fans.compute_fans(kernel.shape)` (k*k*c_in, k*k*c_out);
+    * DepthwiseConv* (kernel (k, k, c, m)): each output sees one channel, fan_in = k*k
+      (`compute_fans(depthwise=True)`), each input reaches m outputs per tap, fan_out = k*k*m
+      (`compute_fans(depthwise="keras")`);
+    * SeparableConv* (depthwise d, then pointwise p): y = p(d(x)), so fan_in = k*k*c*m, fan_out
+      = k*k*m*filters and weight_var = E[d^2] E[p^2] (the product enters the recursion);
+    * Conv*Transpose: `compute_fans(transpose=True)` and stride 1 (its backward pass is a
+      strided convolution summing k*k*filters terms); its strides leave taps without input,
+      which `padding_factor` counts (1/prod(strides));
+    * EinsumDense: from its equation (contracted kernel axes -> fan_in).
+    """
+    if isinstance(layer, _SEPARABLE):
+        depthwise, pointwise = layer.depthwise_kernel, layer.pointwise_kernel
+        d_shape, p_shape = tuple(depthwise.shape), tuple(pointwise.shape)
+        fan_in = fans.compute_fans(d_shape, depthwise=True)[0] * fans.compute_fans(p_shape)[0]
+        fan_out = fans.compute_fans(d_shape, depthwise="keras")[1] * \
+            fans.compute_fans(p_shape)[1]
+        return fan_in, fan_out, _mean_square(depthwise) * _mean_square(pointwise), \
+            _strides(layer)
+    shape = tuple(layer.kernel.shape)
+    if isinstance(layer, _DEPTHWISE):   # its `kernel` is the depthwise one
+        return (fans.compute_fans(shape, depthwise=True)[0],
+                fans.compute_fans(shape, depthwise="keras")[1],
+                _mean_square(layer.kernel), _strides(layer))
+    if isinstance(layer, _TRANSPOSED):
+        fan_in, fan_out = fans.compute_fans(shape, transpose=True)
+        return fan_in, fan_out, _mean_square(layer.kernel), 1.0
+    if isinstance(layer, keras.layers.EinsumDense):
+        return (*_einsum_fans(layer), _mean_square(layer.kernel), 1.0)
+    fan_in, fan_out = fans.compute_fans(shape)
+    return fan_in, fan_out, _mean_square(layer.kernel), _strides(layer)
 
 
 # --------------------------------------------------------------------------------------------
-# the instrumented pass
+# the statistics of the pass (reduced in the compiled pass, keras.ops)
 
-def _second_moment(t):
-    return ops.mean(ops.square(ops.cast(t, "float32")))
+def _scaled_second_moment(prefix, t):
+    """E[t^2] as (max|t|, E[(t / max|t|)^2]): the host multiplies them in float64, so a
+    vanishing signal (|t| ~ 1e-20, t^2 below float32's range) is still measured."""
+    t = ops.cast(t, "float32")
+    scale = ops.max(ops.abs(t))
+    safe = ops.where(scale > 0, scale, ops.ones_like(scale))
+    return {f"{prefix}_scale": scale, f"{prefix}_m2": ops.mean(ops.square(t / safe))}
+
+
+def _second_moment_from(stats, prefix, default=float("nan")):
+    if f"{prefix}_scale" not in stats:
+        return default
+    scale, m2 = float(stats[f"{prefix}_scale"]), float(stats[f"{prefix}_m2"])
+    if not np.isfinite(scale):
+        return scale   # inf (overflow) or NaN
+    return scale * scale * m2
 
 
 def _variance(t):
@@ -143,177 +188,61 @@ def _channel_scale2(t_in, t_out):
     return ops.mean(var_out / (var_in + 1e-12))
 
 
-class _Recorder:
-    """Runs the model with the instrumentation and collects scalar statistics per layer."""
-
-    def __init__(self, model, weight_names, training):
-        self.model = model
-        self.weight_names = set(weight_names)
-        self.order = list(weight_names)
-        self.training = training
-
-    def run(self, x, deltas=None, tape=None):
-        """deltas: zero tensors added to each pre-activation (JAX); tape: a tf.GradientTape
-        that watches each pre-activation instead (TensorFlow; kept in `self.watched`);
-        neither: a forward pass only."""
-        self.deltas = dict(zip(self.order, deltas)) if deltas is not None else None
-        self.tape = tape
-        self.watched = {}
-        self.stats = {}
-        if isinstance(self.model, keras.Sequential):
-            out = x
-            for layer in self.model.layers:
-                if isinstance(layer, keras.layers.InputLayer):
-                    continue
-                out = self._call(layer, out)
-        else:
-            if not hasattr(self.model, "_run_through_graph"):
-                raise ValueError("variance_profile needs a Sequential or Functional model. "
-                                 f"Received: {type(self.model).__name__}")
-            outputs = self.model._run_through_graph(
-                [x], operation_fn=lambda op: op, call_fn=self._call)
-            out = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-        return out, self.stats
-
-    def _call(self, op, *args, **kwargs):
-        if not isinstance(op, keras.layers.Layer):
-            return op(*args, **kwargs)
-        if _accepts_training(op):
-            kwargs["training"] = self.training
-        inputs = args[0] if args else None
-        is_weight = op.name in self.weight_names
-        if is_weight:
-            act = op.activation
-            op.activation = None
-            try:
-                pre = op(*args, **kwargs)
-            finally:
-                op.activation = act
-            if self.tape is not None:
-                self.tape.watch(pre)
-                self.watched[op.name] = pre
-            elif self.deltas is not None:
-                pre = pre + self.deltas[op.name]
-            out = act(pre) if activation_of(op) is not None else pre
-        else:
-            pre, out = None, op(*args, **kwargs)
-        if self.tape is not None:
-            with self.tape.stop_recording():  # statistics are not part of the loss
-                self.stats[op.name] = self._record(op, inputs, pre, out, is_weight)
-        else:
-            self.stats[op.name] = self._record(op, inputs, pre, out, is_weight)
-        return out
-
-    def _record(self, op, inputs, pre, out, is_weight):
-        record = {}
-        if is_weight:
-            record["pre_var"] = _second_moment(pre)
-            if activation_of(op) is not None:
-                record["own_post_var"] = _variance(out)
-        # only the statistics the profile uses (each is a pass over a large tensor)
-        single_in = inputs is not None and not isinstance(inputs, (list, tuple, dict))
-        single_out = not isinstance(out, (list, tuple, dict))
-        if isinstance(op, _ACTIVATION_LAYERS):
-            if single_out:
-                record["out_var"] = _variance(out)
-        elif not isinstance(op, _NEUTRAL_LAYERS) or is_weight:
-            if single_in:
-                record["in_m2"] = _second_moment(inputs)
-            if single_out and not is_weight:
-                record["out_m2"] = _second_moment(out)
-            if single_in and isinstance(op, keras.layers.BatchNormalization):
-                record["bn_scale2"] = _channel_scale2(inputs, out)
-        return record
+def _profile_statistics(view):
+    """Per call, only what the profile uses (each statistic is a pass over a large tensor)."""
+    layer = view.site.layer
+    stats = {}
+    if instrument.is_weight_layer(layer):
+        stats.update(_scaled_second_moment("pre", view.output))
+        if instrument.fused_activation(layer) is not None:
+            stats["own_post_var"] = _variance(view.activated)
+        if view.inputs is not None:
+            stats.update(_scaled_second_moment("in", view.inputs))
+        if view.output_grad is not None:
+            stats.update(_scaled_second_moment("grad", view.output_grad))
+    elif isinstance(layer, _ACTIVATION_LAYERS):
+        stats["out_var"] = _variance(view.output)
+    elif not isinstance(layer, _NEUTRAL_LAYERS):
+        if view.inputs is not None:
+            stats.update(_scaled_second_moment("in", view.inputs))
+            if isinstance(layer, keras.layers.BatchNormalization):
+                stats["bn_scale2"] = _channel_scale2(view.inputs, view.output)
+        stats.update(_scaled_second_moment("out", view.output))
+    return stats
 
 
-def _ends_in_softmax(model):
-    last = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    act = activation_of(last[-1]) if last else None
-    return act is not None and act[0] == "softmax"
+def _record(model, x, y, loss_fn, training):
+    """One pass: the `instrument.Recording` of every leaf layer and weight layer call."""
+    weight = instrument.weight_sites(model, "variance_profile")
+    sites = [s for s in instrument.layer_sites(model)
+             if s.is_leaf or instrument.is_weight_layer(s.layer)]
+    recorder = instrument.Recorder(model, sites, _profile_statistics, loss=loss_fn,
+                                   training=training, split=True, gradient_sites=weight,
+                                   eager_calls=None)
+    return recorder(x, y)
 
 
-def _loss_and_labels(model, loss, y):
-    """The loss function and labels: `loss` as given, else softmax cross-entropy (sparse for
-    integer labels, categorical for one-hot), from logits unless the model ends in softmax."""
-    if loss is not None:
-        return keras.losses.get(loss), y
-    from_logits = not _ends_in_softmax(model)
-    if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
-        return (keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
-                y.reshape(-1).astype("int32"))
-    return keras.losses.CategoricalCrossentropy(from_logits=from_logits), y.astype("float32")
+# --------------------------------------------------------------------------------------------
+# from the recorded calls to the predictions
+
+def _bridges(recording, weight_records):
+    """For each weight call, the recorded calls between it and the next weight call (the last
+    one: up to the model's output); None for all when the recorded calls are not a chain."""
+    if not recording.chain:
+        return [None] * len(weight_records)
+    records = recording.records
+    positions = [next(i for i, r in enumerate(records) if r is w) for w in weight_records]
+    ends = positions[1:] + [len(records)]
+    return [records[p + 1:end] for p, end in zip(positions, ends)]
 
 
-def _run_backend(model, x, y, loss_fn, weight_layers, training, gradients=True):
-    recorder = _Recorder(model, [layer.name for layer in weight_layers], training)
-    batch = int(x.shape[0])
-    shapes = [(batch,) + tuple(int(d) for d in layer.output.shape[1:]) for layer in weight_layers]
-    backend = keras.backend.backend()
-
-    if not gradients and backend in ("tensorflow", "jax"):
-        with keras.StatelessScope():
-            _, stats = recorder.run(keras.ops.convert_to_tensor(x))
-        grads = [None] * len(weight_layers)
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        x_t = tf.convert_to_tensor(x)
-        with keras.StatelessScope():
-            with tf.GradientTape() as tape:
-                out, stats = recorder.run(x_t, tape=tape)
-                loss_value = loss_fn(y, out)
-        grads = tape.gradient(loss_value, [recorder.watched[layer.name]
-                                           for layer in weight_layers])
-    elif backend == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        x_j = jnp.asarray(x)
-
-        variables = list(model.variables)
-
-        def loss_of(deltas, values):
-            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                out, stats = recorder.run(x_j, deltas)
-                return loss_fn(y, out), stats
-
-        deltas = [jnp.zeros(shape, dtype="float32") for shape in shapes]
-        # jit (op-by-op jax.grad is several times slower on CPU); the weights are arguments.
-        grads, stats = jax.jit(jax.grad(loss_of, has_aux=True))(
-            deltas, [v.value for v in variables])
-    else:
-        raise RuntimeError("variance_profile supports the TensorFlow and JAX backends. "
-                           f"Received: backend={backend!r}. Allowed: 'tensorflow', 'jax'")
-    stats = {name: {k: float(keras.ops.convert_to_numpy(v)) for k, v in rec.items()}
-             for name, rec in stats.items()}
-    grad_vars = [float(np.mean(np.square(keras.ops.convert_to_numpy(g).astype(np.float64))))
-                 if g is not None else float("nan") for g in grads]
-    return stats, grad_vars
-
-
-def _bridges(layers, chain, weight_layers):
-    """For weight layer l, the layers between it and the next weight layer (None: unknown)."""
-    if not chain:
-        return [None] * len(weight_layers)
-    positions = [layers.index(layer) for layer in weight_layers]
-    bridges = []
-    for k, pos in enumerate(positions):
-        end = positions[k + 1] if k + 1 < len(positions) else len(layers)
-        bridges.append(layers[pos + 1:end])
-    return bridges
-
-
-def _spatial_input(layer):
-    """The spatial sizes of a layer's input, or None when unknown or flat."""
-    try:
-        shape = tuple(layer.input.shape)
-    except (AttributeError, ValueError):
+def _spatial_input(record):
+    """The spatial sizes of a call's input, or None when unknown or flat."""
+    shape = record.input_shape
+    if shape is None or len(shape) < 3 or any(d is None for d in shape[1:]):
         return None
-    if len(shape) < 3 or any(d is None for d in shape[1:]):
-        return None
-    channels_last = getattr(layer, "data_format", "channels_last") != "channels_first"
-    sizes = shape[1:-1] if channels_last else shape[2:]
-    return tuple(int(d) for d in sizes)
+    channels_last = getattr(record.layer, "data_format", "channels_last") != "channels_first"
+    return tuple(shape[1:-1] if channels_last else shape[2:])
 
 
 def _conv_energy(layer, profiles):
@@ -337,30 +266,29 @@ def _conv_energy(layer, profiles):
     return [p / max(float(np.mean(p)), 1e-30) for p in out], factor
 
 
-def _padding_factors(weight_layers, bridges):
-    """Per weight layer, the zero-padding factor of the expected forward variance
+def _padding_factors(weight_records, bridges):
+    """Per weight call, the zero-padding factor of the expected forward variance
     (`propagation.padding_factor`), propagating each axis's energy profile along the chain:
     activations, dropout and batch normalization keep its shape (the same factor at every
     position), non-overlapping pooling averages it in blocks, anything else starts it afresh
-    (uniform). Dense layers and transposed convolutions get 1 (not modelled)."""
-    transposed = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
-                  keras.layers.Conv3DTranspose)
+    (uniform). Dense layers get 1; a transposed convolution 1/prod(strides) (the share of its
+    taps that land on an input)."""
     keeps_shape = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
                    keras.layers.ELU, keras.layers.PReLU, keras.layers.Dropout,
                    keras.layers.Identity, keras.layers.BatchNormalization)
     factors, profiles = [], None
-    for layer, bridge in zip(weight_layers, bridges):
-        sizes = _spatial_input(layer) if hasattr(layer, "kernel_size") and \
-            not isinstance(layer, transposed) else None
-        if sizes is None:
-            factors.append(1.0)
+    for record, bridge in zip(weight_records, bridges):
+        layer = record.layer
+        sizes = _spatial_input(record) if hasattr(layer, "kernel_size") else None
+        if sizes is None or isinstance(layer, _TRANSPOSED):
+            factors.append(1.0 / _strides(layer) if isinstance(layer, _TRANSPOSED) else 1.0)
             profiles = None
             continue
         if profiles is None or tuple(len(p) for p in profiles) != sizes:
             profiles = [np.ones(n) for n in sizes]
         profiles, factor = _conv_energy(layer, profiles)
         factors.append(factor)
-        for item in bridge if bridge is not None else [None]:
+        for item in [r.layer for r in bridge] if bridge is not None else [None]:
             if isinstance(item, keeps_shape):
                 continue
             pool = getattr(item, "pool_size", None)
@@ -374,11 +302,14 @@ def _padding_factors(weight_layers, bridges):
     return factors
 
 
-def _pooling_backward_factor(layer, stats):
-    """Var[dL/d input] / Var[dL/d output] of a pooling layer (exact for these shapes)."""
+def _pooling_backward_factor(record):
+    """Var[dL/d input] / Var[dL/d output] of a pooling call (exact for these shapes)."""
+    layer = record.layer
     if isinstance(layer, (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
                           keras.layers.GlobalAveragePooling3D)):
-        spatial = float(np.prod([int(d) for d in layer.input.shape[1:-1]]))
+        if record.input_shape is None or None in record.input_shape[1:-1]:
+            return float("nan")
+        spatial = float(np.prod(record.input_shape[1:-1]))
         return 1.0 / spatial ** 2  # each input gets dL/dout / (H W); mean over (H W) copies
     if isinstance(layer, (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D,
                           keras.layers.MaxPooling3D)):
@@ -395,8 +326,9 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
     """Per weight layer: fans, weight variance, measured and predicted forward/backward variance.
 
     Args:
-        model: a built Sequential or Functional Keras model (e.g. `keras_varinit.models.
-            plain_cnn(30)`) with Dense/Conv weight layers and one input.
+        model: a built Keras model of any kind (Sequential, Functional, nested, subclassed;
+            e.g. `keras_varinit.models.plain_cnn(30)`) with one input and at least one
+            weight layer.
         x: one batch of inputs (numpy or backend tensor), e.g. 256 images.
         y: integer labels (or one-hot). None: random labels drawn with `seed`.
         loss: a Keras loss (name, instance or callable `loss(y_true, y_pred)`). Default: softmax
@@ -409,7 +341,8 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
             NaN), for forward-only sweeps over many widths or seeds.
 
     Returns:
-        A pandas DataFrame, one row per weight layer, with columns COLUMNS:
+        A pandas DataFrame, one row per call of a weight layer, in call order, with columns
+        COLUMNS:
 
         Weight, forward and backward variances are measured about zero (mean of squares over
         all entries): at initialization weights are zero-mean and biases zero, so 0 is the
@@ -417,13 +350,16 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
         predicts (subtracting the batch mean would remove a part of it that is itself drawn
         with the weights).
 
-        * `layer`, `index` (1-based), `layer_type`, `activation` (the nonlinearity found
-          after it, e.g. "relu", or "linear"), `fan_in`, `fan_out` (k*k*c_in, k*k*c_out),
-          `stride` (product of strides), `weight_var` (Var of the kernel);
+        * `layer` (its path, `#k` for the k-th call of a layer called several times),
+          `index` (1-based), `layer_type`, `activation` (the nonlinearity found after it,
+          e.g. "relu", or "linear"), `fan_in`, `fan_out` (k*k*c_in, k*k*c_out; depthwise,
+          separable, transposed and einsum kernels: `kernel_terms`), `stride` (product of
+          strides), `weight_var` (Var of the kernel);
         * `input_second_moment`: E[x_l^2] of the layer's input;
         * `forward_var`: Var of the pre-activation output y_l;
-        * `forward_var_post`: Var after the following activation (about its batch mean) (the layer's own activation,
-          else the next activation layer before the next weight layer; else = forward_var);
+        * `forward_var_post`: Var after the following activation (about its batch mean): the
+          layer's own activation, else the next activation layer before the next weight
+          layer; else = forward_var;
         * `backward_var`: Var of dL/dy_l;
         * `predicted_forward_var`: one step, fan_in * Var[W] * E[x_l^2] (measured input);
         * `predicted_forward_var_cumulative`: the recursion from the first layer's input
@@ -443,102 +379,119 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
 
         Predictions are NaN where the path between two weight layers is not a simple chain or
         holds an activation without a factor (sigmoid forward, gelu...).
+
+    Raises:
+        ValueError: an unbuilt model, a batch of fewer than 2 examples or with NaN/Inf
+            values (`batch_checks.check_finite`), a model without weight layers
+            (`instrument.NoWeightLayerError`) or with layers that cannot be recorded
+            (`instrument.UnsupportedLayerError`: inside an RNN, quantized).
     """
-    if not getattr(model, "built", False) or not model.inputs:
-        raise ValueError("variance_profile needs a built model with a defined input. "
-                         f"Received: model={getattr(model, 'name', model)!r}")
-    if len(model.inputs) != 1:
+    if not getattr(model, "built", False):
+        raise ValueError(
+            "variance_profile needs a built model. Received: unbuilt model "
+            f"{getattr(model, 'name', model)!r} ({type(model).__name__}). Allowed: a model "
+            "created with keras.Input, called once on a batch, or built with model.build().")
+    inputs = getattr(model, "inputs", None)
+    if inputs is not None and len(inputs) != 1:
         raise ValueError("variance_profile supports single-input models. "
-                         f"Received: {len(model.inputs)} inputs")
-    x = keras.ops.convert_to_numpy(x) if not isinstance(x, np.ndarray) else x
-    x = np.asarray(x, dtype="float32")
-    if x.ndim < 1 or x.shape[0] < 2:
+                         f"Received: {len(inputs)} inputs")
+    (x,) = batch_checks.as_arrays(x, "variance_profile", n_inputs=1)
+    if np.issubdtype(x.dtype, np.floating):
+        x = x.astype("float32")
+    if x.shape[0] < 2:
         raise ValueError("variance_profile needs a batch of at least 2 examples. "
                          f"Received: x with shape {x.shape}")
-    layers, chain = _layer_sequence(model)
-    weight_layers = [layer for layer in layers if is_weight_layer(layer)]
-    if not weight_layers:
-        raise ValueError("variance_profile found no Dense or Conv layer in the model. "
-                         f"Received: model={model.name!r}")
+    batch_checks.check_finite(x, "variance_profile")
+    loss_fn = None
+    if gradients:
+        y = _labels(model, x, y, seed)
+        loss_fn, y = (keras.losses.get(loss), y) if loss is not None else \
+            instrument.default_loss(model, y)
+    recording = _record(model, x, y if gradients else None, loss_fn, training)
+    weight_records = [r for r in recording.records if instrument.is_weight_layer(r.layer)]
+    return _assemble(weight_records, _bridges(recording, weight_records))
 
-    num_classes = int(model.outputs[0].shape[-1])
+
+def _labels(model, x, y, seed):
+    """`y` as an array, or random labels over the model's output units drawn with `seed`."""
     if y is None:
-        y = np.random.default_rng(seed).integers(0, num_classes, size=x.shape[0])
+        spec = model.compute_output_spec(keras.KerasTensor(x.shape, dtype=str(x.dtype)))
+        num_classes = int(keras.tree.flatten(spec)[0].shape[-1])
+        return np.random.default_rng(seed).integers(0, num_classes, size=x.shape[0])
     y = np.asarray(y)
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"x and y must have the same number of examples. Received: "
                          f"x.shape={x.shape}, y.shape={y.shape}")
-    loss_fn, y = _loss_and_labels(model, loss, y)
-
-    stats, grad_vars = _run_backend(model, x, y, loss_fn, weight_layers, training, gradients)
-    bridges = _bridges(layers, chain, weight_layers)
-    return _assemble(weight_layers, stats, grad_vars, bridges)
+    return y
 
 
-def _bridge_factors(layer, bridge, stats):
+def _bridge_factors(record, bridge):
     """(activation name, post var, forward transfer, BN reset, backward factor) for one link."""
-    own = activation_of(layer)
+    own = activation_of(record.layer) if instrument.fused_activation(record.layer) else None
     act_name, post_var = None, None
     forward = 1.0
     backward = 1.0
     reset = float("nan")
     if own is not None:
         act_name = own[0]
-        post_var = stats[layer.name].get("own_post_var")
+        post_var = float(record.stats["own_post_var"])
         forward *= propagation.forward_factor(*own)
         backward *= propagation.backward_factor(*own)
     if bridge is None:
         return act_name, post_var, float("nan"), reset, float("nan")
     for item in bridge:
-        rec = stats.get(item.name, {})
-        act = activation_of(item) if isinstance(item, _ACTIVATION_LAYERS) else None
+        layer, stats = item.layer, item.stats
+        act = activation_of(layer) if isinstance(layer, _ACTIVATION_LAYERS) else None
         if act is not None:
             if act_name is None:
-                act_name, post_var = act[0], rec.get("out_var")
+                act_name, post_var = act[0], float(stats.get("out_var", float("nan")))
             forward *= propagation.forward_factor(*act)
             backward *= propagation.backward_factor(*act)
-        elif isinstance(item, keras.layers.BatchNormalization):
+        elif isinstance(layer, keras.layers.BatchNormalization):
             # re-normalizes: the forward recursion restarts from its measured output; the
             # gradient is scaled like the signal (gamma / sigma per channel).
-            reset = rec.get("out_m2", float("nan")) / max(forward, 1e-30) \
+            reset = _second_moment_from(stats, "out") / max(forward, 1e-30) \
                 if act_name is None else float("nan")
-            backward *= rec.get("bn_scale2", float("nan"))
-        elif isinstance(item, _NEUTRAL_LAYERS):
+            backward *= float(stats.get("bn_scale2", float("nan")))
+        elif isinstance(layer, _NEUTRAL_LAYERS):
             continue
         else:
             # pooling and anything else: forward carries the measured ratio of second moments
-            ratio = rec.get("out_m2", float("nan")) / rec.get("in_m2", float("nan"))
-            forward *= ratio
-            backward *= _pooling_backward_factor(item, stats)
+            forward *= _second_moment_from(stats, "out") / _second_moment_from(stats, "in")
+            backward *= _pooling_backward_factor(item)
     return act_name, post_var, forward, reset, backward
 
 
-def _assemble(weight_layers, stats, grad_vars, bridges):
+def _assemble(weight_records, bridges):
     rows = []
     transfer, resets, back = [], [], []
-    for i, (layer, bridge) in enumerate(zip(weight_layers, bridges)):
-        rec = stats[layer.name]
-        fan_in, fan_out = _fans(layer)
-        weight_var = float(np.mean(np.square(
-            keras.ops.convert_to_numpy(layer.kernel).astype(np.float64))))
-        act_name, post_var, forward, reset, backward = _bridge_factors(layer, bridge, stats)
+    for i, (record, bridge) in enumerate(zip(weight_records, bridges)):
+        layer = record.layer
+        fan_in, fan_out, weight_var, stride = kernel_terms(layer)
+        act_name, post_var, forward, reset, backward = _bridge_factors(record, bridge)
         transfer.append(forward)
         resets.append(reset)
         back.append(backward)
-        pre_var = rec["pre_var"]
+        pre_var = _second_moment_from(record.stats, "pre")
         rows.append({
-            "layer": layer.name, "index": i + 1, "layer_type": type(layer).__name__,
+            "layer": record.name, "index": i + 1, "layer_type": type(layer).__name__,
             "activation": act_name or "linear", "fan_in": fan_in, "fan_out": fan_out,
-            "stride": _strides(layer), "weight_var": weight_var,
-            "input_second_moment": rec.get("in_m2", float("nan")),
+            "stride": stride, "weight_var": weight_var,
+            "input_second_moment": _second_moment_from(record.stats, "in"),
             "forward_var": pre_var,
             "forward_var_post": post_var if post_var is not None else pre_var,
-            "backward_var": grad_vars[i],
+            "backward_var": _second_moment_from(record.stats, "grad"),
         })
     df = pd.DataFrame(rows)
+    with np.errstate(all="ignore"):   # overflowing or dead profiles: NaN/inf, said by the verdict
+        _add_predictions(df, weight_records, bridges, transfer, resets, back)
+    return df[list(COLUMNS)]
+
+
+def _add_predictions(df, weight_records, bridges, transfer, resets, back):
     df["predicted_forward_var"] = propagation.one_step_forward(
         df["fan_in"], df["weight_var"], df["input_second_moment"])
-    df["padding_factor"] = _padding_factors(weight_layers, bridges)
+    df["padding_factor"] = _padding_factors(weight_records, bridges)
     df["predicted_forward_var_cumulative"] = propagation.cumulative_forward(
         df["fan_in"], df["weight_var"], df["input_second_moment"].iloc[0], transfer, resets,
         df["padding_factor"])
@@ -552,5 +505,3 @@ def _assemble(weight_layers, stats, grad_vars, bridges):
     df["predicted_backward_var"] = one_step
     df["predicted_backward_var_cumulative"] = propagation.cumulative_backward(
         df["fan_out"], df["weight_var"], df["backward_var"].iloc[-1], back, df["stride"])
-    return df[list(COLUMNS)]
-

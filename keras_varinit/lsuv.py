@@ -1,22 +1,29 @@
 """Layer-sequential unit-variance initialization (LSUV; Mishkin & Matas 2015).
 
-Re-exported as `keras_varinit.initializers.lsuv` and `keras_varinit.lsuv`.
+Re-exported as `keras_varinit.initializers.lsuv` and `keras_varinit.lsuv`. Works on any Keras
+model: the weight layers are reached through `keras_varinit.instrument` (one forward pass in
+which each weight layer is calibrated where the model calls it).
 """
+import enum
 import math
 import numbers
+import warnings
 
 import keras
-import numpy as np
 
-try:  # where Keras 3 keeps a tensor's mask (an attribute, or a side table for JAX arrays)
-    from keras.src.backend.common.masking import get_keras_mask as _keras_mask
-except ImportError:  # elsewhere in another Keras: always call the layer (correct, slower)
-    _keras_mask = None
+from keras_varinit import batch_checks, instrument
 
-WEIGHT_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
-                 keras.layers.Conv3D)
 REPORT_COLUMNS = ("layer", "index", "iterations", "initial_variance", "final_variance",
-                  "converged")
+                  "converged", "status")
+
+
+class Status(str, enum.Enum):
+    """How the calibration of one layer ended (the report's `status` column)."""
+
+    CONVERGED = "converged"          # |v - target| <= tol * target
+    MAX_ITER = "max_iter"            # rescaled max_iter times, still outside the tolerance
+    ZERO_VARIANCE = "zero_variance"  # output variance 0 (dead input): not calibrated
+    NON_FINITE = "non_finite"        # output variance NaN/Inf: not calibrated
 
 
 def _check_number(name, value, *, minimum, integer=False, strict=True):
@@ -30,57 +37,14 @@ def _check_number(name, value, *, minimum, integer=False, strict=True):
                          f"Received: {name}={value!r}")
 
 
-def _check_batch(x, n_inputs):
-    """numpy arrays, one per model input; rejects empty batches and non-finite values."""
-    if isinstance(x, dict):
-        raise ValueError("lsuv takes a batch as an array (or a list of arrays, one per model "
-                         f"input), not a dict. Received: x of type {type(x).__name__}")
-    items = list(x) if isinstance(x, (list, tuple)) else [x]
-    if len(items) != n_inputs:
-        raise ValueError(f"The model has {n_inputs} input(s) but the batch has {len(items)}. "
-                         f"Received: x of type {type(x).__name__}")
-    arrays = []
-    for item in items:
-        if item is None:
-            raise ValueError("lsuv needs a batch of data. Received: x=None")
-        try:
-            arr = np.asarray(keras.ops.convert_to_numpy(item))
-        except Exception as err:  # noqa: BLE001 -- say what was received
-            raise ValueError(f"lsuv needs a numeric array batch. Received: x of type "
-                             f"{type(item).__name__}") from err
-        if arr.ndim == 0 or arr.shape[0] == 0 or arr.size == 0:
-            raise ValueError(f"lsuv needs a non-empty batch. Received: x with shape {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.number):
-            raise ValueError(f"lsuv needs a numeric batch. Received: x with dtype {arr.dtype}")
-        if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
-            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-            if bad:
-                raise ValueError(f"lsuv needs a finite batch. Received: x with {bad} NaN/Inf "
-                                 f"value(s) (shape {arr.shape})")
-        arrays.append(arr)
-    return arrays
-
-
-def _weight_layers(model):
-    found = []
-    for index, layer in enumerate(model.layers):
-        if isinstance(layer, keras.Model) and layer.weights:
-            raise ValueError("lsuv handles the Dense/Conv layers of a flat Sequential or "
-                             "Functional model; nested models are not supported. Received: "
-                             f"nested model {layer.name!r}")
-        if isinstance(layer, WEIGHT_LAYERS):
-            found.append((index, layer))
-    return found
-
-
-def _preactivation(layer, inputs):
-    """The layer's output before its fused activation (the activation is switched off)."""
-    activation = layer.activation
-    try:
-        layer.activation = None
-        return layer(inputs)
-    finally:
-        layer.activation = activation
+def scaled_kernel(layer):
+    """The kernel LSUV rescales: `pointwise_kernel` of a separable convolution (the last
+    linear map), `depthwise_kernel` of a depthwise one, else `kernel`."""
+    for name in ("pointwise_kernel", "depthwise_kernel", "kernel"):
+        variable = getattr(layer, name, None)
+        if isinstance(variable, keras.Variable):
+            return variable
+    raise ValueError(f"Layer {layer.name!r} has no kernel to rescale.")
 
 
 def _variance(tensor):
@@ -89,31 +53,44 @@ def _variance(tensor):
     return float(keras.ops.convert_to_numpy(keras.ops.var(keras.ops.cast(tensor, "float32"))))
 
 
+def _status(var, target, tol):
+    if not math.isfinite(var):
+        return Status.NON_FINITE
+    if var == 0:
+        return Status.ZERO_VARIANCE
+    return Status.CONVERGED if abs(var - target) <= tol * target else Status.MAX_ITER
+
 def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
          orthonormal=True, seed=None):
     """Layer-sequential unit-variance initialization (Mishkin & Matas 2015).
 
-    For each Dense / Conv1D / Conv2D / Conv3D layer of a built Sequential or Functional model, in
-    model order:
+    For each weight layer of a built model (Dense, EinsumDense, Conv*, Conv*Transpose,
+    DepthwiseConv*, SeparableConv*; any model: Sequential, Functional, nested, subclassed), in
+    the order the model calls them:
 
     1. orthonormal start: the kernel, flattened to `(prod(shape[:-1]), shape[-1])`, is set to an
        orthonormal matrix (`keras.initializers.Orthogonal`);
     2. measure `v`, the variance (over all elements) of the layer's pre-activation output on the
        batch `x` -- if the layer has a fused activation (`Dense(64, activation="relu")`), it is
-       switched off for the measurement, so `v` is the variance of `W f + b`;
+       split off for the measurement, so `v` is the variance of `W f + b`;
     3. while `|v - target| > tol * target` and fewer than `max_iter` rescalings were made:
        `W <- W / sqrt(v / target)`, re-measure.
 
-    Earlier layers are final before a layer is processed, so each layer sees the signal that the
-    rescaled network really produces. Biases are left as they are (zero at a usual init). A layer
-    whose pre-activation variance is 0 (dead input) cannot be rescaled and is reported as not
-    converged.
+    The model runs once, in inference mode; each weight layer is calibrated where the model
+    first calls it, so it sees the signal the already rescaled earlier layers produce, and
+    every other layer runs once (O(depth)). Biases are left as they are (zero at a usual init).
+    The kernel rescaled is `scaled_kernel(layer)` (a separable convolution's pointwise one).
+
+    A layer whose output variance is 0 (an all-zero batch, a dead input) or not finite cannot
+    be rescaled: it keeps its (orthonormal) start, its report row says `status`
+    "zero_variance" / "non_finite" and `converged` False, and a warning names the first such
+    layer.
 
     Args:
-        model: a built `keras.Model` (Sequential or Functional, not nested) with at least one
-            Dense or Conv layer. Its kernels are changed in place.
+        model: a built `keras.Model` with at least one weight layer. Its kernels are changed in
+            place.
         x: a batch of inputs (array or tensor; a list of them for a multi-input model), e.g. 256
-            training examples.
+            training examples; finite values only.
         target_variance: the pre-activation variance to reach (default 1).
         tol: relative tolerance: stop when `|v - target| <= tol * target`.
         max_iter: the most rescalings per layer.
@@ -123,9 +100,12 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
         seed: int, None or `keras.random.SeedGenerator` for the orthonormal start.
 
     Returns:
-        pandas DataFrame, one row per processed layer: `layer` (name), `index` (position in
-        `model.layers`), `iterations` (rescalings made), `initial_variance` (after the
-        orthonormal start, before rescaling), `final_variance`, `converged` (bool).
+        pandas DataFrame, one row per weight layer: `layer` (its path), `index` (position in
+        the model's layer tree, `instrument.layer_sites`; for a flat model its position in
+        `model.layers`, input layer left out), `iterations` (rescalings made),
+        `initial_variance` (after the orthonormal start, before rescaling), `final_variance`,
+        `converged` (bool), `status` (`Status` value: "converged", "max_iter",
+        "zero_variance", "non_finite").
 
     Example:
 
@@ -141,90 +121,66 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
     if not isinstance(model, keras.Model):
         raise ValueError(f"lsuv needs a keras.Model. Received: model of type "
                          f"{type(model).__name__}")
-    try:
-        model_inputs = model.inputs
-    except (AttributeError, ValueError):
-        model_inputs = None
-    if not model.built or not model_inputs:
-        raise ValueError("lsuv needs a built model with known inputs (create it with "
-                         "keras.Input, or call model.build(input_shape)). Received: unbuilt "
-                         f"model {model.name!r}")
+    if not model.built:
+        raise ValueError("lsuv needs a built model (create it with keras.Input, call it once "
+                         "on a batch, or call model.build(input_shape)). Received: unbuilt "
+                         f"model {model.name!r} ({type(model).__name__})")
     _check_number("target_variance", target_variance, minimum=0)
     _check_number("tol", tol, minimum=0)
     _check_number("max_iter", max_iter, minimum=1, integer=True, strict=False)
-    layers = _weight_layers(model)
-    if not layers:
-        names = [f"{layer.name} ({type(layer).__name__})" for layer in model.layers]
-        raise ValueError("lsuv found no Dense or Conv1D/2D/3D layer to initialize. Received: "
-                         f"model {model.name!r} with layers {names}")
-    arrays = _check_batch(x, len(model_inputs))
-    orthogonal = keras.initializers.Orthogonal(seed=seed) if orthonormal else None
-    target = float(target_variance)
-
-    for _, layer in layers:
-        try:
-            layer_input = layer.input
-        except (AttributeError, ValueError) as err:
-            raise ValueError(f"lsuv needs each weight layer to be called once in the model. "
-                             f"Received: layer {layer.name!r} with several call sites") from err
-        if isinstance(layer_input, (list, tuple)):
-            raise ValueError(f"lsuv expects single-input weight layers. Received: layer "
-                             f"{layer.name!r} with {len(layer_input)} inputs")
-
-    index_of = {id(layer): index for index, layer in layers}
-    rows = []
-
-    def calibrate(layer, feed):
-        kernel = layer.kernel
-        if orthogonal is not None:
-            kernel.assign(orthogonal(tuple(kernel.shape), dtype=kernel.dtype))
-        pre = _preactivation(layer, feed)
-        var = _variance(pre)
-        initial, iterations = var, 0
-        while math.isfinite(var) and var > 0 and abs(var - target) > tol * target \
-                and iterations < max_iter:
-            kernel.assign(kernel * keras.ops.cast(math.sqrt(target / var), kernel.dtype))
-            iterations += 1
-            pre = _preactivation(layer, feed)
-            var = _variance(pre)
-        converged = bool(math.isfinite(var) and abs(var - target) <= tol * target)
-        rows.append({"layer": layer.name, "index": index_of[id(layer)],
-                     "iterations": iterations, "initial_variance": initial,
-                     "final_variance": var, "converged": converged})
-        if verbose:
-            print(f"lsuv {layer.name:>20}: variance {initial:.4g} -> {var:.4g} in {iterations} "
-                  f"step(s){'' if converged else '  (NOT converged)'}")
-        return pre
-
-    _forward_calibrating(model, arrays, index_of, calibrate)
-    rows.sort(key=lambda row: row["index"])  # graph order may interleave parallel branches
+    sites = instrument.weight_sites(model, "lsuv")
+    instrument.check_interceptable(sites, model)
+    inputs = getattr(model, "inputs", None)
+    arrays = batch_checks.as_arrays(x, "lsuv", n_inputs=len(inputs) if inputs else None)
+    batch_checks.check_finite(arrays, "lsuv")
+    calibrate = _Calibration(keras.initializers.Orthogonal(seed=seed) if orthonormal else None,
+                             float(target_variance), tol, max_iter, verbose)
+    with instrument.intercept(sites, calibrate):
+        model(arrays if len(arrays) > 1 else arrays[0], training=False)
+    rows = sorted(calibrate.rows, key=lambda row: row["index"])
+    dead = [row for row in rows if row["status"] in (Status.ZERO_VARIANCE.value,
+                                                     Status.NON_FINITE.value)]
+    if dead:
+        first = min(dead, key=lambda row: row["order"])
+        warnings.warn(
+            f"lsuv could not calibrate {len(dead)} layer(s): the first, {first['layer']!r}, "
+            f"has output variance {first['final_variance']!r} on this batch (an all-zero "
+            "batch or a dead input gives 0), so its kernel cannot be rescaled; the report "
+            "marks it (and any other) with status "
+            f"{first['status']!r}, converged False.", UserWarning, stacklevel=2)
     return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
 
 
-def _forward_calibrating(model, arrays, weight_ids, calibrate):
-    """One inference-mode forward pass of `model` on `arrays`, layer by layer in graph order
-    (Sequential: its layers; Functional: the node walk `Functional.call` uses), calling
-    `calibrate(layer, inputs)` on each weight layer in place of its call (it returns the final
-    pre-activation; the layer's own activation is applied to it). Every
-    layer runs once on inputs that already come from final earlier layers: O(depth), where
-    re-running the model up to each weight layer would be O(depth^2)."""
+class _Calibration:
+    """The `intercept` hook: calibrates a weight layer at its first call, returns its output."""
 
-    def call(op, *args, **kwargs):
-        if not isinstance(op, keras.layers.Layer):
-            return op(*args, **kwargs)
-        if getattr(op, "_call_has_training_arg", False):
-            kwargs["training"] = False
-        if id(op) in weight_ids:
-            pre = calibrate(op, args[0])
-            if _keras_mask is not None and _keras_mask(args[0]) is None:
-                # its output from the last measurement: no second pass
-                return op.activation(pre) if op.activation is not None else pre
-        return op(*args, **kwargs)  # a masked input: the layer call propagates the mask
+    def __init__(self, orthogonal, target, tol, max_iter, verbose):
+        self.orthogonal, self.target, self.tol = orthogonal, target, tol
+        self.max_iter, self.verbose = max_iter, verbose
+        self.rows = []
 
-    if isinstance(model, keras.Sequential):
-        out = arrays[0]
-        for layer in model.layers:
-            if not isinstance(layer, keras.layers.InputLayer):
-                out = call(layer, out)
-    else:
-        model._run_through_graph(arrays, operation_fn=lambda op: op, call_fn=call)
+    def __call__(self, call):
+        if call.index > 1:  # a shared layer is calibrated once, at its first call
+            return call.run()
+        kernel = scaled_kernel(call.site.layer)
+        if self.orthogonal is not None:
+            kernel.assign(self.orthogonal(tuple(kernel.shape), dtype=kernel.dtype))
+        pre, activation = call.run_split()
+        var = initial = _variance(pre)
+        iterations, target = 0, self.target
+        while math.isfinite(var) and var > 0 and abs(var - target) > self.tol * target \
+                and iterations < self.max_iter:
+            kernel.assign(kernel * keras.ops.cast(math.sqrt(target / var), kernel.dtype))
+            iterations += 1
+            pre, activation = call.run_split()
+            var = _variance(pre)
+        status = _status(var, target, self.tol)
+        self.rows.append({"layer": call.site.path, "index": call.site.position,
+                          "order": len(self.rows), "iterations": iterations,
+                          "initial_variance": initial, "final_variance": var,
+                          "converged": status is Status.CONVERGED, "status": status.value})
+        if self.verbose:
+            note = "" if status is Status.CONVERGED else f"  ({status.value})"
+            print(f"lsuv {call.site.path:>20}: variance {initial:.4g} -> {var:.4g} in "
+                  f"{iterations} step(s){note}")
+        return activation(pre) if activation is not None else pre

@@ -5,16 +5,40 @@ The input is the DataFrame of `keras_varinit.diagnostics.variance_profile`:
 
 >>> import keras_varinit as kv
 >>> df = kv.variance_profile(kv.models.plain_cnn(30, kernel_initializer="xavier_normal"), x)
->>> kv.profile_report.summarize_profile(df)
-'forward variance falls 10^-11x from conv_01 to conv_29 (30 weight layers): expect training to stall'
+>>> verdict = kv.profile_report.summarize_profile(df)
+>>> verdict.level, verdict.text
+(<VerdictLevel.FAILURE: 'failure'>, 'forward variance falls 10^-11x from conv_01 to conv_29 (30 weight layers): expect training to stall')
 >>> kv.profile_report.plot_profile({"xavier_normal": df}, "profile.png")
 """
+import dataclasses
+import enum
 import math
 
 import numpy as np
 import pandas as pd
 
 from keras_varinit import propagation
+
+
+class VerdictLevel(enum.Enum):
+    """How a profile reads: the signal propagates (OK), trainable but the scale drifts
+    (WARNING), or expect training to stall or diverge, overflow, vanishing (FAILURE)."""
+
+    OK = "ok"
+    WARNING = "warning"
+    FAILURE = "failure"
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The one-line verdict on a profile: `level` (a `VerdictLevel`) and the sentence `text`
+    (`str(verdict)` is the sentence)."""
+
+    level: VerdictLevel
+    text: str
+
+    def __str__(self):
+        return self.text
 
 
 def _power_of_ten(ratio):
@@ -33,12 +57,15 @@ def compared_rows(df):
 
 
 def summarize_profile(df, within=4.0, stall=1e-3, explode=1e3):
-    """A one-line verdict on the forward variance, last hidden weight layer against the first.
+    """The one-line `Verdict` on the forward variance, last hidden weight layer against the
+    first, and on float32 overflow or underflow of the gradient.
 
     Below `stall` (10^-3): "forward variance falls 10^-11x from conv_01 to conv_29 (30 weight
     layers): expect training to stall"; above `explode`: "... grows 10^5x ...: expect
     divergence"; within `within` (4x) either way: "... stays within 4x (x0.45) ...: the signal
-    propagates"; in between: "... falls x0.0064 ...: trainable, but the scale drifts".
+    propagates" (OK); in between: "... falls x0.0064 ...: trainable, but the scale drifts"
+    (WARNING). A forward signal that overflows float32 (inf/NaN) or vanishes to 0, and a
+    gradient that overflows or underflows to 0 on the way down, are FAILUREs named as such.
     """
     if len(df) == 0:
         raise ValueError("summarize_profile needs a profile with at least one row. "
@@ -47,21 +74,58 @@ def summarize_profile(df, within=4.0, stall=1e-3, explode=1e3):
     first, last = float(df["forward_var"].iloc[i]), float(df["forward_var"].iloc[j])
     span = f"from {df['layer'].iloc[i]} to {df['layer'].iloc[j]} ({len(df)} weight layers)"
     ratio = propagation.variance_ratio(first, last)
+    failure = lambda text: Verdict(VerdictLevel.FAILURE, text)  # noqa: E731
     if not math.isfinite(ratio):
         if math.isinf(last) or (math.isnan(last) and math.isfinite(first)):
-            return f"forward variance overflows (inf/NaN) {span}: expect divergence"
-        return f"forward variance is undefined {span} (first layer {first:.3g})"
+            return failure(f"forward variance overflows (inf/NaN) {span}: expect divergence")
+        return failure(f"forward variance is undefined {span} (first layer {first:.3g})")
     if ratio == 0:
-        return f"forward variance vanishes (underflows to 0) {span}: expect training to stall"
+        return failure(f"forward variance vanishes (underflows to 0) {span}: "
+                       "expect training to stall")
+    gradient = _gradient_out_of_range(df)
+    if gradient is not None:
+        return failure(gradient)
     if 1.0 / within <= ratio <= within:
-        return (f"forward variance stays within {within:g}x {span} (x{ratio:.2g}): "
-                "the signal propagates")
+        return Verdict(VerdictLevel.OK, f"forward variance stays within {within:g}x {span} "
+                                        f"(x{ratio:.2g}): the signal propagates")
     if ratio < stall:
-        return f"forward variance falls {_power_of_ten(ratio)}x {span}: expect training to stall"
+        return failure(f"forward variance falls {_power_of_ten(ratio)}x {span}: "
+                       "expect training to stall")
     if ratio > explode:
-        return f"forward variance grows {_power_of_ten(ratio)}x {span}: expect divergence"
+        return failure(f"forward variance grows {_power_of_ten(ratio)}x {span}: "
+                       "expect divergence")
     verb = "falls" if ratio < 1 else "grows"
-    return f"forward variance {verb} x{ratio:.2g} {span}: trainable, but the scale drifts"
+    return Verdict(VerdictLevel.WARNING, f"forward variance {verb} x{ratio:.2g} {span}: "
+                                         "trainable, but the scale drifts")
+
+
+def _gradient_out_of_range(df):
+    """The sentence for a gradient that overflows (inf/NaN) or underflows to 0 in float32,
+    naming the deepest layer where it happens (it runs from the last layer down), or None.
+    A profile without gradients (all NaN) has nothing to say."""
+    if "backward_var" not in df:
+        return None
+    grad = df["backward_var"].to_numpy(float)
+    if np.isnan(grad).all():
+        return None
+    for k in range(len(df) - 1, -1, -1):
+        if not math.isfinite(grad[k]):
+            return (f"the gradient overflows float32 (inf/NaN) at {df['layer'].iloc[k]} on the "
+                    f"way down from {df['layer'].iloc[-1]} ({len(df)} weight layers): "
+                    "expect divergence")
+        if grad[k] == 0:
+            return (f"the gradient underflows to 0 in float32 at {df['layer'].iloc[k]} on the "
+                    f"way down from {df['layer'].iloc[-1]} ({len(df)} weight layers): "
+                    "expect training to stall")
+    return None
+
+
+def first_out_of_range(df, column="forward_var"):
+    """The first row (in `df` order) where `column` is inf/NaN or 0: the layer where float32
+    overflowed or underflowed, or None."""
+    values = df[column].to_numpy(float)
+    bad = np.flatnonzero(~np.isfinite(values) | (values == 0))
+    return None if len(bad) == 0 else df["layer"].iloc[int(bad[0])]
 
 
 def forward_ratios(df):

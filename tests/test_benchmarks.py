@@ -25,3 +25,14 @@ def test_bench_batchnorm_runs_and_prints_every_ratio(capsys, load_script):
                   "per_sample / ours pooled"):
         line = next(line for line in out.splitlines() if line.startswith(label))
         assert float(line[len(label):].split()[0]) > 0
+
+
+def test_bench_callback_runs_and_prints_both_ratios(capsys, load_script):
+    bench = load_script("benchmarks/bench_callback.py")
+    assert bench.main(["--images", "256", "--repeats", "1", "--depth", "3"]) == 0
+    out = capsys.readouterr().out
+    for label in ("train step", "probe log", "none", "logger"):
+        line = next(line for line in out.splitlines() if line.startswith(label))
+        wall, cpu = line[len(label):].split("|")
+        assert float(wall.split()[2]) > 0 and float(cpu.split()[2]) > 0    # ratio(min)
+    assert "2 logs per fit with the logger" in out   # step 0 and the epoch end

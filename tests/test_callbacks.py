@@ -95,6 +95,8 @@ def test_records_at_step_zero_every_n_steps_and_epoch_end(tmp_path):
                for r in cb.history if r["layer"] == "a1")
     assert df["update_ratio"].isna().sum() == 4 + 4  # step 0 (4 layers) + a1 at 4 later logs
     assert cb.loss_source == "compiled"
+    # no batch-end hook: Keras keeps dispatching batch-end callbacks asynchronously
+    assert LayerStatsLogger.on_train_batch_end is keras.callbacks.Callback.on_train_batch_end
 
 
 @bi
@@ -290,20 +292,59 @@ def test_bad_arguments_raise_clear_errors():
 
 
 @bi
-def test_subclassed_model_gets_a_clear_error():
+def test_subclassed_model_with_a_nested_block_and_a_shared_layer():
+    """Paths for nested layers, one record per call of a shared layer (#1, #2), and the
+    activation std of each call against a direct computation."""
     class Net(keras.Model):
         def __init__(self):
             super().__init__()
-            self.d = keras.layers.Dense(3)
+            self.block = keras.Sequential([keras.layers.Dense(8, activation="tanh", name="d")],
+                                          name="block")
+            self.shared = keras.layers.Dense(8, activation="relu", name="shared")
+            self.out = keras.layers.Dense(3, name="out")
 
         def call(self, x):
-            return self.d(x)
+            return self.out(self.shared(self.shared(self.block(x))))
 
-    x, y = _data(16)
+    x, y = _data(32)
     model = Net()
     model(x)
-    with pytest.raises(ValueError, match="subclassed model of type 'Net'"):
-        _probe_now(model, (x, y))
+    cb = _probe_now(model, (x, y))
+    assert [r["layer"] for r in cb.history] == ["block/d", "shared#1", "shared#2", "out"]
+    h = np.tanh(x @ np.asarray(model.block.layers[0].kernel))
+    w = np.asarray(model.shared.kernel)
+    a1 = np.maximum(h @ w, 0)
+    a2 = np.maximum(a1 @ w, 0)
+    np.testing.assert_allclose(_rec(cb, "shared#1")["activation_std"], a1.std(), rtol=1e-4)
+    np.testing.assert_allclose(_rec(cb, "shared#2")["activation_std"], a2.std(), rtol=1e-4)
+    assert _rec(cb, "shared#1")["weight_std"] == _rec(cb, "shared#2")["weight_std"]
+    assert [r["layer"] for r in _probe_now(model, (x, y), layers=["block/d"]).history] == \
+        ["block/d"]
+
+
+@bi
+def test_nan_in_probe_batch_is_refused_with_the_count():
+    x, y = _data(16)
+    x[0, :3] = np.nan
+    x[1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"LayerStatsLogger's probe needs a finite batch. "
+                                         r"Received: x with 4 non-finite value\(s\) "
+                                         r"\(3 NaN, 1 Inf\)"):
+        LayerStatsLogger((x, y))
+
+
+@bi
+def test_layers_inside_an_rnn_are_refused_or_left_out_with_a_warning():
+    x = np.random.default_rng(0).normal(size=(8, 5, 4)).astype("float32")
+    y = np.arange(8) % 3
+    model = keras.Sequential([keras.Input((5, 4)), keras.layers.SimpleRNN(6, name="rnn"),
+                              keras.layers.Dense(3, name="out")])
+    with pytest.warns(UserWarning, match=r"does not track \['rnn/simple_rnn_cell"):
+        cb = _probe_now(model, (x, y))
+    assert [r["layer"] for r in cb.history] == ["out"]
+    assert [r["layer"] for r in _probe_now(model, (x, y), layers=["rnn"]).history] == ["rnn"]
+    with pytest.raises(ValueError, match="inside a recurrent layer's loop"):
+        _probe_now(model, (x, y), layers=["SimpleRNNCell"])
 
 
 @bi
@@ -341,7 +382,9 @@ def test_jsonl_file_is_tailable_with_contract_fields(tmp_path):
 
     cb = LayerStatsLogger((x[:16], y[:16]), every_n_steps=2, jsonl_path=path)
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb, Tail()], verbose=0)
-    assert seen == [4, 8, 8, 12]  # flushed after every log, before training goes on
+    # flushed after every log, before training goes on: the step-2 log is written before
+    # step 3 runs (the logger logs at batch begin, so Keras keeps batch-end callbacks async)
+    assert seen == [4, 4, 8, 8]
     text = path.read_text()
     assert text.endswith("\n")
     lines = text.splitlines()

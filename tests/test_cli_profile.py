@@ -90,3 +90,82 @@ def test_profile_with_a_normalization(norm, capsys):
                  "--batch-size", "8", "--norm", norm, "--groups", "2"])
     out = capsys.readouterr().out
     assert code == 0 and f"normalization {norm}" in out and "kaiming_normal:" in out
+
+
+# ----------------------------------------------------------------------------- --model (yours)
+
+def _save_cnn(path):
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inputs)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    keras.Model(inputs, keras.layers.Dense(10, name="head")(h), name="mine").save(path)
+
+
+def test_profile_a_keras_file(tmp_path, capsys):
+    path = tmp_path / "mine.keras"
+    _save_cnn(path)
+    csv = tmp_path / "mine.csv"
+    code = main(["profile", "--model", str(path), "--data", "gaussian", "--batch-size", "8",
+                 "--csv", str(csv)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"mine (Functional) from {path}: 3 weight layer call(s)" in out
+    assert "N(0, 1) noise of shape (32, 32, 3)" in out and "mine: forward variance" in out
+    assert list(pd.read_csv(csv)["layer"]) == ["c1", "dw", "head"]
+
+
+def test_profile_a_keras_file_on_cifar10(tmp_path, capsys, cifar10_path, monkeypatch):
+    monkeypatch.setenv("KERAS_VARINIT_CIFAR10", str(cifar10_path))
+    path = tmp_path / "mine.keras"
+    _save_cnn(path)
+    assert main(["profile", "--model", str(path), "--batch-size", "8"]) == 0
+    assert "8 CIFAR-10 training images (standardized per channel)" in capsys.readouterr().out
+
+
+def test_profile_a_factory_with_a_flat_input(tmp_path, capsys):
+    script = tmp_path / "nets.py"
+    script.write_text("import keras\n\ndef build():\n    inputs = keras.Input((20,))\n"
+                      "    h = keras.layers.Dense(16, activation='tanh')(inputs)\n"
+                      "    return keras.Model(inputs, keras.layers.Dense(3)(h), name='flat')\n")
+    code = main(["profile", "--model", f"{script}:build", "--batch-size", "8"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "N(0, 1) noise of shape (20,) (gaussian: its input is not CIFAR-sized)" in out
+    assert main(["profile", "--model", f"{script}:build", "--data", "cifar10"]) == 2
+    assert "--data synthetic/cifar10 are images. The model's input shape is (20,)" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--init", "kaiming_normal"], "--init describe(s) a plain net"),
+    (["--depth", "3", "--draws", "2"], "--depth, --draws describe(s) a plain net"),
+])
+def test_profile_your_model_refuses_plain_net_options(tmp_path, capsys, argv, match):
+    path = tmp_path / "mine.keras"
+    _save_cnn(path)
+    assert main(["profile", "--model", str(path), *argv]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_profile_bad_model_files_are_one_line_errors(tmp_path, capsys):
+    png = tmp_path / "photo.keras"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    assert main(["profile", "--model", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keras-varinit profile: error:") and "it is a PNG image" in err
+    assert "Traceback" not in err
+    assert main(["profile", "--model", "nonsense"]) == 2
+    assert "Cannot tell how to load this model. Received: 'nonsense'" in capsys.readouterr().err
+
+
+def test_overflowing_plain_net_prints_no_nan_ratios(capsys):
+    code = main(["profile", "--model", "mlp", "--depth", "60", "--width", "64",
+                 "--activation", "relu", "--init", "normal:1.0", "--batch-size", "16"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "forward variance overflows (inf/NaN)" in out
+    assert "float32 over- or underflows from dense_" in out
+    assert "xnan" not in out and "xinf" not in out and ".. inf" not in out

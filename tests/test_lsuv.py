@@ -53,8 +53,9 @@ def test_deep_mlp_reaches_target(activation):
     report = lsuv(model, x, seed=0)
     assert isinstance(report, pd.DataFrame)
     assert list(report.columns) == ["layer", "index", "iterations", "initial_variance",
-                                    "final_variance", "converged"]
+                                    "final_variance", "converged", "status"]
     assert len(report) == 10 and report["converged"].all()
+    assert set(report["status"]) == {"converged"}
     measured = measured_preactivations(model, x)
     assert [name for name, _ in measured] == list(report["layer"])
     for name, var in measured:
@@ -102,7 +103,8 @@ def test_max_iter_and_report_values():
 def test_bad_inputs():
     x = np.ones((8, 32), "float32")
     no_weights = keras.Sequential([keras.Input((32,)), keras.layers.Activation("relu")])
-    with pytest.raises(ValueError, match="no Dense or Conv.*Received: model 'sequential"):
+    with pytest.raises(ValueError, match="lsuv found no layer with a kernel in model "
+                                         "'sequential.*Received: layers"):
         lsuv(no_weights, x)
     unbuilt = keras.Sequential([keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="Received: unbuilt model"):
@@ -112,7 +114,8 @@ def test_bad_inputs():
         lsuv(model, np.zeros((0, 32), "float32"))
     bad = x.copy()
     bad[0, 0] = np.nan
-    with pytest.raises(ValueError, match="Received: x with 1 NaN/Inf"):
+    with pytest.raises(ValueError, match=r"Received: x with 1 non-finite value\(s\) \(1 NaN, "
+                                         r"0 Inf\)"):
         lsuv(model, bad)
     with pytest.raises(ValueError, match="Received: x=None"):
         lsuv(model, None)
@@ -124,11 +127,61 @@ def test_bad_inputs():
             lsuv(model, x, **kwargs)
 
 
-def test_nested_model_rejected():
-    inner = keras.Sequential([keras.Input((32,)), keras.layers.Dense(8)])
-    outer = keras.Sequential([keras.Input((32,)), inner, keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="Received: nested model"):
-        lsuv(outer, np.ones((4, 32), "float32"))
+def test_nested_and_subclassed_models_reach_target():
+    """A backbone inside a Functional model, and a subclassed model with a shared layer: every
+    weight layer is calibrated where the model calls it (the shared one once, at its first
+    call), named by its path."""
+    inner = keras.Sequential([keras.Input((32,)), keras.layers.Dense(24, activation="tanh",
+                                                                     name="d")], name="inner")
+    inp = keras.Input((32,))
+    outer = keras.Model(inp, keras.layers.Dense(6, name="head")(inner(inp)))
+    x = np.random.default_rng(0).normal(size=(256, 32)).astype("float32")
+    report = lsuv(outer, x, seed=0)
+    assert list(report["layer"]) == ["inner/d", "head"] and report["converged"].all()
+    pre = x @ keras.ops.convert_to_numpy(inner.get_layer("d").kernel)
+    assert abs(np.var(pre) - 1.0) <= 0.02 + 1e-4
+    head_in = np.tanh(pre)
+    head = outer.get_layer("head")
+    assert abs(np.var(head_in @ keras.ops.convert_to_numpy(head.kernel)) - 1.0) <= 0.02 + 1e-4
+
+    class Twice(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.shared = keras.layers.Dense(32, name="shared")
+            self.out = keras.layers.Dense(4, name="out")
+
+        def call(self, h):
+            return self.out(self.shared(self.shared(h)))
+
+    model = Twice()
+    model(x[:2])
+    report = lsuv(model, x, seed=0)
+    assert list(report["layer"]) == ["shared", "out"] and report["converged"].all()
+    w = keras.ops.convert_to_numpy(model.shared.kernel)
+    assert abs(np.var(x @ w) - 1.0) <= 0.02 + 1e-4   # calibrated at its first call
+
+
+def test_all_zero_batch_warns_and_marks_layers_not_calibrated():
+    model = mlp(3, "relu")
+    with pytest.warns(UserWarning, match=r"could not calibrate 3 layer\(s\): the first, "
+                                         r"'dense.*output variance 0\.0"):
+        report = lsuv(model, np.zeros((16, 32), "float32"), seed=0)
+    assert list(report["status"]) == ["zero_variance"] * 3
+    assert not report["converged"].any() and (report["iterations"] == 0).all()
+
+
+def test_dead_layer_in_the_middle_is_named():
+    """A ReLU layer whose bias kills every unit (its pre-activation still calibrates): the
+    next layer sees zeros, and the warning names it."""
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(8, name="ok")(inp)
+    h = keras.layers.Dense(8, activation="relu", bias_initializer=keras.initializers.Constant(
+        -1e6), name="killer")(h)
+    model = keras.Model(inp, keras.layers.Dense(3, name="starved")(h))
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    with pytest.warns(UserWarning, match="the first, 'starved'"):
+        report = lsuv(model, x, seed=0)
+    assert list(report["status"]) == ["converged", "converged", "zero_variance"]
 
 
 class _CountCalls(keras.layers.Layer):

@@ -17,19 +17,49 @@ def _fake(values, activation="relu"):
                          "forward_var": values})
 
 
+def _verdict(values, backward=None):
+    df = _fake(values)
+    if backward is not None:
+        df["backward_var"] = backward
+    return profile_report.summarize_profile(df)
+
+
 def test_summarize_profile_verdicts(small30):
-    assert profile_report.summarize_profile(small30["xavier_normal"]).startswith(
-        "forward variance falls 10^-")
-    text = profile_report.summarize_profile(_fake([1.0] * 29 + [0.5, 0.1]))
-    assert "stays within 4x" in text and "l0 to l29" in text and "propagates" in text
-    assert "expect divergence" in profile_report.summarize_profile(_fake([1.0, 1e5, 1.0]))
-    assert "grows 10^5x" in profile_report.summarize_profile(_fake([1.0, 1e5, 1.0]))
-    assert "falls 10^-9x" in profile_report.summarize_profile(_fake([1.0, 1e-9, 1.0]))
-    assert "drifts" in profile_report.summarize_profile(_fake([1.0, 1e-2, 1.0]))
-    assert "overflows" in profile_report.summarize_profile(_fake([1.0, np.inf, 1.0]))
-    assert "vanishes" in profile_report.summarize_profile(_fake([1.0, 0.0, 1.0]))
+    failure, warning, ok = (profile_report.VerdictLevel.FAILURE,
+                            profile_report.VerdictLevel.WARNING, profile_report.VerdictLevel.OK)
+    verdict = profile_report.summarize_profile(small30["xavier_normal"])
+    assert verdict.level is failure and verdict.text.startswith("forward variance falls 10^-")
+    assert str(verdict) == verdict.text
+    verdict = _verdict([1.0] * 29 + [0.5, 0.1])
+    assert verdict.level is ok
+    assert "stays within 4x" in verdict.text and "l0 to l29" in verdict.text
+    assert "propagates" in verdict.text
+    for values, level, words in [([1.0, 1e5, 1.0], failure, "grows 10^5x"),
+                                 ([1.0, 1e5, 1.0], failure, "expect divergence"),
+                                 ([1.0, 1e-9, 1.0], failure, "falls 10^-9x"),
+                                 ([1.0, 1e-2, 1.0], warning, "drifts"),
+                                 ([1.0, np.inf, 1.0], failure, "overflows"),
+                                 ([1.0, 0.0, 1.0], failure, "vanishes")]:
+        verdict = _verdict(values)
+        assert verdict.level is level and words in verdict.text, (values, verdict)
     with pytest.raises(ValueError, match="empty"):
         profile_report.summarize_profile(_fake([1.0])[:0])
+
+
+def test_verdict_names_float32_gradient_overflow_and_underflow():
+    """A forward signal that looks fine but a gradient that is inf/NaN or 0 in float32 is a
+    failure, named at the deepest layer where it happens (the gradient runs top-down)."""
+    verdict = _verdict([1.0, 1.0, 1.0], backward=[np.inf, 1e30, 1e-3])
+    assert verdict.level is profile_report.VerdictLevel.FAILURE
+    assert verdict.text.startswith("the gradient overflows float32 (inf/NaN) at l0 on the way "
+                                   "down from l2") and "expect divergence" in verdict.text
+    verdict = _verdict([1.0, 1.0, 1.0], backward=[0.0, 0.0, 1e-3])
+    assert "the gradient underflows to 0 in float32 at l1" in verdict.text
+    assert "expect training to stall" in verdict.text
+    no_gradients = _verdict([1.0, 1.0, 1.0], backward=[np.nan] * 3)
+    assert no_gradients.level is profile_report.VerdictLevel.OK
+    assert profile_report.first_out_of_range(_fake([1.0, np.inf, np.nan])) == "l1"
+    assert profile_report.first_out_of_range(_fake([1.0, 2.0, 3.0])) is None
 
 
 def test_plot_profile_writes_png(small30, tmp_path):
