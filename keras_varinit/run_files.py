@@ -23,7 +23,6 @@ Whether a run is alive is known, not guessed: ``RunLock`` (the trainer holds it)
 lock is free read as ``RunState.INTERRUPTED`` (the process was killed, or the machine
 restarted).
 """
-import contextlib
 import csv
 import datetime
 import enum
@@ -115,16 +114,19 @@ def new_run_dir(root, slug):
     """Create and return ``<root>/<UTC YYYYmmdd-HHMMSS>-<slug>`` (``-1``, ``-2``, ... appended
     when that name is taken); the one naming of run directories (CLI and explorer)."""
     root = pathlib.Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in slug)[:80]
-    for i in range(1000):
-        candidate = root / (f"{stamp}-{safe}" + (f"-{i}" if i else ""))
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for i in range(1000):
+            candidate = root / (f"{stamp}-{safe}" + (f"-{i}" if i else ""))
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise RunDirError.from_os_error(root, error) from error
     raise RuntimeError(f"could not create a run directory under {root}")
 
 

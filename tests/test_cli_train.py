@@ -163,7 +163,7 @@ def test_cli_ctrl_c_then_resume(tmp_path):
     assert "--resume" in out
     status = rf.read_json(run_dir / "status.json")
     assert status["state"] == "stopped"
-    assert (run_dir / "checkpoint" / "latest.weights.h5").exists()
+    assert list((run_dir / "backup").glob("step-*.npz"))
     # The same command with --resume finishes the run.
     proc = cli(*argv, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -88,7 +88,9 @@ def write_backup(backup_dir, model, step, steps_per_epoch, keep=KEEP):
     """Write the state of ``model`` after global step ``step`` atomically; return its path."""
     backup_dir = pathlib.Path(backup_dir)
     backup_dir.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{group}/{i:05d}": keras.ops.convert_to_numpy(v.value)
+    # np.asarray(variable): the value a reader sees (metric variables are sync-on-read under
+    # a tf.distribute strategy: every worker reads them at the same step, as RunBackup does)
+    arrays = {f"{group}/{i:05d}": np.asarray(v)
               for group, variables in _variables(model).items()
               for i, v in enumerate(variables)}
     meta = {"step": int(step), "steps_per_epoch": int(steps_per_epoch)}

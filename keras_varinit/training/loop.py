@@ -348,7 +348,7 @@ class _Run:
         self.status.update(total_steps=self.progress.total_steps, phase="building model")
         keras.utils.set_random_seed(config.seed)
         with placement.build_scope():
-            model = compile_model(config, x_train)
+            model = compile_model(config, x_train, synchronized=placement.strategy is not None)
         backup = self._restore(model, spe, (x_train[:2], y_train[:2]))
         start = backup.step if backup is not None else 0
         if self.stop():
