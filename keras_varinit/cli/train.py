@@ -123,6 +123,9 @@ def _print_summary(config, result):
               f"val_accuracy {_fmt(m.get('val_accuracy'), True)}")
     if result.error:
         print(f"  {result.error}")
+    if not result.chief:
+        print(f"  a non-chief worker of a multi-worker run: the chief writes {run_dir}")
+        return
     print(f"  logs: {run_dir}  (metrics.csv, steps.jsonl, layer_stats.jsonl, status.json)")
     print(f"  view: tensorboard --logdir {run_dir / 'tensorboard'}")
     if result.state.resumable:

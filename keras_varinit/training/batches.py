@@ -11,11 +11,10 @@ process does not have).
 steps ``start .. stop - 1`` (step s is batch ``s % steps_per_epoch`` of epoch
 ``s // steps_per_epoch``), stateless, so ``fit`` may read it across epochs with
 ``steps_per_epoch`` set. Under data parallelism each batch must split evenly over the devices:
-``multiple=k`` trims the last batch of each epoch to a multiple of k (at most k - 1 samples
-of an epoch are left out; a different few each epoch).
+``multiple=k`` trims the last batch of each epoch to a multiple of k, or leaves it out when
+fewer than k samples remain (at most k - 1 samples of an epoch are not visited; a different
+few each epoch).
 """
-import math
-
 import keras
 import numpy as np
 
@@ -25,9 +24,11 @@ def epoch_order(seed, epoch, n):
     return np.random.default_rng((int(seed), int(epoch))).permutation(n)
 
 
-def steps_per_epoch(n, batch_size):
-    """Optimizer steps in one epoch over ``n`` samples (the last batch may be partial)."""
-    return math.ceil(n / batch_size)
+def steps_per_epoch(n, batch_size, multiple=1):
+    """Optimizer steps in one epoch over ``n`` samples: the last batch may be partial, and
+    holds a multiple of ``multiple`` samples (none: no last batch)."""
+    rest = n % batch_size
+    return n // batch_size + (1 if rest - rest % multiple else 0)
 
 
 class RunBatches(keras.utils.PyDataset):
@@ -49,7 +50,7 @@ class RunBatches(keras.utils.PyDataset):
         self.seed = seed
         self.start, self.stop = int(start), int(stop)
         self.multiple = int(multiple)
-        self.steps_per_epoch = steps_per_epoch(len(x), self.batch_size)
+        self.steps_per_epoch = steps_per_epoch(len(x), self.batch_size, self.multiple)
         self._orders = {}
 
     def __len__(self):

@@ -86,6 +86,7 @@ class TrainResult:
     synthetic: bool
     seconds: float
     error: str | None = None
+    chief: bool = True             # False: a non-chief worker (the chief wrote run_dir)
     model: object = dataclasses.field(default=None, repr=False, compare=False)
     data: object = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -286,7 +287,7 @@ def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=N
         stack.enter_context(dtype_policy(config.mixed_precision))
         stack.enter_context(placement.run_scope())
         run = _Run(config, run_dir, source_dir if resuming else None, placement, status, stop,
-                   verbose)
+                   verbose, shown_dir=source_dir)
         try:
             return run.train(callbacks, keep_data)
         except KeyboardInterrupt:
@@ -316,11 +317,14 @@ def _already_finished(run_dir, status, verbose):
 class _Run:
     """One call of ``run_training``: its config, directory, placement and status, and the
     steps of a run (``train``: data, model, backup, fit, result; ``close``: the final status).
-    ``resume_from``: the directory whose backups a resumed run restores (None: a fresh run)."""
+    ``resume_from``: the directory whose backups a resumed run restores (None: a fresh run);
+    ``shown_dir``: the run directory the result names."""
 
-    def __init__(self, config, run_dir, resume_from, placement, status, stop, verbose):
+    def __init__(self, config, run_dir, resume_from, placement, status, stop, verbose,
+                 shown_dir):
         self.config = config
         self.run_dir = run_dir
+        self.shown_dir = shown_dir   # the run directory (a non-chief worker writes elsewhere)
         self.resume_from = resume_from
         self.placement = placement
         self.status = status      # the run's StatusWriter
@@ -343,7 +347,7 @@ class _Run:
              + (", mixed_float16" if config.mixed_precision else "") + ")")
         placement.check_batch_size(config.batch_size)
         (x_train, y_train), (x_val, y_val), synthetic = self._load_data()
-        spe = steps_per_epoch(len(x_train), config.batch_size)
+        spe = steps_per_epoch(len(x_train), config.batch_size, self._multiple)
         self.progress.total_steps = spe * config.epochs
         self.status.update(total_steps=self.progress.total_steps, phase="building model")
         keras.utils.set_random_seed(config.seed)
@@ -442,14 +446,14 @@ class _Run:
         state = progress.state or RunState.FINISHED
         if state == RunState.STOPPED:
             _say(self.verbose, f"stopped at step {progress.step}; backup in "
-                               f"{self.run_dir / rf.BACKUP_DIR} (continue with --resume)")
+                               f"{self.shown_dir / rf.BACKUP_DIR} (continue with --resume)")
         history = rf.MetricsCsv(self.run_dir / rf.METRICS_FILE).read()
         result = TrainResult(
             state=state, metrics=dict(progress.last_metrics or {}), history=history,
-            run_dir=self.run_dir, epochs_completed=len(history), step=progress.step,
+            run_dir=self.shown_dir, epochs_completed=len(history), step=progress.step,
             total_steps=progress.total_steps, device=self.device, synthetic=synthetic,
-            seconds=time.perf_counter() - self.started, error=progress.error, model=model,
-            data=data)
+            seconds=time.perf_counter() - self.started, error=progress.error,
+            chief=self.placement.chief, model=model, data=data)
         self.close(state, progress.error,
                    eta_seconds=0.0 if state == RunState.FINISHED else None)
         return result
