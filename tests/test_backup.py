@@ -15,7 +15,6 @@ import pytest
 
 from keras_varinit import run_files as rf
 from keras_varinit.training import backup as bk
-from keras_varinit.training.resume import truncate_events
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -226,31 +225,3 @@ def test_sigkill_while_writing_a_backup_keeps_the_previous_one(uninterrupted, tm
     assert backup.step == 16  # the backup being written (20) never replaced it
     assert not list((run_dir / "backup").glob(".step-*"))  # its remains were removed
     assert_same_run(uninterrupted, run_dir, backup.step)
-
-
-def test_truncated_event_record_is_dropped(tmp_path):
-    """A kill during a TensorBoard write leaves half a record: cutting back removes it."""
-    from tensorboard.summary import Writer
-
-    writer = Writer(str(tmp_path))
-    for step in range(5):
-        writer.add_scalar("layer_stats/activation_std/conv_01", float(step), step=step)
-    writer.close()
-    (path,) = tmp_path.glob("events.out.tfevents*")
-    path.write_bytes(path.read_bytes() + b"\x20\x00\x00\x00\x00\x00\x00\x00half")
-    assert truncate_events(path, lambda tag, step: step < 3) == 2
-    steps = [s for (_, tag), s in _event_steps_in(tmp_path).items()]
-    assert steps == [[0, 1, 2]]
-
-
-def _event_steps_in(folder):
-    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-    from tensorboard.compat.proto import event_pb2
-
-    out = {}
-    for path in sorted(folder.glob("events.out.tfevents*")):
-        for raw in RawEventFileLoader(str(path)).Load():
-            event = event_pb2.Event.FromString(raw)
-            for value in event.summary.value:
-                out.setdefault((path.name, value.tag), []).append(event.step)
-    return out
