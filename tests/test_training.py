@@ -235,6 +235,29 @@ def test_stop_event_then_resume_continues_after_the_last_batch(tmp_path):
     assert latest_backup(run_dir / "backup").step == 12
 
 
+def test_resume_refuses_only_a_run_whose_process_holds_the_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny(epochs=1, stats_every_n_steps=0)
+    run_dir.mkdir()
+    rf.write_json_atomic(run_dir / "config.json", config.to_dict())
+    rf.write_json_atomic(run_dir / "status.json", {"state": "running", "step": 2})
+    lock = rf.RunLock(run_dir)  # the "training process", alive (here: this test)
+    assert lock.acquire()
+    try:
+        with pytest.raises(RuntimeError, match="still running.*holds run.lock"):
+            run_training(config, run_dir, resume=True, verbose=0)
+        with pytest.raises(RuntimeError, match="still running"):
+            run_training(config, run_dir, overwrite=True, verbose=0)
+    finally:
+        lock.release()
+    # the process died (lock released) leaving status "running": not resumed is refused,
+    # --resume goes on (here from the start: it left no backup)
+    with pytest.raises(ValueError, match="state 'interrupted'.*resume=True"):
+        run_training(config, run_dir, verbose=0)
+    assert run_training(config, run_dir, resume=True, verbose=0).state == "finished"
+    assert not rf.lock_held(run_dir)
+
+
 def test_resume_restores_weights_not_a_fresh_model(tmp_path):
     run_dir = tmp_path / "run"
     config = tiny(epochs=2, stats_every_n_steps=0)
