@@ -1,6 +1,6 @@
 """The explorer's job manager with real `keras-varinit train` subprocesses (tiny synthetic runs:
 depth 3, width 4, a few hundred images). Covers: a run to completion with progress, the queue
-(one job per device), SIGKILL -> "failed", Stop -> "stopped", cancelling a queued run,
+(one job per device), SIGKILL -> "interrupted", Stop -> "stopped", cancelling a queued run,
 divergence -> "diverged", and listing/adopting after a restart (new store and manager)."""
 import json
 import os
@@ -83,11 +83,11 @@ def test_queue_kill_stop_and_cancel(jobs):
     _wait_for(lambda: (store.status(first).get("step") or 0) > 5, jobs=jobs)
     assert store.info(second).state == "queued"
 
-    # a training process that dies without writing a final state -> failed
+    # a training process killed without writing a final state -> interrupted, resumable
     os.kill(jobs.job(first).pid, signal.SIGKILL)
     _wait_for(lambda: jobs.job(first).phase == "done", jobs=jobs)
-    assert store.info(first).state == "failed"
-    assert "exited with code" in store.status(first)["error"]
+    assert store.info(first).state == "interrupted" and store.info(first).resumable
+    assert "exited with code -9" in store.status(first)["error"]
 
     # the queue moves on; cancel the queued tiny run while the second one trains
     _wait_for(lambda: jobs.job(second).phase == "running", jobs=jobs)

@@ -127,6 +127,12 @@ def backup_paths(backup_dir):
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def newest_step(backup_dir):
+    """The step of the newest complete backup in ``backup_dir`` (None when there is none)."""
+    paths = backup_paths(backup_dir)
+    return int(_NAME.match(paths[0].name).group(1)) if paths else None
+
+
 def read_backup(path):
     """The ``Backup`` in ``path`` (raises ValueError if it is unreadable)."""
     try:

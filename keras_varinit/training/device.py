@@ -64,17 +64,22 @@ class Placement:
         return self.distribution.scope()
 
     def check_batch_size(self, batch_size):
-        """Data parallelism splits each batch evenly over the devices."""
-        if self.distribution is not None and batch_size % self.replicas:
-            raise ValueError(
-                f"distribute='data_parallel' splits each batch over {self.replicas} devices. "
-                f"Received: batch_size={batch_size}. Allowed: a multiple of {self.replicas}.")
+        if self.distribution is not None:
+            check_data_parallel_batch(batch_size, self.replicas)
 
     def describe(self):
         if self.distribute is None:
             return ""
         role = "" if self.chief else ", non-chief worker (writes no run files)"
         return f"distribute={self.distribute} over {self.replicas} replicas{role}"
+
+
+def check_data_parallel_batch(batch_size, devices):
+    """Data parallelism splits each batch evenly over the devices."""
+    if batch_size % devices:
+        raise ValueError(
+            f"distribute='data_parallel' splits each batch over {devices} devices. "
+            f"Received: batch_size={batch_size}. Allowed: a multiple of {devices}.")
 
 
 def make_placement(distribute):
