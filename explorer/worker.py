@@ -87,7 +87,7 @@ def data_parallel_devices(python=None, env=None, timeout=120) -> int:
     initializes (and holds) an accelerator."""
     import keras
 
-    if keras.backend.backend() != "jax":
+    if (env or {}).get("KERAS_BACKEND", keras.backend.backend()) != "jax":
         return 0
     command = [python or sys.executable, "-c",
                "import keras; print(len(keras.distribution.list_devices()))"]

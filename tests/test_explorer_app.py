@@ -255,3 +255,41 @@ def test_runs_directory_that_cannot_be_written_is_a_message(tmp_path, monkeypatc
     _no_exceptions(at)
     assert any("5-layer CNN" in s.value for s in at.subheader)
     assert [t.label for t in at.tabs] == ["At initialization", "Training", "Compare"]
+
+
+def test_device_choice_offers_data_parallel_when_several_devices_are_visible(runs_dir,
+                                                                             monkeypatch):
+    import json
+
+    import streamlit as st
+
+    from explorer import worker
+
+    st.cache_resource.clear()
+    monkeypatch.setattr(worker, "data_parallel_devices", lambda: 1)
+    try:
+        at = _app(data="synthetic", depth=3, width=4, subset=256, batch_size=64).run()
+        _no_exceptions(at)
+        assert not [r for r in at.radio if r.key == "use_all_devices"]  # one device: none
+        st.cache_resource.clear()
+        monkeypatch.setattr(worker, "data_parallel_devices", lambda: 3)
+        at = _app(data="synthetic", depth=3, width=4, subset=256, batch_size=64).run()
+        choice = at.radio(key="use_all_devices")
+        assert choice.value is False
+        choice.set_value(True).run()
+        _no_exceptions(at)
+        # 64 images do not split over 3 devices: said on the page, Train disabled
+        assert any("multiple of 3" in e.value for e in at.error)
+        assert at.button(key="train").disabled
+        monkeypatch.setattr(worker, "data_parallel_devices", lambda: 2)
+        st.cache_resource.clear()
+        at = _app(data="synthetic", depth=3, width=4, subset=256, batch_size=64).run()
+        at.radio(key="use_all_devices").set_value(True).run()
+        at.button(key="train").click().run()
+        _no_exceptions(at)
+        (run_dir,) = [p for p in runs_dir.iterdir() if p.is_dir()]
+        job = json.loads((run_dir / "explorer_job.json").read_text())
+        assert job["distribute"] == "data_parallel"
+        assert "--distribute data_parallel" in " ".join(job["argv"])
+    finally:
+        st.cache_resource.clear()
