@@ -185,10 +185,14 @@ def _one_line_error(proc):
     return line
 
 
-def test_cli_log_dir_that_cannot_be_created(tmp_path):
+def test_cli_log_dir_that_cannot_be_created(tmp_path, capsys):
+    from keras_varinit.cli import main
+
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    line = _one_line_error(cli(*TINY, "--log-dir", str(blocker / "run")))
+    code = main(["train", *TINY, "--log-dir", str(blocker / "run")])
+    err = capsys.readouterr().err
+    line = _one_line_error(subprocess.CompletedProcess([], code, "", err))
     assert "a_file" in line
 
 

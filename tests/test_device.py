@@ -210,7 +210,11 @@ def _free_ports(n):
             s.close()
 
 
-def test_two_tensorflow_workers_equal_one_process(tmp_path):
+def test_two_tensorflow_workers_equal_one_process(tmp_path, backend):
+    if backend != "tensorflow":
+        pytest.skip("compared with a one-process run of the TensorFlow backend")
+    from keras_varinit.cli import main as keras_varinit_cli
+
     ports = _free_ports(2)
     cluster = {"worker": [f"localhost:{port}" for port in ports]}
     run_dir = tmp_path / "multiworker"
@@ -231,9 +235,7 @@ def test_two_tensorflow_workers_equal_one_process(tmp_path):
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output[-3000:]
     assert "non-chief worker" in outputs[1] and "non-chief" not in outputs[0]
-    single = subprocess.run([*command, "--log-dir", str(tmp_path / "single")], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert keras_varinit_cli(["train", *TINY, "--log-dir", str(tmp_path / "single")]) == 0
 
     # the chief's run directory is complete, and holds the chief's files only
     assert rf.read_json(run_dir / "status.json")["state"] == "finished"
