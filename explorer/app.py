@@ -24,8 +24,9 @@ import streamlit as st  # noqa: E402
 
 from explorer import charts, norm_figure, presets  # noqa: E402
 from explorer.run_store import RunStore, default_runs_dir  # noqa: E402
-from explorer.worker import JobManager, detect_devices  # noqa: E402
+from explorer.worker import JobManager, data_parallel_devices, detect_devices  # noqa: E402
 from keras_varinit.run_files import RunState  # noqa: E402
+from keras_varinit.training.device import check_data_parallel_batch  # noqa: E402
 from keras_varinit.training.config import NETWORK, WidgetKind  # noqa: E402
 
 POLL_SECONDS = 1.5
@@ -54,6 +55,12 @@ def get_jobs(root: str) -> JobManager:
 @st.cache_resource(show_spinner=False)
 def get_devices():
     return detect_devices()
+
+
+@st.cache_resource(show_spinner="Counting the devices a run can share...")
+def get_parallel_devices() -> int:
+    """Devices a data-parallel run would share (JAX backend; 0 elsewhere)."""
+    return data_parallel_devices()
 
 
 @st.cache_resource(show_spinner=False)
@@ -289,13 +296,18 @@ with tab_init:
 STATE_ICON = {RunState.QUEUED: ":material/schedule:", RunState.RUNNING: ":material/play_circle:",
               RunState.FINISHED: ":material/check_circle:",
               RunState.STOPPED: ":material/stop_circle:", RunState.DIVERGED: ":material/warning:",
-              RunState.FAILED: ":material/error:"}
+              RunState.FAILED: ":material/error:",
+              RunState.INTERRUPTED: ":material/pause_circle:"}
 
 
 def _submit(settings_list):
+    """Queue runs (with the page's device choice); a refusal or a runs directory that cannot
+    be written becomes a message on the page."""
+    if st.session_state.get("use_all_devices"):
+        settings_list = [dict(s, distribute="data_parallel") for s in settings_list]
     try:
         ids = jobs.submit_many(settings_list)
-    except ValueError as error:
+    except (ValueError, RuntimeError, OSError) as error:  # RunDirError is a RuntimeError
         st.session_state["submit_error"] = str(error)
         return
     st.session_state["submit_error"] = None
@@ -305,6 +317,14 @@ def _submit(settings_list):
 
 def _stop(run_id):
     jobs.stop(run_id)
+
+
+def _resume(run_id):
+    try:
+        jobs.resume(run_id)
+        st.session_state["resume_error"] = None
+    except (ValueError, RuntimeError, OSError) as error:
+        st.session_state["resume_error"] = str(error)
 
 
 def queue_panel(active):
@@ -350,8 +370,50 @@ def run_summary(info):
     elif info.state == RunState.STOPPED:
         st.info(f"Stopped at step {status.get('step')}."
                 + (f" {status['error']}" if status.get("error") else ""))
+    elif info.state == RunState.INTERRUPTED:
+        st.warning(f"Interrupted at step {status.get('step')}: its training process ended "
+                   "without finishing (killed, out of memory, or the explorer or the machine "
+                   "restarted while it ran).", icon=":material/pause_circle:")
+        tail = store.log_tail(info.run_id, 12) if status.get("error") else ""
+        if tail:
+            st.code(tail, language=None)
+    if info.resumable:
+        resume_button(info)
     if info.synthetic:
         st.caption(":material/science: This run uses SYNTHETIC data (not CIFAR-10).")
+
+
+def resume_button(info):
+    """Resume: the run goes on from its last backup (keras-varinit train --resume)."""
+    backup = info.backup_step
+    where = (f"from its last backup (step {backup})" if backup is not None
+             else "from the start (it has no backup yet)")
+    st.button("Resume", key=f"resume_{info.run_id}", icon=":material/play_arrow:",
+              on_click=_resume, args=(info.run_id,), type="primary",
+              help=f"Continue this run {where}, with the same settings.")
+    st.caption(f"Resume continues {where}.")
+    if st.session_state.get("resume_error"):
+        st.error(st.session_state["resume_error"])
+
+
+def device_choice():
+    """Where a new run trains: one device, or (when a run can share several) all of them."""
+    shared = get_parallel_devices()
+    if shared > 1:
+        st.radio("Devices for a new run", [False, True], key="use_all_devices",
+                 horizontal=True,
+                 format_func=lambda all_: (f"All {shared} devices (data parallel)" if all_
+                                           else "One device per run"),
+                 help="Data parallel: keras.distribution.DataParallel splits each batch over "
+                      "every device (batch norm still uses the whole batch); the run takes "
+                      "all of them, so other runs wait.")
+        if st.session_state.get("use_all_devices"):
+            try:
+                check_data_parallel_batch(settings["batch_size"], shared)
+            except ValueError as error:
+                st.error(str(error))
+                return False
+    return True
 
 
 def run_charts(info):
@@ -385,13 +447,14 @@ def run_charts(info):
 
 with tab_train:
     devices = get_devices()
+    splits = device_choice()
     b1, b2, b3 = st.columns([1, 2, 3])
-    b1.button("Train", type="primary", disabled=bool(blocking), key="train",
+    b1.button("Train", type="primary", disabled=bool(blocking) or not splits, key="train",
               on_click=_submit, args=([settings],), width="stretch",
               help="Start this configuration in the background (queued if a run is going).")
     b2.button("Queue preset: 30 layers, Xavier vs Kaiming", key="preset_pair",
               on_click=_submit, args=(presets.reference_pair(settings),),
-              width="stretch",
+              disabled=not splits, width="stretch",
               help="He et al. 2015, Fig. 3: the same 30-layer ReLU CNN without BN, once with "
                    "Xavier and once with Kaiming (your training settings).")
     per_device = "two runs" if st.session_state.get("parallel") else "one run"

@@ -140,6 +140,12 @@ def to_query(settings: dict, schema=TrainConfig) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- validation
 
+def settings_of(config) -> dict:
+    """The page's settings that describe ``config`` (the inverse of ``to_config`` on the
+    fields the page offers)."""
+    return {name: _setting(spec, getattr(config, name)) for name, spec in CONTROLS.items()}
+
+
 def to_config(settings: dict, schema=TrainConfig):
     """The ``schema`` instance these settings describe (other fields at their defaults)."""
     names = {spec.name for spec in schema_fields(schema)}

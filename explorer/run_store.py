@@ -4,13 +4,14 @@ A run directory is the trainer's (``keras_varinit.run_files`` owns its format an
 readers, used here)::
 
     config.json  status.json  steps.jsonl  metrics.csv  layer_stats.jsonl  tensorboard/
+    backup/  run.lock
 
 plus, for runs the explorer launched, two files of the explorer's worker: ``explorer_job.json``
 (the settings, the process ids of the training subprocess and of the explorer that owns it, and
 how the worker saw the run end) and ``explorer.log`` (the subprocess's stdout and stderr).
 Each file has one writer: status.json is the trainer's alone; what the worker knows (queued,
 cancelled, killed, crashed) goes to its job file, and :func:`effective_status` combines the
-two for display.
+two, with the run's lock (held by a live trainer only), for display.
 
 Everything is read from disk, so a new :class:`RunStore` (e.g. after a server restart) lists
 the same runs. Growing JSON-lines files are read incrementally (only the new bytes), so polling
@@ -28,9 +29,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from keras_varinit.run_files import (
-    CONFIG_FILE, LAYER_STATS_FIELDS, LAYER_STATS_FILE, METRICS_COLUMNS, METRICS_FILE,
-    STATUS_FILE, STEP_FIELDS, STEPS_FILE, JsonlTail, MetricsCsv, RunState, new_run_dir,
-    read_json, upgrade_config,
+    BACKUP_DIR, CONFIG_FILE, LAYER_STATS_FIELDS, LAYER_STATS_FILE, METRICS_COLUMNS,
+    METRICS_FILE, STATUS_FILE, STEP_FIELDS, STEPS_FILE, JsonlTail, MetricsCsv, RunState,
+    lock_held, new_run_dir, read_json, run_state, upgrade_config,
 )
 
 JOB_FILE = "explorer_job.json"
@@ -46,37 +47,45 @@ def default_runs_dir() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parents[1] / "runs"
 
 
-def effective_state(status: dict, job: dict) -> RunState:
-    """The state to show: status.json's (the trainer's), completed by the worker's job file.
+def effective_state(status: dict, job: dict, run_dir) -> RunState:
+    """The state to show: status.json's (the trainer's), completed by the run's lock and the
+    worker's job file.
 
-    * no status.json yet: queued (or running once the worker started its process);
-    * the trainer wrote no final state but the worker recorded how the run ended (cancelled,
-      killed, crashed): that;
-    * queued/running but the training process (or, for a queued run, the explorer that queued
-      it) is gone: failed.
+    * a process holds the run's lock (``run_files.lock_held``): running; so is a run whose
+      training process the worker started and is alive but does not hold the lock yet (it is
+      starting: importing, loading data);
+    * otherwise the trainer's final state, else the worker's verdict on how the run ended
+      (cancelled, killed, never started);
+    * status.json still says "running" but no process holds the lock: interrupted (killed,
+      or the explorer or the machine restarted while it ran): resumable;
+    * no status.json: queued (failed if the explorer that queued it is gone, or if its
+      process ended before writing anything).
     """
-    state = RunState.parse(status.get("state")) if status.get("state") else (
-        RunState.QUEUED if job else RunState.UNKNOWN)
-    if state.terminal or not job:
-        return state
-    if job.get("final_state"):
-        return RunState.parse(job["final_state"])
-    if state.active:
-        pid, owner = job.get("pid"), job.get("owner_pid")
-        if pid is not None:
-            if not pid_alive(pid):
-                return RunState.FAILED
-            return RunState.RUNNING  # started by the worker (status.json may not exist yet)
-        if owner is not None and not pid_alive(owner):
-            return RunState.FAILED  # queued by an explorer that is gone
-    return state
+    written = RunState.parse(status.get("state")) if status.get("state") else None
+    if lock_held(run_dir):
+        return RunState.RUNNING
+    pid, final = job.get("pid"), job.get("final_state")
+    if pid is not None and final is None and pid_alive(pid):
+        return RunState.RUNNING
+    if written is not None and written.terminal:
+        return written
+    if final:
+        return RunState.parse(final)
+    if written is None:
+        if not job:
+            return RunState.UNKNOWN
+        owner = job.get("owner_pid")
+        if pid is None and (owner is None or pid_alive(owner)):
+            return RunState.QUEUED
+        return RunState.FAILED  # queued by an explorer that is gone, or died at once
+    return run_state(run_dir, status)
 
 
-def effective_status(status: dict, job: dict) -> dict:
+def effective_status(status: dict, job: dict, run_dir) -> dict:
     """status.json with ``state`` from :func:`effective_state` and, when the worker decided
     the end, its ``error``."""
     out = dict(status)
-    state = effective_state(status, job)
+    state = effective_state(status, job, run_dir)
     out["state"] = state.value
     if job.get("final_state") and not RunState.parse(status.get("state")).terminal:
         out["error"] = job.get("error")
@@ -138,6 +147,19 @@ class RunInfo:
     def device(self) -> str:
         return (self.status.get("device") or self.config.get("device")
                 or self.job.get("device") or "")
+
+    @property
+    def resumable(self) -> bool:
+        """``--resume`` can continue it: stopped, interrupted or failed after it started (it
+        has a config.json; with a backup it goes on from there, else from the start)."""
+        return self.state.resumable and (self.path / CONFIG_FILE).exists()
+
+    @property
+    def backup_step(self):
+        """The step of its newest backup (None without one)."""
+        from keras_varinit.training.backup import newest_step
+
+        return newest_step(self.path / BACKUP_DIR)
 
     @property
     def progress(self) -> float:
@@ -207,7 +229,7 @@ class RunStore:
             return None
         job = self.job(run_id)
         config = self.config(run_id) or _upgraded(dict(job.get("settings") or {}))
-        status = effective_status(read_json(path / STATUS_FILE, {}) or {}, job)
+        status = effective_status(read_json(path / STATUS_FILE, {}) or {}, job, path)
         synthetic = bool(config.get("synthetic", config.get("data") == "synthetic"))
         return RunInfo(run_id=run_id, path=path, config=config, status=status,
                        state=RunState(status["state"]), synthetic=synthetic,
@@ -244,8 +266,8 @@ class RunStore:
 
     def status(self, run_id: str) -> dict:
         """status.json completed by the job file (:func:`effective_status`)."""
-        raw = read_json(self.path(run_id) / STATUS_FILE, {}) or {}
-        return effective_status(raw, self.job(run_id))
+        path = self.path(run_id)
+        return effective_status(read_json(path / STATUS_FILE, {}) or {}, self.job(run_id), path)
 
     def _tail(self, run_id: str, name: str) -> list[dict]:
         key = (run_id, name)

@@ -9,7 +9,15 @@ explorer adopts runs whose process is still alive.
 
 Stop = SIGINT (the trainer finishes the current batch, writes complete logs and the state
 "stopped"), then SIGKILL after a grace period. A process that exits without writing a final
-state (crash, out of memory, killed) is marked "failed" with the tail of its log.
+state (out of memory, killed) is "interrupted", and one that never got as far as writing a
+status is "failed", with the tail of its log. Whether a training process is alive is known
+from the run's lock (``run_files.lock_held``), which the operating system releases when the
+process dies; after an explorer restart, runs whose process is gone read "interrupted".
+``resume(run_id)`` queues such a run (or a stopped or failed one) again with ``--resume``: it
+continues from its last backup.
+
+A run with ``distribute`` (data parallelism, offered when ``data_parallel_devices()`` > 1)
+takes every device: it waits until none is busy, and nothing else starts while it runs.
 
 Files: the worker writes only the run's ``explorer_job.json`` (settings, process ids, and how
 it saw the run end: ``final_state``, ``error``) and ``explorer.log``; status.json is the
@@ -38,7 +46,10 @@ from dataclasses import dataclass, field
 
 from explorer import presets
 from explorer.run_store import JOB_FILE, LOG_FILE, RunStore, pid_alive
-from keras_varinit.run_files import STATUS_FILE, RunState, read_json, write_json_atomic
+from keras_varinit.cli.train import config_argv
+from keras_varinit.run_files import (STATUS_FILE, RunState, lock_held, lock_holder_pid,
+                                     read_json, write_json_atomic)
+from keras_varinit.training.config import TrainConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -69,6 +80,28 @@ def detect_devices() -> list[dict]:
     return devices
 
 
+def data_parallel_devices(python=None, env=None, timeout=120) -> int:
+    """How many devices a training subprocess on the JAX backend would share with
+    ``--distribute data_parallel`` (``keras.distribution.list_devices()``); 0 on another
+    backend, or when it cannot be asked. Asked in a subprocess, so that the page itself never
+    initializes (and holds) an accelerator."""
+    import keras
+
+    if (env or {}).get("KERAS_BACKEND", keras.backend.backend()) != "jax":
+        return 0
+    command = [python or sys.executable, "-c",
+               "import keras; print(len(keras.distribution.list_devices()))"]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, **(env or {})}).stdout
+        return int(out.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0
+
+
+ALL_DEVICES = "all"   # the device id of a data-parallel job (it takes every device)
+
+
 class JobPhase(str, enum.Enum):
     """Where a job is in the worker's queue (not the run's state: see ``RunState``)."""
 
@@ -95,6 +128,15 @@ class Job:
     returncode: int | None = None
     final_state: RunState | None = None
     error: str | None = None         # why the worker ended it (when the trainer could not say)
+    distribute: str | None = None    # set: the run takes every device
+
+    @property
+    def alive(self) -> bool:
+        """Its training process runs: the worker's child, or (adopted) the holder of the
+        run's lock, or a process still starting (before it takes the lock)."""
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return lock_held(self.run_dir) or pid_alive(self.pid)
 
 
 class JobManager:
@@ -176,10 +218,37 @@ class JobManager:
         run_dir = self.store.new_run_dir(presets.to_config(settings).slug())
         argv = [self.python, "-m", "keras_varinit.cli",
                 *presets.cli_args(settings, run_dir, stats_every=stats_every)]
-        job = Job(run_id=run_dir.name, run_dir=run_dir, settings=settings, argv=argv)
+        job = Job(run_id=run_dir.name, run_dir=run_dir, settings=settings, argv=argv,
+                  distribute=settings.get("distribute"))
+        return self._queue(job)
+
+    def resume(self, run_id: str) -> str:
+        """Queue a stopped, interrupted or failed run again with ``--resume`` (the options of
+        its config.json): it continues from its last backup."""
+        info = self.store.info(run_id)
+        if info is None or not info.resumable:
+            state = info.state.value if info is not None else "no such run"
+            raise ValueError(f"This run cannot be resumed. Received: run {run_id!r} in state "
+                             f"{state!r}. Allowed: a stopped, interrupted or failed run.")
+        with self._lock:
+            previous = self._jobs.get(run_id)
+            if previous is not None and previous.phase != JobPhase.DONE:
+                raise ValueError(f"This run is already {previous.phase.value}. Received: "
+                                 f"run {run_id!r}. Allowed: a run that has ended.")
+        config = TrainConfig.from_dict(info.config)
+        argv = [self.python, "-m", "keras_varinit.cli", "train", *config_argv(config),
+                "--log-dir", str(info.path), "--resume"]
+        settings = self.store.job(run_id).get("settings") or presets.settings_of(config)
+        job = Job(run_id=run_id, run_dir=info.path, settings=settings, argv=argv,
+                  distribute=config.distribute)
+        return self._queue(job)
+
+    def _queue(self, job: Job) -> str:
         self._write_job_file(job)
         with self._lock:
             self._jobs[job.run_id] = job
+            if job.run_id in self._order:
+                self._order.remove(job.run_id)
             self._order.append(job.run_id)
         self.poll()
         return job.run_id
@@ -253,10 +322,11 @@ class JobManager:
                         self._kill(job)
                     continue
                 self._finish(job, returncode)
-            for job in self._jobs.values():
+            for run_id in list(self._order):  # first come, first served
+                job = self._jobs[run_id]
                 if job.phase != JobPhase.QUEUED:
                     continue
-                device = self._free_device()
+                device = self._free_device(job)
                 if device is None:
                     break
                 self._launch(job, device)
@@ -264,13 +334,21 @@ class JobManager:
     def _returncode(self, job: Job):
         if job.proc is not None:
             return job.proc.poll()
-        return None if pid_alive(job.pid) else -1
+        return None if job.alive else -1
 
-    def _free_device(self):
+    def _free_device(self, job: Job):
+        """A device for ``job`` (every device at once for a data-parallel one), or None."""
+        running = [j for j in self._jobs.values() if j.phase == JobPhase.RUNNING]
+        if any(j.distribute for j in running):
+            return None
+        if job.distribute:
+            names = ", ".join(d["name"] for d in self.devices)
+            return None if running or not self.devices else {
+                "id": ALL_DEVICES, "name": f"all devices ({names})", "env": {}}
         load = {d["id"]: 0 for d in self.devices}
-        for job in self._jobs.values():
-            if job.phase == JobPhase.RUNNING and job.device is not None:
-                load[job.device["id"]] = load.get(job.device["id"], 0) + 1
+        for other in running:
+            if other.device is not None:
+                load[other.device["id"]] = load.get(other.device["id"], 0) + 1
         for device in self.devices:
             if load.get(device["id"], 0) < self.max_per_device:
                 return device
@@ -316,8 +394,11 @@ class JobManager:
                                              "before writing its final state)")
         else:
             tail = self.store.log_tail(job.run_id, 15).strip()
-            self._end(job, RunState.FAILED, f"training process exited with code {returncode} "
-                                            "without finishing" + (f":\n{tail}" if tail else ""))
+            # it trained (status "running"): resumable from its last backup; else it never
+            # started (an error before training, e.g. an unwritable run directory)
+            state = RunState.INTERRUPTED if written == RunState.RUNNING else RunState.FAILED
+            self._end(job, state, f"training process exited with code {returncode} "
+                                  "without finishing" + (f":\n{tail}" if tail else ""))
 
     def _signal(self, job: Job, sig):
         try:
@@ -346,6 +427,7 @@ class JobManager:
             "final_state": job.final_state,
             "error": job.error,
             "ended_at": job.ended_at,
+            "distribute": job.distribute,
         })
 
     def _end(self, job: Job, state: RunState, error: str):
@@ -359,7 +441,10 @@ class JobManager:
             pass  # the run directory was deleted
 
     def _adopt_existing(self):
-        """After a restart: keep watching live runs of an earlier explorer, settle dead ones."""
+        """After a restart: keep watching runs whose training process is alive (it holds the
+        run's lock, or is still starting), and settle the others: a run that was training
+        reads "interrupted" (from its lock: nothing to write), one that never started
+        "failed"."""
         for run_id in self.store.run_ids():
             path = self.store.path(run_id)
             job_file = read_json(path / JOB_FILE, None)
@@ -372,21 +457,24 @@ class JobManager:
             owner = job_file.get("owner_pid")
             if owner == os.getpid():
                 continue
-            pid = job_file.get("pid")
+            pid = lock_holder_pid(path) if lock_held(path) else job_file.get("pid")
             job = Job(run_id=run_id, run_dir=path, settings=job_file.get("settings") or {},
                       argv=job_file.get("argv") or [], pid=pid, adopted=True,
-                      submitted_at=job_file.get("created") or time.time())
-            if pid is not None and pid_alive(pid):
+                      submitted_at=job_file.get("created") or time.time(),
+                      distribute=job_file.get("distribute"))
+            if pid is not None and job.alive:
                 device_id = job_file.get("device_id")
                 job.device = next((d for d in self.devices if d["id"] == device_id),
-                                  self.devices[0])
+                                  self.devices[0] if self.devices else None)
                 job.phase, job.started_at = JobPhase.RUNNING, time.time()
                 self._jobs[run_id] = job
                 self._order.append(run_id)
+            elif written == RunState.RUNNING:
+                continue  # it was training: interrupted (its lock is free), resumable
             elif pid is None and owner is not None and pid_alive(owner):
                 continue  # queued by another explorer that is still alive: its business
             else:
                 reason = ("the explorer that queued it stopped before it started"
                           if pid is None else "its training process is gone (explorer or "
-                          "machine restarted while it ran)")
+                          "machine restarted while it started)")
                 self._end(job, RunState.FAILED, reason)

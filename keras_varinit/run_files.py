@@ -10,20 +10,31 @@ each file. Plain Python (no Keras import), so a reader such as the explorer can 
     <run_dir>/layer_stats.jsonl  LAYER_STATS_FIELDS, one record per (logged step, layer),
                                  appended by callbacks.LayerStatsLogger through append_jsonl
     <run_dir>/tensorboard/       TensorBoard logs
-    <run_dir>/checkpoint/        BackupAndRestore state for resuming
+    <run_dir>/backup/            the training state for --resume (training/backup.py): one
+                                 step-<step>.npz per backup, the newest two kept
+    <run_dir>/run.lock           held (fcntl.flock) by the training process while it runs: the
+                                 operating system releases it when the process dies, however
 
 JSON files hold NaN/Inf as null (``json_safe``); JSON-lines files are appended and flushed one
 record (or one batch of records) at a time, so another process can tail them with
 ``JsonlTail`` while training runs.
+
+Whether a run is alive is known, not guessed: ``RunLock`` (the trainer holds it) and
+``lock_held`` (anyone may ask); ``run_state`` is status.json's state with a "running" whose
+lock is free read as ``RunState.INTERRUPTED`` (the process was killed, or the machine
+restarted).
 """
 import csv
 import datetime
 import enum
+import errno
+import fcntl
 import json
 import math
 import os
 import pathlib
 import threading
+import time
 
 CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
@@ -31,9 +42,12 @@ STEPS_FILE = "steps.jsonl"
 METRICS_FILE = "metrics.csv"
 LAYER_STATS_FILE = "layer_stats.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-CHECKPOINT_DIR = "checkpoint"
+# Not "checkpoint": TensorBoard, pointed at a runs directory, takes <run>/checkpoint for a
+# TensorFlow checkpoint file and logs errors about it.
+BACKUP_DIR = "backup"
+LOCK_FILE = "run.lock"
 RUN_FILES = (CONFIG_FILE, STATUS_FILE, STEPS_FILE, METRICS_FILE, LAYER_STATS_FILE,
-             TENSORBOARD_DIR, CHECKPOINT_DIR)
+             TENSORBOARD_DIR, BACKUP_DIR)
 
 STATUS_FIELDS = ("state", "phase", "epoch", "epochs", "step", "total_steps",
                  "images_per_second", "eta_seconds", "device", "started_at", "updated_at",
@@ -64,10 +78,12 @@ class RunState(str, enum.Enum):
     QUEUED = "queued"          # waiting for a device (the explorer's queue)
     RUNNING = "running"
     FINISHED = "finished"      # every epoch trained
-    STOPPED = "stopped"        # Ctrl-C / stop_event / Stop: complete logs and a checkpoint
+    STOPPED = "stopped"        # Ctrl-C / stop_event / Stop: complete logs and a backup
     DIVERGED = "diverged"      # the loss became NaN/Inf
-    FAILED = "failed"          # an exception, or the process died without a final state
-    UNKNOWN = "unknown"        # never written: a reader's answer for a missing/garbled status
+    FAILED = "failed"          # an exception (or, for the explorer, a process that never started)
+    # Never written to status.json: readers' answers.
+    INTERRUPTED = "interrupted"  # status.json says running, but no process holds the run's lock
+    UNKNOWN = "unknown"        # a missing/garbled status
 
     def __str__(self):
         return self.value
@@ -78,7 +94,14 @@ class RunState(str, enum.Enum):
 
     @property
     def terminal(self):
-        return self in (RunState.FINISHED, RunState.STOPPED, RunState.DIVERGED, RunState.FAILED)
+        """The run is not going on (its process, if any, has ended)."""
+        return self in (RunState.FINISHED, RunState.STOPPED, RunState.DIVERGED, RunState.FAILED,
+                        RunState.INTERRUPTED)
+
+    @property
+    def resumable(self):
+        """``--resume`` continues it from its last backup (from the start if it has none)."""
+        return self in (RunState.STOPPED, RunState.FAILED, RunState.INTERRUPTED)
 
     @classmethod
     def parse(cls, value):
@@ -99,17 +122,136 @@ def new_run_dir(root, slug):
     """Create and return ``<root>/<UTC YYYYmmdd-HHMMSS>-<slug>`` (``-1``, ``-2``, ... appended
     when that name is taken); the one naming of run directories (CLI and explorer)."""
     root = pathlib.Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in slug)[:80]
-    for i in range(1000):
-        candidate = root / (f"{stamp}-{safe}" + (f"-{i}" if i else ""))
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for i in range(1000):
+            candidate = root / (f"{stamp}-{safe}" + (f"-{i}" if i else ""))
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise RunDirError.from_os_error(root, error) from error
     raise RuntimeError(f"could not create a run directory under {root}")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be written (read-only, disk full, not a directory...)."""
+
+    @classmethod
+    def from_os_error(cls, run_dir, error):
+        where = error.filename or run_dir
+        return cls(f"Cannot write the run directory: {error.strerror or error} "
+                   f"[errno {error.errno}]. Received: {str(where)!r}. Allowed: a directory "
+                   "this user can write, on a file system with free space (free some space "
+                   "and run again with --resume, or choose another --log-dir).")
+
+
+#: errno values that mean "this location cannot be written" (whoever asks).
+WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                errno.EFBIG, errno.ENOTDIR, errno.EISDIR)
+
+
+def is_write_error(error, run_dir):
+    """Whether ``error`` (an OSError) is the run directory refusing a write."""
+    if not isinstance(error, OSError) or isinstance(error, FileNotFoundError):
+        return False
+    if error.errno in WRITE_ERRNOS:
+        return True
+    try:
+        return pathlib.Path(error.filename).resolve().is_relative_to(
+            pathlib.Path(run_dir).resolve())
+    except (TypeError, ValueError, OSError):
+        return False
+
+
+# --------------------------------------------------------------------------- liveness
+
+class RunLock:
+    """The lock a training process holds on its run directory while it runs:
+    ``fcntl.flock(LOCK_EX)`` on ``<run_dir>/run.lock``, which the operating system releases
+    when the process ends, however it ends (SIGKILL, out of memory, power off of a remote
+    client). The file holds the holder's pid, for people; liveness is the lock itself.
+
+    ``acquire()`` raises ``RunDirError`` when the directory cannot be written and returns
+    False when another process holds the lock. Readers call ``lock_held(run_dir)``, which
+    takes a shared lock for an instant (so a trainer starting at that instant retries).
+    """
+
+    def __init__(self, run_dir):
+        self.path = pathlib.Path(run_dir) / LOCK_FILE
+        self._fd = None
+
+    def acquire(self, wait=1.0):
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunDirError.from_os_error(self.path.parent, error) from error
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:  # a reader's probe lasts microseconds
+                    os.close(fd)
+                    return False
+                time.sleep(0.02)
+        self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as error:
+            self.release()
+            raise RunDirError.from_os_error(self.path.parent, error) from error
+        return True
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    @property
+    def held(self):
+        return self._fd is not None
+
+
+def lock_held(run_dir):
+    """Whether a live process holds ``run_dir``'s lock (False when there is no lock file)."""
+    try:
+        fd = os.open(pathlib.Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def lock_holder_pid(run_dir):
+    """The pid written in ``run_dir``'s lock file (None if unreadable); meaningful only while
+    ``lock_held(run_dir)``."""
+    try:
+        return int((pathlib.Path(run_dir) / LOCK_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def run_state(run_dir, status=None):
+    """The state of the run in ``run_dir``: status.json's (``status`` if given), except that a
+    "running" run whose lock no process holds is ``INTERRUPTED``."""
+    if status is None:
+        status = read_json(pathlib.Path(run_dir) / STATUS_FILE) or {}
+    state = RunState.parse(status.get("state"))
+    if state == RunState.RUNNING and not lock_held(run_dir):
+        return RunState.INTERRUPTED
+    return state
 
 
 # --------------------------------------------------------------------------- JSON

@@ -2,6 +2,8 @@
 import argparse
 import os
 import pathlib
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,7 +170,7 @@ def test_cli_ctrl_c_then_resume(tmp_path):
     assert "--resume" in out
     status = rf.read_json(run_dir / "status.json")
     assert status["state"] == "stopped"
-    assert (run_dir / "checkpoint" / "latest.weights.h5").exists()
+    assert list((run_dir / "backup").glob("step-*.npz"))
     # The same command with --resume finishes the run.
     proc = cli(*argv, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -176,3 +178,64 @@ def test_cli_ctrl_c_then_resume(tmp_path):
     assert rf.read_json(run_dir / "status.json")["state"] == "finished"
     epochs = [int(r["epoch"]) for r in rf.MetricsCsv(run_dir / "metrics.csv").read()]
     assert epochs == list(range(1, 13))
+
+
+# --------------------------------------------------------------------------- unwritable run dirs
+
+def _one_line_error(proc):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("keras-varinit train: error")]
+    assert "Cannot write the run directory" in line and "Allowed:" in line
+    return line
+
+
+def test_cli_log_dir_that_cannot_be_created(tmp_path, capsys):
+    from keras_varinit.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = main(["train", *TINY, "--log-dir", str(blocker / "run")])
+    err = capsys.readouterr().err
+    line = _one_line_error(subprocess.CompletedProcess([], code, "", err))
+    assert "a_file" in line
+
+
+def test_cli_read_only_log_dir(tmp_path):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    prefix = []
+    if os.geteuid() == 0:  # root writes through permission bits unless it drops that power
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: a read-only directory is writable")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-fowner"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    try:
+        proc = subprocess.run([*prefix, PYTHON, "-m", "keras_varinit.cli", "train", *TINY,
+                               "--log-dir", str(read_only / "run")], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        read_only.chmod(0o755)
+    line = _one_line_error(proc)
+    assert "Permission denied" in line and "read_only" in line
+    assert list(read_only.iterdir()) == []
+
+
+def _file_size_limit(limit):
+    """A child whose files cannot grow past ``limit`` bytes (EFBIG, as a full disk gives
+    ENOSPC); SIGXFSZ ignored so that the write fails instead of killing the process."""
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return apply
+
+
+def test_cli_run_directory_full_during_training(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = cli(*TINY, "--log-dir", str(run_dir), preexec_fn=_file_size_limit(8192))
+    line = _one_line_error(proc)
+    assert "File too large" in line
+    status = rf.read_json(run_dir / "status.json")
+    assert status["state"] == "failed" and "Cannot write the run directory" in status["error"]
+    assert not rf.lock_held(run_dir)

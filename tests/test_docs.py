@@ -58,7 +58,8 @@ def test_architecture_map_says_who_writes_each_run_file():
     rows = {m.group(1).rstrip("/"): m.group(2)
             for m in re.finditer(r"^\| `([\w./]+)` \| (.+?) \|", text, re.M)}
     assert set(rows) == {name.rstrip("/") for name in rf.RUN_FILES} | {
-        "explorer_job.json", "explorer.log"}
+        rf.LOCK_FILE, "explorer_job.json", "explorer.log"}
+    assert "RunLock" in rows[rf.LOCK_FILE] and "RunBackup" in rows[rf.BACKUP_DIR]
     assert "StatusWriter" in rows["status.json"]
     assert "LayerStatsLogger" in rows["layer_stats.jsonl"]
     assert "worker" in rows["explorer_job.json"]

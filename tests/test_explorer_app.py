@@ -184,8 +184,9 @@ def test_diverged_and_failed_runs_are_shown_not_crashed(runs_dir):
     _write_run(runs_dir, "20260101-000000-diverged", state="diverged",
                losses=(2.3, 40.0, float("nan")))
     failed = _write_run(runs_dir, "20260101-000100-failed", state="running", losses=(2.3,))
-    (failed / "explorer_job.json").write_text(json.dumps({"pid": 2**22 + 1,
-                                                         "owner_pid": 2**22 + 1}))
+    (failed / "explorer_job.json").write_text(json.dumps({
+        "pid": 2**22 + 1, "owner_pid": 2**22 + 1, "final_state": "failed",
+        "error": "training process exited with code 1 without finishing"}))
     (failed / "explorer.log").write_text("Traceback ...\nMemoryError: out of memory\n")
     at = _app(data="synthetic", depth=3).run()
     _no_exceptions(at)
@@ -198,3 +199,129 @@ def test_diverged_and_failed_runs_are_shown_not_crashed(runs_dir):
     assert any("Diverged" in e.value for e in at.error)
     states = [df.value for df in at.dataframe if "val_acc" in df.value.columns][0]["state"]
     assert sorted(states) == ["diverged", "failed"]
+
+
+# --------------------------------------------------------------------------- restart and resume
+
+# The explorer's side of a run, as the server holds it: a JobManager that launches
+# `keras-varinit train`; prints the run id, then waits to be killed.
+_EXPLORER = r"""
+import sys, time
+from explorer.run_store import RunStore
+from explorer.worker import JobManager
+jobs = JobManager(RunStore(sys.argv[1]),
+                  devices=[{"id": "cpu", "name": "CPU", "env": {"CUDA_VISIBLE_DEVICES": ""}}])
+print(jobs.submit(dict(data="synthetic", depth=3, width=4, subset=512, batch_size=16,
+                       epochs=2, lr=0.01)), flush=True)
+time.sleep(3600)
+"""
+
+
+def test_killed_explorer_and_trainer_show_interrupted_and_resume_completes(runs_dir):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from keras_varinit import run_files as rf
+
+    repo = pathlib.Path(APP).parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), TF_CPP_MIN_LOG_LEVEL="3")
+    explorer = subprocess.Popen([sys.executable, "-c", _EXPLORER, str(runs_dir)], cwd=repo,
+                                env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        run_id = explorer.stdout.readline().strip()
+        run_dir = runs_dir / run_id
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline:  # mid-run: in epoch 2, after epoch 1's backup
+            status = rf.read_json(run_dir / "status.json") or {}
+            if (status.get("step") or 0) > 34 and list((run_dir / "backup").glob("*.npz")):
+                break
+            assert explorer.poll() is None
+            time.sleep(0.2)
+        trainer = rf.lock_holder_pid(run_dir)
+        assert trainer == json.loads((run_dir / "explorer_job.json").read_text())["pid"]
+    finally:  # the server dies, and its training process with it
+        explorer.send_signal(signal.SIGKILL)
+        explorer.wait()
+    os.kill(trainer, signal.SIGKILL)
+    while rf.lock_held(run_dir):
+        time.sleep(0.05)
+    assert rf.read_json(run_dir / "status.json")["state"] == "running"  # as it was left
+
+    at = _app(data="synthetic", depth=3).run()  # the explorer started again
+    _no_exceptions(at)
+    assert at.selectbox(key="view_select").value == run_id
+    assert _metric(at, "State") == "interrupted"
+    assert any("Interrupted at step" in w.value for w in at.warning)
+    assert any("last backup (step 32)" in c.value for c in at.caption)
+    at.button(key=f"resume_{run_id}").click().run()
+    _no_exceptions(at)
+    deadline, state = time.time() + TIMEOUT, None
+    while time.time() < deadline:
+        time.sleep(2)
+        at.run()
+        _no_exceptions(at)
+        state = _metric(at, "State")
+        if state not in ("running", "queued", "interrupted"):
+            break
+    assert state == "finished", (run_dir / "explorer.log").read_text()[-3000:]
+    steps = [r["step"] for r in rf.read_jsonl(run_dir / "steps.jsonl")]
+    assert steps == list(range(1, 65))  # every step once, the resumed ones after 32
+    assert [r["epoch"] for r in rf.MetricsCsv(run_dir / "metrics.csv").read()] == [1, 2]
+
+
+def test_runs_directory_that_cannot_be_written_is_a_message(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("KERAS_VARINIT_RUNS_DIR", str(blocker / "runs"))
+    at = _app(data="synthetic", depth=3, width=4, subset=256, batch_size=64).run()
+    _no_exceptions(at)
+    at.button(key="train").click().run()
+    _no_exceptions(at)
+    errors = [e.value for e in at.error if "Cannot write the run directory" in e.value]
+    assert errors and "a_file" in errors[0]
+    # the page keeps working: the profile follows a new depth, the tabs are all there
+    at.slider(key="depth").set_value(5).run()
+    _no_exceptions(at)
+    assert any("5-layer CNN" in s.value for s in at.subheader)
+    assert [t.label for t in at.tabs] == ["At initialization", "Training", "Compare"]
+
+
+def test_device_choice_offers_data_parallel_when_several_devices_are_visible(runs_dir,
+                                                                             monkeypatch):
+    import json
+
+    import streamlit as st
+
+    from explorer import worker
+
+    st.cache_resource.clear()
+    monkeypatch.setattr(worker, "data_parallel_devices", lambda: 1)
+    try:
+        at = _app(data="synthetic", depth=3, width=4, subset=256, batch_size=64).run()
+        _no_exceptions(at)
+        assert not [r for r in at.radio if r.key == "use_all_devices"]  # one device: none
+        st.cache_resource.clear()
+        monkeypatch.setattr(worker, "data_parallel_devices", lambda: 3)
+        at = _app(data="synthetic", depth=3, width=4, subset=256, batch_size=64).run()
+        choice = at.radio(key="use_all_devices")
+        assert choice.value is False
+        choice.set_value(True).run()
+        _no_exceptions(at)
+        # 64 images do not split over 3 devices: said on the page, Train disabled
+        assert any("multiple of 3" in e.value for e in at.error)
+        assert at.button(key="train").disabled
+        monkeypatch.setattr(worker, "data_parallel_devices", lambda: 2)
+        st.cache_resource.clear()
+        at = _app(data="synthetic", depth=3, width=4, subset=256, batch_size=64).run()
+        at.radio(key="use_all_devices").set_value(True).run()
+        at.button(key="train").click().run()
+        _no_exceptions(at)
+        (run_dir,) = [p for p in runs_dir.iterdir() if p.is_dir()]
+        job = json.loads((run_dir / "explorer_job.json").read_text())
+        assert job["distribute"] == "data_parallel"
+        assert "--distribute data_parallel" in " ".join(job["argv"])
+    finally:
+        st.cache_resource.clear()

@@ -11,6 +11,7 @@ import pytest
 
 from explorer import charts, presets
 from explorer.run_store import RunStore, pid_alive
+from keras_varinit import run_files as rf
 
 pytestmark = pytest.mark.backend_independent
 
@@ -213,13 +214,25 @@ def test_store_reads_growing_files_incrementally(tmp_path):
     assert list(store.steps(run.name)["loss"]) == [9.0]
 
 
-def test_store_marks_runs_with_a_dead_process_failed(tmp_path):
+def test_store_reads_liveness_from_the_lock(tmp_path):
+    """A run whose status.json says running is running while a process holds its lock,
+    interrupted (resumable) once none does; a launched process that died before writing a
+    status failed; one still starting (alive, no lock yet) is running."""
     run = _write_run(tmp_path, "20260101-000000-a", state="running")
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     assert not pid_alive(proc.pid) and pid_alive(os.getpid())
     (run / "explorer_job.json").write_text(json.dumps({"pid": proc.pid,
                                                        "owner_pid": os.getpid()}))
+    info = RunStore(tmp_path).info(run.name)
+    assert info.state == "interrupted" and info.resumable and info.backup_step is None
+    lock = rf.RunLock(run)
+    assert lock.acquire()
+    try:
+        assert RunStore(tmp_path).info(run.name).state == "running"
+    finally:
+        lock.release()
+    (run / "status.json").unlink()
     assert RunStore(tmp_path).info(run.name).state == "failed"
     (run / "explorer_job.json").write_text(json.dumps({"pid": os.getpid()}))
     assert RunStore(tmp_path).info(run.name).state == "running"

@@ -1,6 +1,6 @@
 """The explorer's job manager with real `keras-varinit train` subprocesses (tiny synthetic runs:
 depth 3, width 4, a few hundred images). Covers: a run to completion with progress, the queue
-(one job per device), SIGKILL -> "failed", Stop -> "stopped", cancelling a queued run,
+(one job per device), SIGKILL -> "interrupted", Stop -> "stopped", cancelling a queued run,
 divergence -> "diverged", and listing/adopting after a restart (new store and manager)."""
 import json
 import os
@@ -10,7 +10,7 @@ import time
 import pytest
 
 from explorer.run_store import RunStore
-from explorer.worker import JobManager, detect_devices
+from explorer.worker import JobManager, data_parallel_devices, detect_devices
 
 TINY = dict(model="cnn", depth=3, width=4, activation="relu", init="kaiming_normal",
             normalization="none", optimizer="sgd", lr=0.01, momentum=0.9, batch_size=64,
@@ -83,11 +83,11 @@ def test_queue_kill_stop_and_cancel(jobs):
     _wait_for(lambda: (store.status(first).get("step") or 0) > 5, jobs=jobs)
     assert store.info(second).state == "queued"
 
-    # a training process that dies without writing a final state -> failed
+    # a training process killed without writing a final state -> interrupted, resumable
     os.kill(jobs.job(first).pid, signal.SIGKILL)
     _wait_for(lambda: jobs.job(first).phase == "done", jobs=jobs)
-    assert store.info(first).state == "failed"
-    assert "exited with code" in store.status(first)["error"]
+    assert store.info(first).state == "interrupted" and store.info(first).resumable
+    assert "exited with code -9" in store.status(first)["error"]
 
     # the queue moves on; cancel the queued tiny run while the second one trains
     _wait_for(lambda: jobs.job(second).phase == "running", jobs=jobs)
@@ -163,3 +163,30 @@ def test_the_worker_never_writes_status_json(tmp_path):
     assert "cancelled" in store.status(run_id)["error"]
     job = json.loads((store.path(run_id) / "explorer_job.json").read_text())
     assert job["final_state"] == "stopped"
+
+
+def test_data_parallel_devices_counts_jax_devices():
+    two = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert data_parallel_devices(env=two) == 2
+    assert data_parallel_devices(env={"KERAS_BACKEND": "tensorflow"}) == 0
+
+
+def test_a_data_parallel_run_takes_every_device(tmp_path):
+    devices = [{"id": f"gpu:{i}", "name": f"GPU {i}", "env": {"CUDA_VISIBLE_DEVICES": ""}}
+               for i in range(2)]
+    jobs = JobManager(RunStore(tmp_path / "runs"), devices=devices, poll_interval=0.2)
+    try:
+        first = jobs.submit(LONG, stats_every=50)
+        parallel = jobs.submit(dict(TINY, distribute="data_parallel"))
+        single = jobs.submit(TINY)
+        # one device is free, but the data-parallel run needs both: it waits, and the run
+        # queued after it waits its turn
+        assert [jobs.job(r).phase for r in (first, parallel, single)] == \
+            ["running", "queued", "queued"]
+        assert "--distribute data_parallel" in " ".join(jobs.job(parallel).argv)
+        jobs.stop(first)
+        _wait_for(lambda: jobs.job(parallel).phase != "queued", jobs=jobs)
+        assert jobs.job(parallel).device["name"] == "all devices (GPU 0, GPU 1)"
+        assert jobs.job(single).phase == "queued"  # nothing else while it holds them all
+    finally:
+        jobs.shutdown(stop_running=True, timeout=30)

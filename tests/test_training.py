@@ -13,6 +13,7 @@ import pytest
 
 from keras_varinit import run_files as rf
 from keras_varinit.training import TrainConfig, TrainResult, run_training
+from keras_varinit.training.backup import backup_paths, latest_backup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -78,7 +79,10 @@ def test_tiny_run_writes_every_file_of_the_contract(tmp_path):
     for name in ("config.json", "status.json", "steps.jsonl", "metrics.csv",
                  "layer_stats.jsonl", "tensorboard"):
         assert (run_dir / name).exists(), name
-    assert not (run_dir / "checkpoint").exists()  # deleted once the run finished
+    # the last backup stays: the final state (no "checkpoint": TensorBoard misreads it)
+    assert [p.name for p in backup_paths(run_dir / "backup")] == ["step-000000008.npz",
+                                                                   "step-000000004.npz"]
+    assert not (run_dir / "checkpoint").exists()
 
     config = json.loads((run_dir / "config.json").read_text())
     assert TrainConfig.from_dict(config) == tiny()
@@ -258,7 +262,7 @@ def test_other_files_in_the_run_directory_are_kept(tmp_path):
 # --------------------------------------------------------------------------- stop and resume
 
 @pytest.mark.backend_independent
-def test_stop_event_then_resume_continues_from_checkpoint(tmp_path):
+def test_stop_event_then_resume_continues_after_the_last_batch(tmp_path):
     run_dir = tmp_path / "run"
     config = tiny(epochs=3)
     event = threading.Event()
@@ -266,27 +270,50 @@ def test_stop_event_then_resume_continues_from_checkpoint(tmp_path):
     # sees the event at the next batch end, so the run stops after batch 7).
     stopped = run_training(config, run_dir, stop_event=event, callbacks=[StopAfter(event, 6)],
                            verbose=0)
-    assert stopped.state == "stopped"
+    assert stopped.state == "stopped" and stopped.step == 7
     assert stopped.epochs_completed == 1
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] == stopped.step
-    meta = json.loads((run_dir / "checkpoint" / "training_metadata.json").read_text())
-    assert meta["epoch"] == 1  # epoch 2 was not finished
-    assert (run_dir / "checkpoint" / "latest.weights.h5").exists()
+    assert latest_backup(run_dir / "backup").step == 7  # where the stop ended it
     assert len(read_metrics(run_dir)[1]) == 1  # the partial epoch has no row
 
     resumed = run_training(config, run_dir, resume=True, verbose=0)
     assert resumed.state == "finished"
     assert resumed.epochs_completed == 3
-    # Optimizer steps continue from the checkpoint; the interrupted epoch runs again in full.
-    assert resumed.step == stopped.step + 2 * 4
+    # The interrupted epoch goes on at its 4th batch: 12 steps in all, each once.
+    assert resumed.step == resumed.total_steps == 12
     assert [int(r["epoch"]) for r in read_metrics(run_dir)[1]] == [1, 2, 3]
     steps = [s["step"] for s in rf.read_jsonl(run_dir / "steps.jsonl")]
-    assert steps == list(range(1, resumed.step + 1))
-    layer_steps = [r["step"] for r in rf.read_jsonl(run_dir / "layer_stats.jsonl")]
-    assert layer_steps == sorted(layer_steps)
+    assert steps == list(range(1, 13))
+    records = rf.read_jsonl(run_dir / "layer_stats.jsonl")
+    pairs = [(r["step"], r["layer"]) for r in records]
+    assert len(pairs) == len(set(pairs))
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
-    assert not (run_dir / "checkpoint").exists()
+    assert latest_backup(run_dir / "backup").step == 12
+
+
+def test_resume_refuses_only_a_run_whose_process_holds_the_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny(epochs=1, stats_every_n_steps=0)
+    run_dir.mkdir()
+    rf.write_json_atomic(run_dir / "config.json", config.to_dict())
+    rf.write_json_atomic(run_dir / "status.json", {"state": "running", "step": 2})
+    lock = rf.RunLock(run_dir)  # the "training process", alive (here: this test)
+    assert lock.acquire()
+    try:
+        with pytest.raises(RuntimeError, match="still running.*holds run.lock"):
+            run_training(config, run_dir, resume=True, verbose=0)
+        with pytest.raises(RuntimeError, match="still running"):
+            run_training(config, run_dir, overwrite=True, verbose=0)
+    finally:
+        lock.release()
+    # the process died (lock released) leaving status "running": not resumed is refused,
+    # --resume goes on (here from the start: it left no backup)
+    with pytest.raises(ValueError, match="state 'interrupted'.*resume=True"):
+        run_training(config, run_dir, verbose=0)
+    assert run_training(config, run_dir, resume=True, verbose=0).state == "finished"
+    assert not rf.lock_held(run_dir)
 
 
 def test_resume_restores_weights_not_a_fresh_model(tmp_path):
@@ -323,8 +350,8 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 from keras_varinit.training import TrainConfig, run_training
-from keras_varinit.training.device import make_strategy
-print("REPLICAS", make_strategy("mirrored").num_replicas_in_sync)
+from keras_varinit.training.device import make_placement
+print("REPLICAS", make_placement("mirrored").replicas)
 config = TrainConfig(model="cnn", depth=3, width=4, data="synthetic", subset=256,
                      val_subset=64, epochs=1, batch_size=64, distribute="mirrored",
                      stats_every_n_steps=2)
@@ -347,12 +374,13 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, backend):
 
 
 @pytest.mark.backend_independent
-def test_distribute_on_jax_is_a_clear_error(tmp_path, backend):
-    if backend != "jax":
-        pytest.skip("only meaningful on the JAX backend")
-    with pytest.raises(ValueError, match="TensorFlow backend"):
-        run_training(tiny(distribute="mirrored"), tmp_path / "run", verbose=0)
-    assert rf.read_json(tmp_path / "run" / "status.json")["state"] == "failed"
+def test_distribute_of_the_other_backend_is_a_clear_error(tmp_path, backend):
+    wrong, needed = (("mirrored", "tensorflow backend") if backend == "jax"
+                     else ("data_parallel", "jax backend"))
+    with pytest.raises(ValueError, match=needed) as info:
+        run_training(tiny(distribute=wrong), tmp_path / "run", verbose=0)
+    assert f"KERAS_BACKEND='{backend}'" in str(info.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_stop_requested_before_training_starts(tmp_path):

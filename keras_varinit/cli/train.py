@@ -9,8 +9,10 @@ Example::
 One option per ``TrainConfig`` field, generated from the schema (``add_config_options``): its
 flag, type, help and choices come from the field's declaration, and the config's own
 validation checks the values (one message format). Ctrl-C stops after the current batch,
-keeps complete logs and a checkpoint; run the same command with ``--resume`` (and the same
-``--log-dir``) to go on.
+keeps complete logs and a backup; a process killed outright keeps its last backup (every
+``--backup-every`` steps and each epoch end). Run the same command with ``--resume`` (and the
+same ``--log-dir``) to go on: it refuses only a run whose process is still alive (it holds
+``run.lock``).
 """
 import pathlib
 import sys
@@ -26,15 +28,17 @@ def add_parser(subparsers, schema=TrainConfig):
     """Register ``train``: the options of ``schema``'s fields, then the run's own options."""
     p = subparsers.add_parser(
         "train", help=HELP, description="Train a plain CNN/MLP on CIFAR-10. Writes config.json, "
-        "status.json, steps.jsonl, metrics.csv, layer_stats.jsonl, tensorboard/ and "
-        "checkpoint/ under --log-dir. Ctrl-C stops after the current batch with complete logs "
-        "and a checkpoint; --resume goes on from it.")
+        "status.json, steps.jsonl, metrics.csv, layer_stats.jsonl, tensorboard/ and backup/ "
+        "under --log-dir (and holds run.lock while it runs). Ctrl-C stops after the current "
+        "batch with complete logs and a backup; after Ctrl-C, a kill or a crash, --resume "
+        "goes on from the last backup.")
     add_config_options(p, schema)
     p.add_argument("--log-dir", default=None,
                    help=f"run directory (default {RUNS_DIR}/<UTC timestamp>-<config slug>)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
-                       help="continue the run in --log-dir from its checkpoint")
+                       help="continue the run in --log-dir from its last backup (refused "
+                            "only while its process is alive)")
     group.add_argument("--overwrite", action="store_true",
                        help="replace the run in --log-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -119,7 +123,10 @@ def _print_summary(config, result):
               f"val_accuracy {_fmt(m.get('val_accuracy'), True)}")
     if result.error:
         print(f"  {result.error}")
+    if not result.chief:
+        print(f"  a non-chief worker of a multi-worker run: the chief writes {run_dir}")
+        return
     print(f"  logs: {run_dir}  (metrics.csv, steps.jsonl, layer_stats.jsonl, status.json)")
     print(f"  view: tensorboard --logdir {run_dir / 'tensorboard'}")
-    if result.state == "stopped":
+    if result.state.resumable:
         print(f"  resume: keras-varinit train ... --log-dir {run_dir} --resume")

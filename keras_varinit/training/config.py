@@ -32,6 +32,7 @@ import typing
 from keras_varinit import initializers, models
 from keras_varinit.run_files import upgrade_config
 from keras_varinit.checks import check_choice, check_number, invalid
+from keras_varinit.training.device import DISTRIBUTES
 
 NETWORK = "Network"    # the explorer's sidebar sections
 TRAINING = "Training"
@@ -287,7 +288,8 @@ class TrainConfig:
     then ``lsuv`` on a training batch); ``normalization`` one of ``models.NORMALIZATIONS``
     (before each activation; ``groups`` for "group"); ``subset``/``val_subset`` None = all;
     ``data`` "auto", "synthetic" or a path; ``distribute`` None, "mirrored" or "multiworker"
-    (TensorFlow only).
+    (TensorFlow), or "data_parallel" (JAX); ``backup_every_n_steps`` how often ``--resume``
+    has a backup.
     """
 
     model: str = option(
@@ -371,14 +373,19 @@ class TrainConfig:
         widget=Widget(WidgetKind.NUMBER, "Seed", TRAINING, low=0, high=2**31 - 1, step=1))
     mixed_precision: bool = option(False, "train under the mixed_float16 policy")
     distribute: str | None = option(
-        None, "tf.distribute strategy (TensorFlow backend): mirrored = all local GPUs (or the "
-        "CPU devices); multiworker = MultiWorkerMirroredStrategy from TF_CONFIG",
-        choices=(None, "mirrored", "multiworker"))
+        None, "several devices: mirrored = all local GPUs (or the CPU devices) and "
+        "multiworker = MultiWorkerMirroredStrategy from TF_CONFIG (TensorFlow backend); "
+        "data_parallel = keras.distribution.DataParallel over every visible device (JAX)",
+        choices=DISTRIBUTES)
     stats_every_n_steps: int = option(
         50, "layer statistics every N steps (0 = off)", minimum=0, flag="--stats-every",
         metavar="N")
     log_every_n_steps: int = option(
         1, "a steps.jsonl record every N steps", minimum=1, flag="--log-every", metavar="N")
+    backup_every_n_steps: int = option(
+        500, "back the training state up every N steps, at the next step with layer "
+        "statistics (0 = only at epoch ends); --resume continues from the last backup",
+        minimum=0, flag="--backup-every", metavar="N")
 
     def __post_init__(self):
         for spec in fields(type(self)):

@@ -1,11 +1,15 @@
-"""Where a run trains: the device it reports, the ``tf.distribute`` strategy, the dtype policy."""
+"""Where a run trains: the device it reports, its ``Placement`` (the ``tf.distribute`` strategy
+on TensorFlow, the ``keras.distribution`` on JAX), the dtype policy."""
 import contextlib
+import dataclasses
 
 import keras
 
 from keras_varinit.checks import check_choice
 
-DISTRIBUTES = (None, "mirrored", "multiworker")
+TF_STRATEGIES = ("mirrored", "multiworker")
+JAX_DISTRIBUTIONS = ("data_parallel",)
+DISTRIBUTES = (None, *TF_STRATEGIES, *JAX_DISTRIBUTIONS)
 
 
 def describe_device():
@@ -35,29 +39,99 @@ def _gpu_label(name, count):
     return label + (f" +{count - 1} more" if count > 1 else "")
 
 
-def make_strategy(distribute):
-    """The ``tf.distribute`` strategy for ``distribute`` (None -> None). "mirrored": every
-    local GPU, else the logical CPU devices; "multiworker": ``MultiWorkerMirroredStrategy``
-    from ``TF_CONFIG``. TensorFlow backend only."""
+@dataclasses.dataclass
+class Placement:
+    """Where a run trains: the devices, the ``tf.distribute`` strategy (TensorFlow) or the
+    ``keras.distribution`` (JAX), how many replicas share a batch, and whether this process
+    writes the run directory (``chief``: every process but the non-chief workers of a
+    multi-worker run)."""
+
+    distribute: str | None = None
+    strategy: object = None
+    distribution: object = None
+    replicas: int = 1
+    chief: bool = True
+
+    def build_scope(self):
+        """Where the model and its optimizer are created: ``strategy.scope()`` (TensorFlow)."""
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def run_scope(self):
+        """Around the whole run: ``distribution.scope()`` (JAX: the variables, every step of
+        ``fit`` and the layer-statistics probe run under it)."""
+        if self.distribution is None:
+            return contextlib.nullcontext()
+        return self.distribution.scope()
+
+    def check_batch_size(self, batch_size):
+        if self.distribution is not None:
+            check_data_parallel_batch(batch_size, self.replicas)
+
+    def describe(self):
+        if self.distribute is None:
+            return ""
+        role = "" if self.chief else ", non-chief worker (writes no run files)"
+        return f"distribute={self.distribute} over {self.replicas} replicas{role}"
+
+
+def check_data_parallel_batch(batch_size, devices):
+    """Data parallelism splits each batch evenly over the devices."""
+    if batch_size % devices:
+        raise ValueError(
+            f"distribute='data_parallel' splits each batch over {devices} devices. "
+            f"Received: batch_size={batch_size}. Allowed: a multiple of {devices}.")
+
+
+def make_placement(distribute):
+    """The ``Placement`` for ``distribute``: None (one device), "mirrored" (every local GPU,
+    else the logical CPU devices) or "multiworker" (``MultiWorkerMirroredStrategy`` from
+    ``TF_CONFIG``) on TensorFlow, "data_parallel" (``keras.distribution.DataParallel`` over
+    every visible device) on JAX."""
     check_choice("distribute", distribute, DISTRIBUTES)
     if distribute is None:
-        return None
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(f"distribute={distribute!r} needs the TensorFlow backend. Received: "
-                         f"KERAS_BACKEND={keras.backend.backend()!r}. Allowed: "
-                         "KERAS_BACKEND=tensorflow, or distribute=None (with JAX use "
-                         "keras.distribution).")
+        return Placement()
+    backend = keras.backend.backend()
+    needed = "jax" if distribute in JAX_DISTRIBUTIONS else "tensorflow"
+    if backend != needed:
+        other = ("'data_parallel' (keras.distribution)" if backend == "jax"
+                 else "'mirrored' or 'multiworker' (tf.distribute)")
+        raise ValueError(f"distribute={distribute!r} needs the {needed} backend. Received: "
+                         f"KERAS_BACKEND={backend!r}. Allowed: KERAS_BACKEND={needed}, or on "
+                         f"this backend distribute=None or {other}.")
+    if distribute == "data_parallel":
+        devices = keras.distribution.list_devices()
+        return Placement(distribute, distribution=keras.distribution.DataParallel(
+            devices=devices), replicas=len(devices))
     import tensorflow as tf
 
     if distribute == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = _multi_worker_strategy()
+        return Placement(distribute, strategy=strategy,
+                         replicas=strategy.num_replicas_in_sync,
+                         chief=strategy.extended.should_checkpoint)
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    return tf.distribute.MirroredStrategy([d.name for d in devices] or None)
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices] or None)
+    return Placement(distribute, strategy=strategy, replicas=strategy.num_replicas_in_sync)
 
 
-def strategy_scope(strategy):
-    """``strategy.scope()``, or a no-op context without a strategy."""
-    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+def _multi_worker_strategy():
+    """``tf.distribute.MultiWorkerMirroredStrategy`` (configured from ``TF_CONFIG``) whose
+    ``reduce`` also takes what Keras 3's ``fit`` gives it: a nest of values, and scalars with
+    ``axis=0`` (keras-team/keras#20585: without this, ``fit`` under the strategy fails with
+    "Attempt to convert a value (PerReplica...)" and then "Invalid reduction dimension 0 for
+    input with 0 dimensions")."""
+    import tensorflow as tf
+
+    class KerasMultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            def one(v):
+                scalar = axis is not None and getattr(v, "shape", None) is not None \
+                    and v.shape.rank == 0
+                return super(KerasMultiWorkerStrategy, self).reduce(
+                    reduce_op, v, None if scalar else axis)
+            return tf.nest.map_structure(one, value)
+
+    return KerasMultiWorkerStrategy()
 
 
 @contextlib.contextmanager

@@ -2,8 +2,9 @@
 by ``keras-varinit train`` and, through it, by the explorer's worker.
 
 A run trains ``models.plain_cnn`` or ``models.plain_mlp`` (``training.model``) on CIFAR-10 or
-its synthetic stand-in (``training.data``), on the device and strategy of ``training.device``,
-with the callbacks of ``training.run_control``.
+its synthetic stand-in (``training.data``), in the batch order of ``training.batches``, on the
+devices of ``training.device``, with the callbacks of ``training.run_control`` and the backups
+of ``training.backup``.
 
 Conventions of the files written:
 
@@ -15,12 +16,25 @@ Conventions of the files written:
 * ``loss``/``accuracy`` in ``steps.jsonl`` are Keras's running means over the current epoch (what
   the progress bar shows); ``metrics.csv`` holds the epoch means and the validation metrics.
 
+Liveness: the training process holds ``run.lock`` (``run_files.RunLock``) from before it writes
+anything until after its final status; a second process refuses the directory while the lock
+is held, and readers (``run_files.run_state``, the explorer) read "running" without a held lock
+as "interrupted".
+
 Interruption: SIGINT (Ctrl-C) or ``stop_event.set()`` ends training after the current batch
-(an evaluation in progress is cut short), writes complete logs, state "stopped", and saves the
-weights and optimizer state to ``checkpoint/`` (Keras's ``BackupAndRestore`` format). With
-``resume=True`` the run goes on from that checkpoint: completed epochs are not repeated; an epoch
-that was interrupted restarts its pass over the data from the saved weights, and the log records
-of its unfinished part are dropped so that every file stays monotonic in ``step``.
+(an evaluation in progress is cut short), writes complete logs, state "stopped", and a backup.
+A process killed outright (SIGKILL, out of memory, power cut) leaves its last periodic backup
+(every ``backup_every_n_steps`` steps and at every epoch end). With ``resume=True`` the run goes
+on from the newest backup: the run files are cut back to it (``training.resume``), the model,
+optimizer and metric state come back, and training continues at the next batch of the same
+epoch, in the same order, so the finished run holds every epoch and step once and, with
+deterministic ops, the same weights as an uninterrupted run.
+
+Several devices (``config.distribute``): "mirrored" and "multiworker" (TensorFlow) and
+"data_parallel" (JAX) split each batch over the replicas. In a multi-worker run only the chief
+writes the run directory (and its TensorBoard logs); the other workers write into a private
+temporary directory, removed at the end, and read the chief's backups when resuming (the run
+directory must then be on a file system they share).
 
 Example:
 
@@ -31,11 +45,11 @@ Example:
 """
 import contextlib
 import dataclasses
-import math
 import pathlib
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -45,16 +59,14 @@ from keras_varinit import run_files as rf
 from keras_varinit.callbacks import LayerStatsLogger
 from keras_varinit.run_files import RunState
 from keras_varinit.training.config import TrainConfig
+from keras_varinit.training.backup import RunBackup, latest_backup, restore_model
+from keras_varinit.training.batches import RunBatches, steps_per_epoch
 from keras_varinit.training.data import data_is_synthetic, load_data
-from keras_varinit.training.device import (describe_device, dtype_policy, make_strategy,
-                                           strategy_scope)
+from keras_varinit.training.device import describe_device, dtype_policy, make_placement
 from keras_varinit.training.model import compile_model
-from keras_varinit.training.run_control import (RunCheckpoint, RunControl, RunProgress,
-                                                tensorboard_callback)
+from keras_varinit.training.resume import cut_back
+from keras_varinit.training.run_control import RunControl, RunProgress, tensorboard_callback
 
-# A status.json rewritten more recently than this belongs to a run that is still alive (its
-# StatusWriter rewrites it about once a second).
-ALIVE_SECONDS = 10
 STATS_PROBE_IMAGES = 128   # the LayerStatsLogger's fixed probe batch
 # The fixed slice of training images evaluated after each epoch in training and in inference
 # mode (metrics.csv's train_mode_* and train_eval_*: batch norm's train/test discrepancy), at
@@ -80,6 +92,7 @@ class TrainResult:
     synthetic: bool
     seconds: float
     error: str | None = None
+    chief: bool = True             # False: a non-chief worker (the chief wrote run_dir)
     model: object = dataclasses.field(default=None, repr=False, compare=False)
     data: object = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -124,31 +137,48 @@ class StopFlag:
 
 # --------------------------------------------------------------------------- the run directory
 
-def prepare_run_dir(config, run_dir, resume, overwrite):
-    """Create ``run_dir``; refuse one that holds a different run (or this run, unless resuming
-    or overwriting). Returns ``(path, resuming)``."""
+def prepare_run_dir(config, run_dir, resume, overwrite, lock):
+    """Create ``run_dir`` and take its ``lock``; refuse a directory whose run is alive (its lock
+    is held), one that holds a different run, or this run unless resuming or overwriting.
+    Returns ``(path, resuming)``; the lock is held on return."""
     run_dir = pathlib.Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"Run directory is a file. Received: run_dir={str(run_dir)!r}. "
                          "Allowed: a new or existing directory.")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise rf.RunDirError.from_os_error(run_dir, error) from error
+    if not lock.acquire():
+        pid = rf.lock_holder_pid(run_dir)
+        raise RuntimeError(
+            f"Run in {str(run_dir)!r} is still running (process {pid} holds "
+            f"{rf.LOCK_FILE}); stop it first, or choose another directory.")
+    try:
+        return run_dir, _check_run_dir(config, run_dir, resume, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _check_run_dir(config, run_dir, resume, overwrite):
+    """Whether this call resumes the run in ``run_dir`` (whose lock it holds)."""
     existing = rf.read_json(run_dir / rf.CONFIG_FILE)
     if overwrite:
         _remove_run_files(run_dir)
-    elif existing is not None:
-        _check_same_run(existing, config, run_dir)
-        state = RunState.parse((rf.read_json(run_dir / rf.STATUS_FILE) or {}).get("state"))
-        started = state not in (RunState.UNKNOWN, RunState.QUEUED)
-        if started and not resume:
-            raise ValueError(
-                f"Run directory already holds this run (state {state.value!r}). Received: "
-                f"run_dir={str(run_dir)!r}. Allowed: resume=True (--resume) to continue it, "
-                "overwrite=True (--overwrite) to start over, or a new directory.")
-        if state == RunState.RUNNING:
-            _check_not_running(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir, resume and started
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, False
+        return False
+    if existing is None:
+        return False
+    _check_same_run(existing, config, run_dir)
+    state = RunState.parse((rf.read_json(run_dir / rf.STATUS_FILE) or {}).get("state"))
+    started = state not in (RunState.UNKNOWN, RunState.QUEUED)
+    if started and not resume:
+        shown = RunState.INTERRUPTED if state == RunState.RUNNING else state
+        raise ValueError(
+            f"Run directory already holds this run (state {shown.value!r}). Received: "
+            f"run_dir={str(run_dir)!r}. Allowed: resume=True (--resume) to continue it, "
+            "overwrite=True (--overwrite) to start over, or a new directory.")
+    return resume and started
 
 
 def _remove_run_files(run_dir):
@@ -177,38 +207,17 @@ def _check_same_run(existing, config, run_dir):
         "(--overwrite) to replace that run.")
 
 
-def _check_not_running(run_dir):
-    try:
-        age = time.time() - (run_dir / rf.STATUS_FILE).stat().st_mtime
-    except OSError:
-        return
-    if age < ALIVE_SECONDS:
-        raise RuntimeError(f"Run in {str(run_dir)!r} is still running (status.json "
-                           f"updated {age:.0f} s ago); stop it before resuming.")
-
-
-def _prepare_logs(run_dir, resuming, steps_per_epoch, config, verbose):
-    """Start the log files afresh, or (resuming) cut them back to the checkpoint: returns the
-    number of completed epochs the run starts from."""
-    checkpoint_dir = run_dir / rf.CHECKPOINT_DIR
+def _start_files(run_dir, resuming, backup, steps_per_epoch):
+    """A fresh run starts with no logs and no backup; a resumed one cuts its files back to
+    ``backup`` (to nothing when there is none: it starts over)."""
     if not resuming:
         for name in (rf.STEPS_FILE, rf.LAYER_STATS_FILE, rf.METRICS_FILE):
             (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        return 0
-    done_epochs, keep_step = 0, 0
-    if checkpoint_dir.exists():
-        meta = rf.read_json(checkpoint_dir / "training_metadata.json") or {}
-        done_epochs = int(meta.get("epoch", 0))
-        # Step of the checkpoint: completed epochs plus the batches of an interrupted one.
-        keep_step = done_epochs * steps_per_epoch + int(meta.get("batch", 0) or 0)
-    rf.truncate_jsonl(run_dir / rf.STEPS_FILE, lambda r: (r.get("step") or 0) <= keep_step)
-    rf.truncate_jsonl(run_dir / rf.LAYER_STATS_FILE,
-                      lambda r: (r.get("step") or 0) < keep_step)
-    rf.MetricsCsv(run_dir / rf.METRICS_FILE).truncate(done_epochs)
-    _say(verbose, f"resuming from {checkpoint_dir} at epoch {done_epochs + 1}/{config.epochs}, "
-                  f"step {keep_step}")
-    return done_epochs
+        for name in (rf.BACKUP_DIR, rf.TENSORBOARD_DIR):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        return
+    step = backup.step if backup is not None else 0
+    cut_back(run_dir, step, step // steps_per_epoch)
 
 
 def _train_slice(x_train, y_train, batch_size):
@@ -222,6 +231,22 @@ def _say(verbose, text):
         print(f"keras-varinit: {text}", flush=True)
 
 
+def segments(start_step, steps_per_epoch, epochs):
+    """The ``fit`` calls that train global steps ``start_step`` to the end: the rest of an
+    interrupted epoch (one call of its own), then the remaining whole epochs. Each is
+    ``(first_step, stop_step, initial_epoch, epochs, steps_per_epoch)`` for ``fit``."""
+    epoch, batch = divmod(start_step, steps_per_epoch)
+    out = []
+    if batch:
+        out.append((start_step, (epoch + 1) * steps_per_epoch, epoch, epoch + 1,
+                    steps_per_epoch - batch))
+        epoch += 1
+    if epoch < epochs:
+        out.append((epoch * steps_per_epoch, epochs * steps_per_epoch, epoch, epochs,
+                    steps_per_epoch))
+    return out
+
+
 # --------------------------------------------------------------------------- training
 
 def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=None,
@@ -231,27 +256,40 @@ def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=N
     Args:
         config: a ``TrainConfig`` (or a dict for ``TrainConfig.from_dict``).
         run_dir: the run directory (created if needed).
-        resume: continue the run already in ``run_dir`` from its checkpoint.
+        resume: continue the run already in ``run_dir`` from its newest backup.
         overwrite: replace whatever run ``run_dir`` holds.
         stop_event: a ``threading.Event``; setting it stops after the current batch.
-        callbacks: extra Keras callbacks for ``fit``.
+        callbacks: extra Keras callbacks for ``fit`` (a run resumed in the middle of an epoch
+            calls ``fit`` twice: the rest of that epoch, then the other epochs).
         verbose: 0 silent, 1 progress bar and summary lines, 2 one line per epoch.
         keep_data: also return the normalized arrays in ``result.data``
             (``((x_train, y_train), (x_val, y_val))``); ``result.model`` is the trained model.
 
     Raises:
         ValueError: a bad config, or a run directory holding a different run.
+        RuntimeError: a run directory whose run is still alive; ``run_files.RunDirError``
+            (a RuntimeError) when the run directory cannot be written.
         FileNotFoundError / RuntimeError: data that cannot be found or loaded.
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     config.validate()
-    run_dir, resuming = prepare_run_dir(config, run_dir, resume, overwrite)
-    previous = rf.read_json(run_dir / rf.STATUS_FILE) or {}
-    if resuming and previous.get("state") == RunState.FINISHED:
-        return _already_finished(run_dir, previous, verbose)
-    started_at = (previous.get("started_at") if resuming else None) or rf.utc_now()
+    placement = make_placement(config.distribute)  # first: MultiWorker wants it early
     with contextlib.ExitStack() as stack:
+        source_dir = pathlib.Path(run_dir)
+        lock = rf.RunLock(source_dir)
+        if placement.chief:
+            run_dir, resuming = prepare_run_dir(config, source_dir, resume, overwrite, lock)
+        else:  # a non-chief worker writes into a private directory, removed at the end
+            run_dir = pathlib.Path(tempfile.mkdtemp(prefix="keras_varinit-worker-"))
+            stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
+            lock, resuming = rf.RunLock(run_dir), resume
+            lock.acquire()
+        stack.callback(lock.release)  # after the final status (ExitStack: last in, first out)
+        previous = rf.read_json(run_dir / rf.STATUS_FILE) or {}
+        if resuming and previous.get("state") == RunState.FINISHED:
+            return _already_finished(run_dir, previous, verbose)
+        started_at = (previous.get("started_at") if resuming else None) or rf.utc_now()
         status = stack.enter_context(rf.StatusWriter(
             run_dir / rf.STATUS_FILE, state=RunState.RUNNING, phase="starting", epoch=0, step=0,
             epochs=config.epochs, started_at=started_at))
@@ -259,13 +297,19 @@ def run_training(config, run_dir, *, resume=False, overwrite=False, stop_event=N
         # building the run ends before training starts; during fit after the current batch.
         stop = stack.enter_context(StopFlag(stop_event, verbose))
         stack.enter_context(dtype_policy(config.mixed_precision))
-        run = _Run(config, run_dir, resuming, status, stop, verbose)
+        stack.enter_context(placement.run_scope())
+        run = _Run(config, run_dir, source_dir if resuming else None, placement, status, stop,
+                   verbose, shown_dir=source_dir)
         try:
             return run.train(callbacks, keep_data)
         except KeyboardInterrupt:
             run.close(RunState.STOPPED, "aborted by a second Ctrl-C (KeyboardInterrupt)")
             raise
         except BaseException as error:
+            if rf.is_write_error(error, run_dir):
+                unwritable = rf.RunDirError.from_os_error(run_dir, error)
+                run.close(RunState.FAILED, str(unwritable))
+                raise unwritable from error
             run.close(RunState.FAILED, f"{type(error).__name__}: {error}")
             raise
 
@@ -283,13 +327,18 @@ def _already_finished(run_dir, status, verbose):
 
 
 class _Run:
-    """One call of ``run_training``: its config, directory and status, and the steps of a run
-    (``train``: data, model, fit, result; ``close``: the final status)."""
+    """One call of ``run_training``: its config, directory, placement and status, and the
+    steps of a run (``train``: data, model, backup, fit, result; ``close``: the final status).
+    ``resume_from``: the directory whose backups a resumed run restores (None: a fresh run);
+    ``shown_dir``: the run directory the result names."""
 
-    def __init__(self, config, run_dir, resuming, status, stop, verbose):
+    def __init__(self, config, run_dir, resume_from, placement, status, stop, verbose,
+                 shown_dir):
         self.config = config
         self.run_dir = run_dir
-        self.resuming = resuming
+        self.shown_dir = shown_dir   # the run directory (a non-chief worker writes elsewhere)
+        self.resume_from = resume_from
+        self.placement = placement
         self.status = status      # the run's StatusWriter
         self.stop = stop          # the StopFlag
         self.verbose = verbose
@@ -302,31 +351,65 @@ class _Run:
                           **fields)
 
     def train(self, callbacks, keep_data):
-        config = self.config
-        strategy = make_strategy(config.distribute)  # first: MultiWorker wants it early
+        config, placement = self.config, self.placement
         self.device = describe_device()
         self.status.update(device=self.device, phase="loading data")
         _say(self.verbose, f"training on {self.device} (backend {keras.backend.backend()}"
-             + (f", distribute={config.distribute}" if config.distribute else "")
+             + (f", {placement.describe()}" if placement.distribute else "")
              + (", mixed_float16" if config.mixed_precision else "") + ")")
+        placement.check_batch_size(config.batch_size)
         (x_train, y_train), (x_val, y_val), synthetic = self._load_data()
-        steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
-        self.progress.total_steps = steps_per_epoch * config.epochs
+        spe = steps_per_epoch(len(x_train), config.batch_size, self._multiple)
+        self.progress.total_steps = spe * config.epochs
         self.status.update(total_steps=self.progress.total_steps, phase="building model")
         keras.utils.set_random_seed(config.seed)
-        with strategy_scope(strategy):
-            model = compile_model(config, x_train)
-        start_epoch = _prepare_logs(self.run_dir, self.resuming, steps_per_epoch, config,
-                                    self.verbose)
+        with placement.build_scope():
+            model = compile_model(config, x_train, synchronized=placement.strategy is not None)
+        backup = self._restore(model, spe, (x_train[:2], y_train[:2]))
+        start = backup.step if backup is not None else 0
         if self.stop():
             self.progress.state = RunState.STOPPED  # asked to stop before training started
         else:
-            fit_callbacks = self._callbacks(x_train, y_train, steps_per_epoch, start_epoch)
-            model.fit(x_train, y_train, batch_size=config.batch_size, epochs=config.epochs,
-                      validation_data=(x_val, y_val), callbacks=fit_callbacks + list(callbacks),
-                      verbose=self.verbose, shuffle=True)
+            fit_callbacks = self._callbacks(x_train, y_train, spe, backup) + list(callbacks)
+            for first, stop_step, initial, epochs, fit_spe in segments(start, spe,
+                                                                        config.epochs):
+                model.fit(RunBatches(x_train, y_train, config.batch_size, config.seed, first,
+                                     stop_step, multiple=self._multiple),
+                          epochs=epochs, initial_epoch=initial, steps_per_epoch=fit_spe,
+                          validation_data=self._validation(x_val, y_val),
+                          validation_batch_size=config.batch_size, shuffle=False,
+                          callbacks=fit_callbacks, verbose=self.verbose)
+                if self.progress.state is not None:
+                    break
         data = ((x_train, y_train), (x_val, y_val)) if keep_data else None
         return self._result(model, synthetic, data)
+
+    @property
+    def _multiple(self):
+        """Batches split over data-parallel devices hold a multiple of their number."""
+        return self.placement.replicas if self.placement.distribution is not None else 1
+
+    def _validation(self, x_val, y_val):
+        n = len(x_val) - len(x_val) % self._multiple
+        return x_val[:n], y_val[:n]
+
+    def _restore(self, model, spe, sample):
+        """The backup a resumed run goes on from (restored into ``model``; None: a fresh run,
+        or a resumed one without a backup, which starts over); cuts the run files back to it."""
+        backup = None
+        if self.resume_from is not None:
+            backup = latest_backup(self.resume_from / rf.BACKUP_DIR)
+            if backup is not None and backup.steps_per_epoch != spe:
+                raise ValueError(f"The backup does not fit this run. Received: a backup with "
+                                 f"{backup.steps_per_epoch} steps per epoch. Allowed: "
+                                 f"{spe} (the same data, subset and batch size).")
+            if backup is not None:
+                restore_model(model, backup, sample)
+            _say(self.verbose, "resuming from the backup at step "
+                 f"{backup.step} (epoch {backup.step // spe + 1}/{self.config.epochs})"
+                 if backup is not None else "no backup to resume from: starting over")
+        _start_files(self.run_dir, self.resume_from is not None, backup, spe)
+        return backup
 
     def _load_data(self):
         """Write config.json (before loading, so a slow load already shows the run), load the
@@ -343,39 +426,47 @@ class _Run:
             _say(self.verbose, "using SYNTHETIC CIFAR-shaped data (not CIFAR-10)")
         return train, val, info["synthetic"]
 
-    def _callbacks(self, x_train, y_train, steps_per_epoch, start_epoch):
+    def _callbacks(self, x_train, y_train, spe, backup):
+        """RunControl first (it counts the steps), the layer statistics and TensorBoard, and
+        the backups last (everything a step writes is on disk before the backup covering it)."""
         config, run_dir = self.config, self.run_dir
         control = RunControl(
             self.progress, self.status, run_dir / rf.STEPS_FILE,
             rf.MetricsCsv(run_dir / rf.METRICS_FILE), self.stop,
-            steps_per_epoch=steps_per_epoch, epochs=config.epochs,
-            batch_size=config.batch_size, log_every=config.log_every_n_steps,
-            start_epoch=start_epoch, verbose=self.verbose,
+            steps_per_epoch=spe, epochs=config.epochs, batch_size=config.batch_size,
+            log_every=config.log_every_n_steps, verbose=self.verbose,
             train_slice=_train_slice(x_train, y_train, config.batch_size))
-        # The checkpoint restores weights and optimizer before RunControl reads the step.
-        out = [RunCheckpoint(run_dir / rf.CHECKPOINT_DIR, control), control]
+        out = [control]
         if config.stats_every_n_steps:
             n = min(len(x_train), STATS_PROBE_IMAGES)
-            out.append(LayerStatsLogger(
+            logger = LayerStatsLogger(
                 probe=(x_train[:n], y_train[:n]), log_dir=str(run_dir / rf.TENSORBOARD_DIR),
                 every_n_steps=config.stats_every_n_steps,
-                jsonl_path=str(run_dir / rf.LAYER_STATS_FILE)))
+                jsonl_path=str(run_dir / rf.LAYER_STATS_FILE))
+            if backup is not None:
+                # Its first record (the restored state, at the backup's step) belongs to the
+                # epoch that step ended or is in, as in the uninterrupted run.
+                logger.on_epoch_begin(max(backup.step - 1, 0) // spe)
+            out.append(logger)
         out.append(tensorboard_callback(run_dir / rf.TENSORBOARD_DIR))
+        out.append(RunBackup(run_dir / rf.BACKUP_DIR, self.progress, spe,
+                             every=config.backup_every_n_steps,
+                             aligned_to=config.stats_every_n_steps, resumed=backup))
         return out
 
     def _result(self, model, synthetic, data):
         progress = self.progress
         state = progress.state or RunState.FINISHED
         if state == RunState.STOPPED:
-            _say(self.verbose, f"stopped at step {progress.step}; checkpoint in "
-                               f"{self.run_dir / rf.CHECKPOINT_DIR} (continue with --resume)")
+            _say(self.verbose, f"stopped at step {progress.step}; backup in "
+                               f"{self.shown_dir / rf.BACKUP_DIR} (continue with --resume)")
         history = rf.MetricsCsv(self.run_dir / rf.METRICS_FILE).read()
         result = TrainResult(
             state=state, metrics=dict(progress.last_metrics or {}), history=history,
-            run_dir=self.run_dir, epochs_completed=len(history), step=progress.step,
+            run_dir=self.shown_dir, epochs_completed=len(history), step=progress.step,
             total_steps=progress.total_steps, device=self.device, synthetic=synthetic,
-            seconds=time.perf_counter() - self.started, error=progress.error, model=model,
-            data=data)
+            seconds=time.perf_counter() - self.started, error=progress.error,
+            chief=self.placement.chief, model=model, data=data)
         self.close(state, progress.error,
                    eta_seconds=0.0 if state == RunState.FINISHED else None)
         return result

@@ -28,10 +28,16 @@ def make_optimizer(config):
     return keras.optimizers.RMSprop(learning_rate=config.lr, momentum=config.momentum)
 
 
-def compile_model(config, x_train):
+def compile_model(config, x_train, synchronized=False):
     """Build ``config``'s model for ``x_train``, run LSUV on its first images if asked, and
-    compile it (cross-entropy on the logits, accuracy)."""
+    compile it (cross-entropy on the logits, accuracy). ``synchronized``: under a
+    ``tf.distribute`` strategy, batch normalization takes its statistics over the global batch
+    (``synchronized=True``), so that several replicas train as one device would; under JAX's
+    data parallelism they are global already (each op sees the whole sharded batch)."""
     model = build_model(config, x_train.shape[1:])
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = synchronized  # read when the layer is first called
     if config.init == "lsuv":
         initializers.lsuv(model, x_train[: max(config.batch_size, LSUV_BATCH)])
     model.compile(optimizer=make_optimizer(config),

@@ -1,6 +1,9 @@
 """The callbacks ``run_training`` adds to ``fit``: ``RunControl`` (status, steps.jsonl and
-metrics.csv, divergence and stop handling), ``RunCheckpoint`` (resumable checkpoints) and
-``tensorboard_callback`` (epoch metrics). What they find out is kept in a ``RunProgress``."""
+metrics.csv, divergence and stop handling) and ``tensorboard_callback`` (epoch metrics); the
+backups are ``training.backup.RunBackup``'s. What they find out is kept in a ``RunProgress``.
+
+Steps are global (the optimizer's iteration count), so the callbacks work alike when ``fit``
+starts at an epoch boundary and when a resumed run continues an epoch from its middle."""
 import dataclasses
 import math
 import pathlib
@@ -79,15 +82,13 @@ class RunControl(keras.callbacks.Callback):
         steps_path, metrics: steps.jsonl's path and the ``run_files.MetricsCsv``.
         stop_requested: a callable, true once the run should stop.
         steps_per_epoch, epochs, batch_size, log_every: as in the config.
-        start_epoch: epochs already completed (when resuming).
         train_slice: ``(x, y)``, training images evaluated after each epoch in training and
             in inference mode (``mode_eval.ModeEvaluator``: metrics.csv's ``train_mode_*``
             and ``train_eval_*``, also passed on in the epoch's logs); None: not measured.
     """
 
     def __init__(self, progress, status, steps_path, metrics, stop_requested, *,
-                 steps_per_epoch, epochs, batch_size, log_every, start_epoch=0, verbose=0,
-                 train_slice=None):
+                 steps_per_epoch, epochs, batch_size, log_every, verbose=0, train_slice=None):
         super().__init__()
         self.progress = progress
         self.status = status
@@ -98,7 +99,6 @@ class RunControl(keras.callbacks.Callback):
         self.epochs = epochs
         self.batch_size = batch_size
         self.log_every = log_every
-        self.start_epoch = start_epoch
         self.verbose = verbose
         self.train_slice = train_slice
         self._modes = None   # the ModeEvaluator (compiled once, at the first epoch's end)
@@ -111,21 +111,18 @@ class RunControl(keras.callbacks.Callback):
         self._epoch_start = None
 
     def on_train_begin(self, logs=None):
-        try:  # after RunCheckpoint restored the optimizer (it comes first in the list)
-            start_step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        except (AttributeError, TypeError, ValueError):
-            start_step = self.start_epoch * self.steps_per_epoch
+        # The optimizer's iteration count: 0, or the step of the backup a run resumed from.
+        start_step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         self.progress.step = start_step
-        self.progress.total_steps = (start_step
-                                     + (self.epochs - self.start_epoch) * self.steps_per_epoch)
+        self.progress.total_steps = self.epochs * self.steps_per_epoch
         self.status.update(state=RunState.RUNNING, phase="training",
-                           epoch=self.start_epoch + 1, step=start_step,
+                           epoch=start_step // self.steps_per_epoch + 1, step=start_step,
                            total_steps=self.progress.total_steps)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
-        self.batches_in_epoch = 0
-        self.epoch_start_step = self.progress.step
+        self.epoch_start_step = epoch * self.steps_per_epoch
+        self.batches_in_epoch = self.progress.step - self.epoch_start_step
         self.epoch_interrupted = False
         self.eval_cut = False
         self._epoch_start = time.perf_counter()
@@ -134,8 +131,8 @@ class RunControl(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
-        self.batches_in_epoch = batch + 1
-        step = self.progress.step = self.epoch_start_step + batch + 1
+        step = self.progress.step = self.progress.step + 1
+        self.batches_in_epoch = step - self.epoch_start_step
         self.throughput.batch_end(step)
         loss = _float(logs.get("loss"))
         if step % self.log_every == 0 or self.batches_in_epoch == self.steps_per_epoch:
@@ -192,30 +189,6 @@ class RunControl(keras.callbacks.Callback):
         if self.stop_requested() and self.progress.state is None:
             self.progress.state = RunState.STOPPED
             self.model.stop_training = True
-
-
-class RunCheckpoint(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` that also saves when a run is stopped mid-epoch (marking that
-    epoch as unfinished), never saves a diverged state, and deletes the checkpoint only when
-    the run finished."""
-
-    def __init__(self, backup_dir, control):
-        super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=True)
-        self.control = control
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.control.progress.state == RunState.DIVERGED:
-            return
-        if self.control.epoch_interrupted:
-            self._current_epoch = epoch          # this epoch is not finished
-            self._last_batch_seen = self.control.batches_in_epoch
-            self._save_model()
-            return
-        super().on_epoch_end(epoch, logs)
-
-    def on_train_end(self, logs=None):
-        if self.control.progress.state is None:
-            super().on_train_end(logs)
 
 
 def tensorboard_callback(log_dir):
