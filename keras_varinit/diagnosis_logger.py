@@ -19,6 +19,9 @@ from keras_varinit.models import is_weight_layer
 #: the application configured none).
 LOG = logging.getLogger("keras_varinit.diagnosis")
 
+#: Inputs of the probe batch the init profile is measured on (`profile=True`).
+PROFILE_IMAGES = 32
+
 _SHAPE_ONLY_LAYERS = (keras.layers.InputLayer, keras.layers.Flatten, keras.layers.Reshape,
                       keras.layers.Permute, keras.layers.Dropout, keras.layers.Identity)
 
@@ -188,9 +191,11 @@ class DiagnosisLogger(keras.callbacks.Callback):
 
     Args:
         logger: the run's `kv.callbacks.LayerStatsLogger`.
-        profile: `kv.variance_profile(model, x)`'s DataFrame (predicted values in the
-            evidence), True to measure it at train begin on the logger's probe (one forward and
-            backward pass), or None.
+        profile: the init profile, for the theory's predictions in the evidence and to tell a
+            mismatched initializer from depth: True (default) measures it at train begin
+            (`kv.variance_profile(..., gradients=False)`: one forward pass of the first
+            `PROFILE_IMAGES` probe inputs, no backward predictions); or `kv.variance_profile`'s
+            DataFrame; or None (no profile).
         context: a `kv.diagnosis.Context`; its empty fields are read from the model.
         log_dir: TensorBoard log directory, or None.
         jsonl_path: path of the findings' JSON-lines file (appended), or None.
@@ -207,7 +212,7 @@ class DiagnosisLogger(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, logger, profile=None, context=None, log_dir=None, jsonl_path=None,
+    def __init__(self, logger, profile=True, context=None, log_dir=None, jsonl_path=None,
                  verbose=1):
         super().__init__()
         if not isinstance(logger, LayerStatsLogger):
@@ -251,11 +256,15 @@ class DiagnosisLogger(keras.callbacks.Callback):
             self._start_engine()
         if self.log_dir is not None and self._writer is None:
             self._writer = text_writer(self.log_dir)
-        try:
-            self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        except Exception:  # a model without an optimizer: count from 0
-            self._step = 0
+        self._step = self._optimizer_step()
         self._epoch_base = self._step
+
+    def _optimizer_step(self):
+        """Steps done so far (`optimizer.iterations`; 0 without an optimizer)."""
+        try:
+            return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        except Exception:  # a model without an optimizer: count from 0
+            return 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_base = self._step
@@ -285,8 +294,8 @@ class DiagnosisLogger(keras.callbacks.Callback):
 
     def _start_engine(self):
         profile = self.profile
-        if profile is True:
-            profile = self._measure_profile()
+        if profile is True:  # measured at initialization only (not when fit resumes a run)
+            profile = self._measure_profile() if self._optimizer_step() == 0 else None
         context = model_context(self.model, self.logger.probe_x, self.context)
         self.engine = Diagnoser(profile, context)
         self._engine_model = self.model
@@ -297,21 +306,21 @@ class DiagnosisLogger(keras.callbacks.Callback):
         """Index of this fit's first record in the logger's history: records of earlier fits
         are left out; the train-begin records a logger placed first has just written are kept."""
         history = self.logger.history
-        try:
-            start = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        except Exception:  # no optimizer yet
-            start = 0
+        start = self._optimizer_step()
         i = len(history)
         while i > 0 and history[i - 1]["step"] == start:
             i -= 1
         return i
 
     def _measure_profile(self):
+        """`variance_profile` forward only, on the first `PROFILE_IMAGES` probe inputs."""
         from keras_varinit.diagnostics import variance_profile
 
+        x = keras.tree.map_structure(lambda t: t[:PROFILE_IMAGES], self.logger.probe_x)
         try:
-            return variance_profile(self.model, self.logger.probe_x, self.logger.probe_y)
-        except Exception as error:  # a model the profile does not support: go on without
+            return variance_profile(self.model, x, self.logger.probe_y[:PROFILE_IMAGES],
+                                    gradients=False)
+        except (ValueError, RuntimeError) as error:  # a model the profile does not support
             LOG.warning(f"DiagnosisLogger: no init profile ({type(error).__name__}: {error}); "
                         "the findings will carry no predicted values.")
             return None
