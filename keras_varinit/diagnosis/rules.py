@@ -130,6 +130,21 @@ def lr_suggestion(view, why):
                                    f"{why}{measured}.")
 
 
+def deferred(cause, verb="is the cause"):
+    """The suggestion of an earlier finding that explains a later one."""
+    return Suggestion(cause.suggestion.changes,
+                      f"The {cause.kind.value} finding (step {cause.step}) {verb}: "
+                      f"{cause.suggestion.text}")
+
+
+def training_suggestion(view, why):
+    """The fix for a problem that appeared during training: unnormalized inputs when they were
+    found (the first layer's gradient, dL/dW_1 = x dL/dy_1, scales with the input, and so does
+    every update), else a smaller learning rate."""
+    cause = _cause(view, (Kind.UNNORMALIZED_INPUT,))
+    return deferred(cause) if cause is not None else lr_suggestion(view, why)
+
+
 def init_suggestion(activation, why):
     changes, text = sg.matched_init(activation)
     return Suggestion(changes, f"{why}; use {text}.")
@@ -296,7 +311,8 @@ def _scale_sentence(ev, vanishing):
 
 def _scale_suggestion(kind, at_init, factor, view):
     if not at_init:
-        return lr_suggestion(view, "the scale grew during training, not at initialization")
+        return training_suggestion(view, "the scale grew during training, not at "
+                                         "initialization")
     low, high = MATCHED_FACTOR_BAND
     if kind is Kind.VANISHING and view.activation == "sigmoid":
         changes, text = sg.matched_init("tanh")
@@ -355,7 +371,7 @@ def saturation(rows, step, at_init, view, reported):
         suggestion = init_suggestion(activation, "The initial weights are too large: the "
                                      "pre-activations are far beyond the linear range")
     else:
-        suggestion = lr_suggestion(view, "the units saturated during training")
+        suggestion = training_suggestion(view, "the units saturated during training")
     predicted = evidence["predicted_saturated_fraction"]
     message = (f"saturation {'at initialization' if at_init else f'at step {step}'} in "
                f"{span(fractions)}: up to {worst:.0%} of the outputs saturated (threshold "
@@ -379,8 +395,8 @@ def dead_units(rows, step, at_init, view, reported):
                                 "Most units are off from the start: leaky ReLU keeps a gradient "
                                 "on the negative side, with Kaiming's gain 2/((1 + a^2) fan_in).")
     else:
-        suggestion = lr_suggestion(view, "large updates pushed the units' pre-activations below "
-                                         "zero for every input")
+        suggestion = training_suggestion(view, "large updates pushed the units' "
+                                               "pre-activations below zero for every input")
     message = (f"dead units {'at initialization' if at_init else f'at step {step}'} in "
                f"{span(fractions)}: up to {worst:.0%} of the outputs are exactly zero on the probe "
                f"(threshold {DEAD_FRACTION:.0%}; a ReLU of symmetric pre-activations gives 50%)")
@@ -437,14 +453,12 @@ def divergence(rows, step, loss_step, view):
                          "activation_std": row["activation_std"]})
         where = (f"non-finite values first appear at {layer} "
                  f"({'forward' if direction == 'forward' else direction} pass, step {step})")
-    cause = _cause(view, (Kind.UNNORMALIZED_INPUT,)) or \
-        next((f for f in view.earlier if f.kind is Kind.EXPLODING and f.step == 0), None)
-    if cause is not None:
-        suggestion = Suggestion(cause.suggestion.changes,
-                                f"The {cause.kind.value} finding (step {cause.step}) is the "
-                                f"cause: {cause.suggestion.text}")
+    exploding_at_init = next((f for f in view.earlier
+                              if f.kind is Kind.EXPLODING and f.step == 0), None)
+    if exploding_at_init is not None and not _cause(view, (Kind.UNNORMALIZED_INPUT,)):
+        suggestion = deferred(exploding_at_init)
     else:
-        suggestion = lr_suggestion(view, "the updates are too large for this network")
+        suggestion = training_suggestion(view, "the updates are too large for this network")
     message = f"divergence from step {first}: {where}"
     return Finding(Kind.DIVERGENCE, first, layers, Severity.SEVERE, evidence, suggestion,
                    message)
@@ -489,9 +503,7 @@ def stalled_loss(steps, losses, view):
                           Kind.UNNORMALIZED_INPUT, Kind.EXPLODING, Kind.SMALL_BATCH_NORM))
     if cause is not None:
         evidence["cause"] = cause.kind.value
-        suggestion = Suggestion(cause.suggestion.changes,
-                                f"The {cause.kind.value} finding (step {cause.step}) explains "
-                                f"it: {cause.suggestion.text}")
+        suggestion = deferred(cause, "explains it")
     elif _finite(view.update_ratio_per_step) and view.update_ratio_per_step < SLOW_UPDATE_RATIO \
             and view.context.lr is not None:
         new = sg.raised_lr(view.context.lr)
