@@ -62,13 +62,13 @@ def _first_layer_input(model, x):
     layers come before it, else a sub-model's output; None when that cannot be built."""
     layers = list(getattr(model, "layers", ()))
     first = next((layer for layer in layers if is_weight_layer(layer)), None)
-    if first is None or isinstance(x, (list, tuple, dict)):
+    if first is None or isinstance(x, (list, tuple, dict)) or len(model.inputs) != 1:
         return None
     before = layers[:layers.index(first)]
     if all(isinstance(layer, _SHAPE_ONLY_LAYERS) for layer in before):
         return np.asarray(x)
     try:
-        sub = keras.Model(model.inputs, first.input)
+        sub = keras.Model(model.inputs[0], first.input)
         return keras.ops.convert_to_numpy(sub(x, training=False))
     except Exception:  # nested or subclassed models: the input is not reachable
         return None

@@ -24,6 +24,12 @@ LN10 = math.log(10)
 
 # -- hand-made records -------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _clear_session():
+    """These tests build no Keras object: no session to clear (overrides conftest's)."""
+    yield
+
+
 def chain(step=0, fwd=(1.0, 1.0, 1.0, 1.0), grad=(1.0, 1.0, 1.0, 1.0), zero=0.5, sat=0.0,
           update=None, **overrides):
     """Records of a plain chain dense_01 -> act_01 -> ... -> logits: one weight record per

@@ -112,7 +112,6 @@ def test_tanh_tiny_weights_vanish_and_stall(data):
     assert [g.kind.value for g in findings] == ["vanishing", "stalled_loss"]
 
 
-@bi
 def test_xavier_with_the_tanh_gain_removes_both(data):
     """The suggestion of the two tanh scenarios, applied: 2 epochs of 60 steps, no finding."""
     changes = {"init": "xavier_normal", "init_gain": kv.gain("tanh")}
@@ -210,7 +209,6 @@ def test_healthy_kaiming_relu_cnn(data):
     assert findings == [], describe(findings)
 
 
-@bi
 def test_healthy_xavier_tanh_mlp(data):
     findings, _ = run(tanh_mlp("xavier_normal"), data["x16"], data["y"], steps=60, epochs=2)
     assert findings == [], describe(findings)
