@@ -183,3 +183,13 @@ def test_the_profile_gives_predicted_values():
     (f,) = [f for f in doctor.findings if f.kind == "vanishing"]
     assert f.evidence["predicted_backward_ratio"] is not None  # the full profile has gradients
     json.dumps(f.to_dict(), allow_nan=False)
+
+
+def test_bench_diagnosis_runs_and_prints_every_ratio(capsys, load_script):
+    bench = load_script("benchmarks/bench_diagnosis.py")
+    assert bench.main(["--images", "32", "--batch-size", "16", "--epochs", "1", "--rounds", "1",
+                       "--depth", "3", "--width", "4"]) == 0
+    out = capsys.readouterr().out
+    for kind in bench.KINDS:
+        line = next(line for line in out.splitlines() if line.startswith(kind + " "))
+        assert float(line.split()[-2]) > 0
