@@ -13,7 +13,7 @@ import pytest
 
 from keras_varinit.diagnosis import (
     KINDS, NORMALIZATION_FIELD, NORMALIZATION_VALUES, Context, Diagnoser, Finding, Kind,
-    Severity, Suggestion, diagnose, findings_dataframe, read_findings, rules, suggestions,
+    Severity, Suggestion, diagnose, findings_dataframe, read_findings, suggestions,
     write_findings,
 )
 

@@ -6,7 +6,8 @@ None. Thresholds are module constants; `docs/diagnosis.md` says why each has its
 Variances are compared, not standard deviations: the recursion of `keras_varinit.propagation`
 is written in variances,
 
-    Var[y_l] = fan_in_l Var[W_l] c_f Var[y_(l-1)],   Var[dL/dy_l] = fan_out Var[W] c_b Var[dL/dy_(l+1)],
+    Var[y_l] = fan_in_l Var[W_l] c_f Var[y_(l-1)],
+    Var[dL/dy_l] = fan_out_(l+1) Var[W_(l+1)] c_b Var[dL/dy_(l+1)],
 
 so a mismatched initialization multiplies the variance by the same factor at every layer and the
 ratio between two layers is that factor to the power of their distance.
