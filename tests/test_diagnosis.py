@@ -248,10 +248,13 @@ def test_the_profile_is_the_initial_measurement_when_the_records_start_later():
 
 def test_exploding_during_training_asks_for_a_smaller_learning_rate():
     records = chain(0) + chain(1, fwd=(1.0, 40.0, 1e3, 1.0), update=2.1)
-    f = one(diagnose(records, context=Context(lr=10.0)), "exploding")
+    f = one(diagnose(records, profile=profile_frame(1.0), context=Context(lr=10.0)),
+            "exploding")
     assert f.step == 1 and f.layers == ("dense_02", "dense_03")
     assert f.suggestion.changes == {"lr": 1e-3}
     assert math.isclose(f.evidence["forward_ratio"], 1e6)
+    # the profile predicts the initial state, not step 1's
+    assert f.evidence["predicted_forward_ratio"] is None
 
 
 # -- saturation, dead units --------------------------------------------------------------------

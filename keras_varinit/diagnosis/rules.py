@@ -269,15 +269,16 @@ def scale_rule(kind, table, step, at_init, view, reported):
     ev_b, factor_b = _direction_evidence(table, bwd, flag_b, vanishing, last, False)
     threshold = VANISHING_RATIO if vanishing else EXPLODING_RATIO
     evidence = {"threshold": threshold, **ev_f, **ev_b}
+    profile = view.profile if at_init else None  # the profile predicts the initial state
     if "forward_layer" in ev_f:
         evidence["predicted_forward_ratio"] = predicted_ratio(
-            view.profile, "predicted_forward_var_cumulative", ev_f["forward_layer"],
+            profile, "predicted_forward_var_cumulative", ev_f["forward_layer"],
             ev_f["forward_reference"])
     if "backward_layer" in ev_b:
         evidence["predicted_backward_ratio"] = predicted_ratio(
-            view.profile, "predicted_backward_var_cumulative", ev_b["backward_layer"],
+            profile, "predicted_backward_var_cumulative", ev_b["backward_layer"],
             ev_b["backward_reference"])
-    predicted_factor = predicted_layer_factor(view.profile) if at_init else None
+    predicted_factor = predicted_layer_factor(profile)
     evidence["predicted_per_layer_factor"] = predicted_factor
     layers = tuple(table["layer"][flag_f | flag_b])
     extremes = [r for r in (ev_f.get("forward_ratio"), ev_b.get("backward_ratio")) if r is not None]
