@@ -12,7 +12,7 @@ from keras_varinit.callbacks import DiagnosisLogger, LayerStatsLogger
 from keras_varinit.diagnosis import Context, read_findings
 from keras_varinit.diagnosis_logger import _EventFileText, model_context, text_writer
 
-pytestmark = pytest.mark.backend_independent
+bi = pytest.mark.backend_independent
 
 
 def saturating_mlp(seed=0):
@@ -49,6 +49,7 @@ def tensorboard_texts(log_dir):
     return out
 
 
+@bi
 def test_findings_go_to_the_console_tensorboard_jsonl_and_python(tmp_path, caplog):
     x, y = data()
     logger = LayerStatsLogger((x[:32], y[:32]), every_n_steps=None)
@@ -70,6 +71,7 @@ def test_findings_go_to_the_console_tensorboard_jsonl_and_python(tmp_path, caplo
     assert list(frame["kind"]) == [f.kind.value for f in findings]
 
 
+@bi
 def test_the_callback_order_does_not_matter_and_nothing_is_reported_twice():
     x, y = data()
     results = []
@@ -88,6 +90,7 @@ def test_the_callback_order_does_not_matter_and_nothing_is_reported_twice():
     assert ("saturation", 0) in [(k, s) for k, s, _ in results[0]]
 
 
+@bi
 def test_a_non_finite_loss_is_named_at_the_next_log():
     """Logged at step 0 and the epoch end only: the divergence starts at the first non-finite
     loss and names the first layer whose statistics are non-finite at the next log."""
@@ -104,6 +107,7 @@ def test_a_non_finite_loss_is_named_at_the_next_log():
     assert f.suggestion.changes["lr"] <= 1e3
 
 
+@bi
 def test_a_logger_outside_fit_is_reported(caplog):
     x, y = data()
     logger = LayerStatsLogger((x[:32], y[:32]))
@@ -114,6 +118,7 @@ def test_a_logger_outside_fit_is_reported(caplog):
     assert doctor.findings == []
 
 
+@bi
 def test_bad_arguments_say_what_was_received():
     x, y = data()
     logger = LayerStatsLogger((x[:8], y[:8]))
@@ -125,6 +130,7 @@ def test_bad_arguments_say_what_was_received():
         DiagnosisLogger(logger, context={"batch_size": 2})
 
 
+@bi
 def test_the_context_comes_from_the_model():
     inputs = keras.Input((4, 4, 3))
     h = keras.layers.Rescaling(1 / 255.0)(inputs)
@@ -146,6 +152,7 @@ def test_the_context_comes_from_the_model():
     assert model_context(mlp, np.ones((2, 4, 4, 3))).input_second_moment == 1.0
 
 
+@bi
 def test_text_summaries_without_tensorflow(tmp_path):
     """The TF-free writer (tensorboard's event file and text protobuf) reads back like
     tf.summary.text's."""
@@ -159,6 +166,7 @@ def test_text_summaries_without_tensorflow(tmp_path):
         assert texts["diagnosis/divergence"] == [(17, "divergence at dense_02")]
 
 
+@bi
 def test_the_profile_gives_predicted_values():
     """By default the init profile is measured (forward only) and its prediction is in the
     evidence; profile=None leaves it out; a given DataFrame is used as is."""
