@@ -443,3 +443,6 @@ class LayerStatsLogger(keras.callbacks.Callback):
         for field in SCALAR_FIELDS:
             df[field] = pd.to_numeric(df[field], errors="coerce").astype("float64")
         return df
+
+
+from keras_varinit.diagnosis_logger import DiagnosisLogger  # noqa: E402,F401 (re-export)

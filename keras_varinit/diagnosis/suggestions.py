@@ -1,0 +1,109 @@
+"""Suggestions as changes of the training configuration (`keras_varinit.training.TrainConfig`).
+
+Every fix the rules propose is a `Suggestion` whose `changes` use the configuration's field
+names, so that "apply and re-run" is `TrainConfig.from_dict(suggestion.apply(config))`:
+
+    init                 initializer name ("kaiming_normal", "xavier_normal", ...)
+    init_gain            std multiplier of a Xavier initializer (`kv.gain`: tanh 5/3); with
+                         `init="xavier_normal"` it means `kv.initializers.Xavier(gain=...)`
+    activation           hidden nonlinearity ("leaky_relu", "tanh", ...)
+    NORMALIZATION_FIELD  the normalization layer (below)
+    lr                   learning rate
+    input_normalization  "pooled": per channel, (x - mean_c) / std_c with the pooled std
+                         (`kv.channel_stats(x, "pooled").normalization_layer()`)
+
+`init_gain` and `input_normalization` are not `TrainConfig` fields yet (`train` always
+normalizes its inputs per channel and builds Xavier with gain 1).
+"""
+import math
+
+from keras_varinit import fans
+
+#: The normalization layer's configuration field and its values. Today `TrainConfig.batch_norm`
+#: (None | "pooled" | "per_sample"); when it becomes `normalization` (none | batch |
+#: batch_per_sample | layer | instance | group), this one line changes.
+NORMALIZATION_FIELD, NORMALIZATION_VALUES = "batch_norm", {"batch": "pooled", "group": "group"}
+
+#: Every field a suggestion may change.
+CONFIG_FIELDS = ("init", "init_gain", "activation", NORMALIZATION_FIELD, "lr",
+                 "input_normalization")
+
+#: Target of a learning-rate change: ||delta W|| / ||W|| per step (the usual rule of thumb,
+#: e.g. cs231n "Neural Networks Part 3": about 1e-3).
+UPDATE_RATIO_TARGET = 1e-3
+#: A lowered learning rate is at least 10x and at most 10^4 x smaller than the current one.
+LR_MAX_FACTOR, LR_MIN_FACTOR = 0.1, 1e-4
+
+_RELU_LIKE = ("relu", "leaky_relu")
+_SMOOTH_RELU_LIKE = ("elu", "gelu", "silu", "swish", "softplus")
+
+
+def matched_init(activation):
+    """The initializer change that gives fan_in Var[W] c_f = 1 for `activation` (DESIGN.md):
+    Kaiming for ReLUs (2/fan_in), Xavier with the tanh gain 5/3 for tanh, Xavier for linear and
+    sigmoid, LeCun for SELU.
+
+    >>> matched_init("tanh")[0]
+    {'init': 'xavier_normal', 'init_gain': 1.6666666666666667}
+    """
+    if activation in _RELU_LIKE:
+        return ({"init": "kaiming_normal"},
+                "Kaiming (He et al. 2015): Var[W] = 2/fan_in, so fan_in Var[W] E[relu(y)^2]/Var[y]"
+                " = 1 and the variance is kept through depth (the project's Kaiming names "
+                "follow the activation, leaky ReLU's slope included)")
+    if activation in _SMOOTH_RELU_LIKE:
+        return ({"init": "he_normal"},
+                f"He initialization (Var[W] = 2/fan_in), the ReLU-family choice for {activation}")
+    if activation == "tanh":
+        g = fans.gain("tanh")
+        return ({"init": "xavier_normal", "init_gain": g},
+                f"Xavier with the tanh gain {g:.3g}: Var[W] = (5/3)^2 * 2/(fan_in + fan_out) "
+                "(Glorot & Bengio 2010; the gain compensates tanh's contraction, so the "
+                "pre-activations stay of order 1: neither linear nor saturated)")
+    if activation == "selu":
+        return ({"init": "lecun_normal"},
+                "LeCun normal: Var[W] = 1/fan_in, SELU's self-normalizing fixed point")
+    return ({"init": "xavier_normal"},
+            "Xavier (Glorot & Bengio 2010): Var[W] = 2/(fan_in + fan_out), so fan_in Var[W] = 1 "
+            "at constant width")
+
+
+def normalization(kind):
+    """`{NORMALIZATION_FIELD: value}` for "batch" or "group"."""
+    if kind not in NORMALIZATION_VALUES:
+        raise ValueError(f"Unknown normalization. Received: kind={kind!r}. "
+                         f"Allowed: {tuple(NORMALIZATION_VALUES)}")
+    return {NORMALIZATION_FIELD: NORMALIZATION_VALUES[kind]}
+
+
+def input_normalization():
+    """Normalize the inputs per channel with the pooled standard deviation."""
+    return {"input_normalization": "pooled"}
+
+
+def _power_of_ten_below(value):
+    return 10.0 ** math.floor(math.log10(value) + 1e-9)
+
+
+def lowered_lr(lr, update_ratio_per_step=None):
+    """A learning rate small enough for `UPDATE_RATIO_TARGET`, as a power of ten.
+
+    lr_new = lr * clip(target / measured update ratio per step, LR_MIN_FACTOR, LR_MAX_FACTOR),
+    rounded down to a power of ten; with no measured ratio, lr / 10. None when `lr` is unknown.
+
+    >>> lowered_lr(10.0, update_ratio_per_step=2.1)   # 10 * 1e-3 / 2.1 = 4.8e-3 -> 1e-3
+    0.001
+    """
+    if lr is None:
+        return None
+    factor = LR_MAX_FACTOR
+    if update_ratio_per_step is not None and math.isfinite(update_ratio_per_step) \
+            and update_ratio_per_step > 0:
+        factor = min(max(UPDATE_RATIO_TARGET / update_ratio_per_step, LR_MIN_FACTOR),
+                     LR_MAX_FACTOR)
+    return _power_of_ten_below(lr * factor)
+
+
+def raised_lr(lr):
+    """lr * 10 (None when `lr` is unknown)."""
+    return None if lr is None else float(lr) * 10.0
