@@ -11,9 +11,9 @@ import os
 import keras
 import numpy as np
 
-from keras_varinit.callbacks import LayerStatsLogger
+from keras_varinit import instrument
 from keras_varinit.diagnosis import Context, Diagnoser, findings_dataframe, write_findings
-from keras_varinit.models import is_weight_layer
+from keras_varinit.layer_stats_logger import LayerStatsLogger
 
 #: Console lines go to this logger (Python's last-resort handler prints warnings to stderr when
 #: the application configured none).
@@ -28,15 +28,6 @@ _SHAPE_ONLY_LAYERS = (keras.layers.InputLayer, keras.layers.Flatten, keras.layer
 
 # --------------------------------------------------------------------------------------------
 # what the model tells about the run
-
-def _flat_layers(model, prefix=""):
-    """(path, layer) for every layer, descending into nested models ("outer/inner")."""
-    for layer in getattr(model, "layers", ()):
-        path = f"{prefix}{layer.name}"
-        yield path, layer
-        if getattr(layer, "layers", None):
-            yield from _flat_layers(layer, path + "/")
-
 
 def _activation_name(layer):
     """The nonlinearity a layer applies, or None (linear, softmax, or none)."""
@@ -53,22 +44,24 @@ def _activation_name(layer):
 
 def hidden_activation(model):
     """The most common nonlinearity among the model's layers, or None."""
-    names = [n for n in (_activation_name(layer) for _, layer in _flat_layers(model)) if n]
+    names = [n for n in (_activation_name(site.layer) for site in instrument.layer_sites(model))
+             if n]
     return collections.Counter(names).most_common(1)[0][0] if names else None
 
 
 def _first_layer_input(model, x):
     """The first weight layer's input on the batch `x`: `x` itself when only shape-changing
     layers come before it, else a sub-model's output; None when that cannot be built."""
-    layers = list(getattr(model, "layers", ()))
-    first = next((layer for layer in layers if is_weight_layer(layer)), None)
-    if first is None or isinstance(x, (list, tuple, dict)) or len(model.inputs) != 1:
+    sites = instrument.layer_sites(model)
+    first = next((s for s in sites if instrument.is_weight_layer(s.layer)), None)
+    if first is None or isinstance(x, (list, tuple, dict)) or \
+            len(getattr(model, "inputs", None) or ()) != 1:
         return None
-    before = layers[:layers.index(first)]
+    before = [s.layer for s in sites[:first.position] if s.is_leaf]
     if all(isinstance(layer, _SHAPE_ONLY_LAYERS) for layer in before):
         return np.asarray(x)
     try:
-        sub = keras.Model(model.inputs[0], first.input)
+        sub = keras.Model(model.inputs[0], first.layer.input)
         return keras.ops.convert_to_numpy(sub(x, training=False))
     except Exception:  # nested or subclassed models: the input is not reachable
         return None
@@ -96,8 +89,8 @@ def model_context(model, x=None, context=None):
     if inputs is not None:
         inputs = np.asarray(inputs, dtype=np.float64)
         mean, std = float(inputs.mean()), float(inputs.std())
-    bn = tuple(path for path, layer in _flat_layers(model)
-               if isinstance(layer, keras.layers.BatchNormalization))
+    bn = tuple(site.path for site in instrument.layer_sites(model)
+               if isinstance(site.layer, keras.layers.BatchNormalization))
     return Context(
         num_classes=given.num_classes if given.num_classes is not None else num_classes,
         batch_size=given.batch_size,

@@ -57,12 +57,6 @@ def tanh_mlp(init, **kwargs):
                                input_shape=(16, 16, 3), seed=0, **kwargs)
 
 
-def xavier_with_gain(changes):
-    """The model-builder form of a suggested {"init": "xavier_normal", "init_gain": g}."""
-    assert changes["init"] == "xavier_normal"
-    return kv.initializers.Xavier(gain=changes["init_gain"], seed=0)
-
-
 # -- 30-layer ReLU CNN, Xavier: vanishing at step 0; Kaiming removes it ------------------------
 
 def test_xavier_relu_30_vanishes_and_kaiming_removes_it(data):
@@ -93,7 +87,7 @@ def test_tanh_normal_1_saturates(data):
     assert f.step == 0 and f.severity == "severe"
     assert len(f.layers) == 11 and f.evidence["max_saturated_fraction"] > 0.9
     assert f.evidence["predicted_saturated_fraction"] > 0.8
-    assert f.suggestion.changes == {"init": "xavier_normal", "init_gain": pytest.approx(5 / 3)}
+    assert f.suggestion.changes == {"init": "xavier_normal_tanh"}
     # the same cause also makes the gradient explode towards the input; same fix
     assert {g.kind.value for g in findings} <= {"saturation", "exploding"}
     assert all(g.step == 0 and g.suggestion.changes == f.suggestion.changes for g in findings)
@@ -104,8 +98,7 @@ def test_tanh_tiny_weights_vanish_and_stall(data):
     vanishing, stalled = of_kind(findings, "vanishing"), of_kind(findings, "stalled_loss")
     assert len(vanishing) == 1 and vanishing[0].step == 0
     assert vanishing[0].evidence["forward_ratio"] < 1e-12
-    assert vanishing[0].suggestion.changes == {"init": "xavier_normal",
-                                               "init_gain": pytest.approx(5 / 3)}
+    assert vanishing[0].suggestion.changes == {"init": "xavier_normal_tanh"}
     assert len(stalled) == 1 and stalled[0].step <= 110
     assert stalled[0].evidence["cause"] == "vanishing"
     assert stalled[0].suggestion.changes == vanishing[0].suggestion.changes
@@ -114,9 +107,9 @@ def test_tanh_tiny_weights_vanish_and_stall(data):
 
 def test_xavier_with_the_tanh_gain_removes_both(data):
     """The suggestion of the two tanh scenarios, applied: 2 epochs of 60 steps, no finding."""
-    changes = {"init": "xavier_normal", "init_gain": kv.gain("tanh")}
-    findings, _ = run(tanh_mlp(xavier_with_gain(changes)), data["x16"], data["y"], steps=60,
-                      epochs=2)
+    init = kv.initializers.get("xavier_normal_tanh", seed=0)
+    assert init.gain == pytest.approx(kv.gain("tanh"))
+    findings, _ = run(tanh_mlp(init), data["x16"], data["y"], steps=60, epochs=2)
     assert findings == [], describe(findings)
 
 

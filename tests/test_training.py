@@ -199,6 +199,20 @@ def test_inputs_are_normalized_with_pooled_training_statistics():
     assert abs(x.std(axis=(0, 1, 2)) - 1).max() < 1e-4
 
 
+@pytest.mark.backend_independent
+def test_input_normalization_none_feeds_the_raw_pixels():
+    """The configuration the unnormalized-input finding's fix is the opposite of."""
+    from keras_varinit.datasets import synthetic_cifar10
+    from keras_varinit.training.data import load_data
+
+    (x, _), _, info = load_data(tiny(subset=200, val_subset=10, input_normalization="none"))
+    (raw, _), _ = synthetic_cifar10(len(x), 10, seed=0)
+    assert x.dtype.name == "float32" and x.max() > 100
+    assert (x == raw.astype("float32")).all()
+    assert info["mean"] == [0.0] * 3 and info["std"] == [1.0] * 3
+    assert "raw_input" in tiny(input_normalization="none").slug()
+
+
 def test_mixed_precision_run_restores_policy(tmp_path):
     before = keras.mixed_precision.dtype_policy().name
     result = run_training(tiny(mixed_precision=True, epochs=1, stats_every_n_steps=0),
