@@ -193,6 +193,8 @@ class DiagnosisLogger(keras.callbacks.Callback):
         log_dir: TensorBoard log directory, or None.
         jsonl_path: path of the findings' JSON-lines file (appended), or None.
         verbose: 1: a warning line per finding; 0: silent.
+        earlier: findings this run reported before (a resumed run's `findings.jsonl`): not
+            reported again.
 
     Example:
 
@@ -206,7 +208,7 @@ class DiagnosisLogger(keras.callbacks.Callback):
     """
 
     def __init__(self, logger, profile=True, context=None, log_dir=None, jsonl_path=None,
-                 verbose=1):
+                 verbose=1, earlier=()):
         super().__init__()
         if not isinstance(logger, LayerStatsLogger):
             raise ValueError("DiagnosisLogger reads the records of a LayerStatsLogger. "
@@ -225,6 +227,7 @@ class DiagnosisLogger(keras.callbacks.Callback):
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.jsonl_path = None if jsonl_path is None else os.fspath(jsonl_path)
         self.verbose = int(verbose)
+        self.earlier = tuple(earlier)
         self.engine = None
         self._engine_model = None
         self._writer = None
@@ -290,7 +293,7 @@ class DiagnosisLogger(keras.callbacks.Callback):
         if profile is True:  # measured at initialization only (not when fit resumes a run)
             profile = self._measure_profile() if self._optimizer_step() == 0 else None
         context = model_context(self.model, self.logger.probe_x, self.context)
-        self.engine = Diagnoser(profile, context)
+        self.engine = Diagnoser(profile, context, earlier=self.earlier)
         self._engine_model = self.model
         self._read = self._first_new_record()
         self._losses = []

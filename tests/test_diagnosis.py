@@ -526,3 +526,17 @@ def test_the_engine_imports_no_keras(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['vanishing']"
+
+
+def test_earlier_findings_are_not_reported_again():
+    """A resumed run gives the engine the findings it kept: the same kind and layers are not
+    reported again; a finding of another kind still is."""
+    context = Context(batch_size=2, batch_norm_layers=("bn_01",), input_mean=0.0,
+                      input_std=100.0)
+    first = diagnose(chain(0), context=context)
+    assert {f.kind.value for f in first} == {"small_batch_norm", "unnormalized_input"}
+    kept = [one(first, "small_batch_norm")]
+    engine = Diagnoser(context=context, earlier=kept)
+    new = engine.update(chain(4))
+    assert [f.kind.value for f in new] == ["unnormalized_input"]
+    assert engine.findings[0] is kept[0]

@@ -165,32 +165,18 @@ def test_raw_pixels_are_unnormalized_input(data):
 
 # -- batch norm at batch 2: small batch; group normalization removes it ------------------------
 
-def group_norm_cnn(depth=6, width=8, groups=4):
-    """`plain_cnn`'s layout with GroupNormalization in place of BN (until the model builders
-    get a `normalization=` choice)."""
-    inputs = keras.Input((16, 16, 3))
-    h = inputs
-    for i, (filters, stride) in enumerate([(width, 1), (width, 1), (2 * width, 2),
-                                           (2 * width, 1), (4 * width, 2)][:depth - 1]):
-        h = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
-                                kernel_initializer=kv.initializers.KaimingNormal(seed=i),
-                                name=f"conv_{i + 1:02d}")(h)
-        h = keras.layers.GroupNormalization(groups=groups, name=f"gn_{i + 1:02d}")(h)
-        h = keras.layers.Activation("relu", name=f"act_{i + 1:02d}")(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h))
-
-
 def test_batch_norm_at_batch_2_and_group_norm(data):
     x, y = data["x16"], data["y"]
-    findings, _ = run(small_cnn(batch_norm="pooled"), x, y, steps=20, batch=2,
+    findings, _ = run(small_cnn(normalization="batch"), x, y, steps=20, batch=2,
                       context=Context(batch_size=2))
     (f,) = of_kind(findings, "small_batch_norm")
     assert f.step == 0 and f.severity == "severe"
     assert f.layers == tuple(f"bn_{i:02d}" for i in range(1, 6))
     assert f.suggestion.changes == {NORMALIZATION_FIELD: "group"}
 
-    fixed, _ = run(group_norm_cnn(), x, y, steps=20, batch=2, context=Context(batch_size=2))
+    # the suggestion applied to the model builder's own `normalization=` (groups dividing 8)
+    fixed, _ = run(small_cnn(groups=4, **f.suggestion.changes), x, y, steps=20, batch=2,
+                   context=Context(batch_size=2))
     assert fixed == [], describe(fixed)
 
 
@@ -208,6 +194,6 @@ def test_healthy_xavier_tanh_mlp(data):
 
 
 def test_healthy_batch_norm_at_batch_64(data):
-    findings, _ = run(small_cnn(batch_norm="pooled"), data["x16"], data["y"], steps=60,
+    findings, _ = run(small_cnn(normalization="batch"), data["x16"], data["y"], steps=60,
                       epochs=2, batch=64, context=Context(batch_size=64))
     assert findings == [], describe(findings)
