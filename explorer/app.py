@@ -5,7 +5,8 @@ Layout and widgets only: one sidebar widget per ``TrainConfig`` field that decla
 ``explorer.presets`` (settings derived from TrainConfig, URL round-trip, validation),
 ``explorer.profile`` (the network at initialization),
 ``explorer.worker`` (background training subprocesses), ``explorer.run_store`` (run directories
-on disk) and ``explorer.charts`` (Altair charts).
+on disk), ``explorer.findings_panel`` (a run's findings and the fix "Apply and re-run" queues)
+and ``explorer.charts`` (Altair charts).
 """
 from __future__ import annotations
 
