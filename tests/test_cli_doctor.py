@@ -78,6 +78,29 @@ def test_a_keras_file_is_probed_within_the_time_limit_json(tmp_path, capsys):
     assert "fix: init='kaiming_normal' in your model" in text
 
 
+_FACTORY = """
+import keras
+
+def build():
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu",
+                            kernel_initializer="he_normal", name="conv_a")(inputs)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="factory_net")
+"""
+
+
+def test_a_cifar_shaped_factory_is_probed_on_the_train_data_option(tmp_path, capsys):
+    """A factory taking CIFAR-10 images with 10 outputs gets `--data` as `train` reads it."""
+    (tmp_path / "nets.py").write_text(_FACTORY)
+    code = main(["doctor", "--model", f"{tmp_path / 'nets.py'}:build", "--data", "synthetic",
+                 "--steps", "2", "--batch-size", "16", "--quiet"])
+    out = capsys.readouterr().out
+    assert code in (0, 1), out      # 2 would be an error
+    assert "factory_net from" in out and "synthetic CIFAR-like images (not CIFAR-10)" in out
+    assert "probe: 2 step(s)" in out and "at init: " in out
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--steps", "0"], "--steps must be a positive integer. Received: --steps 0"),
     (["--time-limit", "-1"], "Received: --time-limit -1"),

@@ -12,9 +12,9 @@ is ``run_training`` of that configuration cut to ``--steps`` steps (``probe_conf
 temporary run directory (or ``--log-dir``), with ``DiagnosisLogger`` writing ``findings.jsonl``.
 Your own model (``--model FILE.keras`` or ``module:function``, ``user_models``) is fitted for
 ``--steps`` steps with the ``train`` options of the optimizer, learning rate and batch size,
-under ``LayerStatsLogger`` + ``DiagnosisLogger``, on CIFAR-10 when it takes (32, 32, 3) images
-with 10 classes (``KERAS_VARINIT_CIFAR10``; synthetic CIFAR-like images when it is not
-available), else on learnable synthetic data of its input shape (``probe_data``).
+under ``LayerStatsLogger`` + ``DiagnosisLogger``, on the ``--data`` of ``train`` (CIFAR-10 via
+``KERAS_VARINIT_CIFAR10``, or synthetic) when it takes (32, 32, 3) images with 10 classes, else
+on learnable synthetic data of its input shape (``probe_data``).
 
 Output: the init verdict (``profile_report.summarize_profile`` of ``variance_profile``), then
 one block per finding; a suggestion is printed as the ``train`` options to change
@@ -39,7 +39,7 @@ DEFAULT_TIME_LIMIT = 300.0
 VAL_IMAGES = 256        # validation images of a probe run (a probe needs no accuracy figure)
 PROFILE_IMAGES = 32     # images of the init profile
 PROBE_IMAGES = 128      # the LayerStatsLogger's probe batch (user models)
-SYNTHETIC_IMAGES = 2048  # the most synthetic examples a user model's probe generates
+PROBE_DATA_IMAGES = 2048  # the most examples a user model's probe fits on
 #: The configuration fields that describe a built-in net: refused with your own model.
 NET_FIELDS = ("depth", "width", "init", "activation", "normalization", "groups",
               "input_normalization")
@@ -219,17 +219,18 @@ def probe_builtin(config, steps, time_limit, log_dir, quiet):
                  f"{config.slug()} ({'synthetic data' if result.synthetic else 'CIFAR-10'})")
 
 
-def probe_data(model, n, seed):
-    """``(x, y, description)``: ``n`` normalized inputs for ``model`` and labels it can learn.
+def probe_data(model, config, n):
+    """``(x, y, description)``: ``n`` inputs for ``model`` and labels it can learn.
 
-    CIFAR-10 (or its synthetic stand-in when it is not available offline) for a model taking
-    (32, 32, 3) images with 10 outputs, standardized per channel; otherwise N(0, 1) inputs of
-    the model's input shape labelled by a fixed random linear teacher (argmax of x W), so the
-    loss can fall."""
+    For a model taking (32, 32, 3) images with 10 outputs: the training data of ``config``
+    (``--data``: CIFAR-10 through ``KERAS_VARINIT_CIFAR10``, synthetic, or a path), as
+    ``train`` feeds it (``training.data.load_data``: standardized per channel); otherwise N(0, 1)
+    inputs of the model's input shape labelled by a fixed random linear teacher (argmax of
+    x W), so the loss can fall."""
     import numpy as np
 
-    from keras_varinit import datasets, user_models
-    from keras_varinit.channel_stats import channel_stats
+    from keras_varinit import user_models
+    from keras_varinit.training.data import load_data
 
     shape = user_models.model_input_shape(model)
     if shape is None or None in shape:
@@ -238,14 +239,10 @@ def probe_data(model, n, seed):
                          "built with a fixed input shape")
     classes = int(model.outputs[0].shape[-1]) if getattr(model, "outputs", None) else None
     if user_models.cifar10_shape_mismatch(shape) is None and classes == 10:
-        offline = datasets.resolve_source("auto") in ("dir", "tfds")
-        (x, y), _ = datasets.load_cifar10("auto") if offline else \
-            datasets.synthetic_cifar10(n, 10, seed=seed)
-        x, y = x[:n].astype("float32"), np.asarray(y[:n]).reshape(-1).astype("int32")
-        stats = channel_stats(x, estimator="pooled")
-        x = ((x - stats.mean) / stats.std).astype("float32")
-        return x, y, "CIFAR-10" if offline else "synthetic CIFAR-like images (not CIFAR-10)"
-    rng = np.random.default_rng(seed)
+        (x, y), _, info = load_data(dataclasses.replace(config, subset=n, val_subset=1))
+        return x, y, "synthetic CIFAR-like images (not CIFAR-10)" if info["synthetic"] \
+            else "CIFAR-10"
+    rng = np.random.default_rng(config.seed)
     x = rng.standard_normal((n,) + tuple(shape)).astype("float32")
     teacher = rng.standard_normal((int(np.prod(shape)), classes or 2))
     y = np.argmax(x.reshape(n, -1) @ teacher, axis=1).astype("int32")
@@ -263,8 +260,8 @@ def probe_user_model(spec, config, steps, time_limit, log_dir, quiet):
 
     model = user_models.load_user_model(spec)
     keras.utils.set_random_seed(config.seed)
-    n = min(steps * config.batch_size, SYNTHETIC_IMAGES)
-    x, y, described = probe_data(model, max(n, config.batch_size), config.seed)
+    n = min(steps * config.batch_size, PROBE_DATA_IMAGES)
+    x, y, described = probe_data(model, config, max(n, config.batch_size))
     profile, verdict = _init_profile(model, x, y)
     loss, y = instrument.default_loss(model, y)
     model.compile(optimizer=make_optimizer(config), loss=loss)
