@@ -250,8 +250,6 @@ class DiagnosisLogger(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if self.engine is None or self._engine_model is not self.model:
             self._start_engine()
-        if self.log_dir is not None and self._writer is None:
-            self._writer = text_writer(self.log_dir)
         self._step = self._optimizer_step()
         self._epoch_base = self._step
 
@@ -329,6 +327,9 @@ class DiagnosisLogger(keras.callbacks.Callback):
             self._publish(self.engine.update(records, losses))
 
     def _publish(self, findings):
+        if findings and self.log_dir is not None and self._writer is None:
+            # opened at the first finding: a run without findings gets no extra event file
+            self._writer = text_writer(self.log_dir)
         for finding in findings:
             if self.verbose:
                 LOG.warning(f"keras_varinit diagnosis: {finding}. Suggestion: "
