@@ -5,7 +5,8 @@ Layout and widgets only: one sidebar widget per ``TrainConfig`` field that decla
 ``explorer.presets`` (settings derived from TrainConfig, URL round-trip, validation),
 ``explorer.profile`` (the network at initialization),
 ``explorer.worker`` (background training subprocesses), ``explorer.run_store`` (run directories
-on disk) and ``explorer.charts`` (Altair charts).
+on disk), ``explorer.findings_panel`` (a run's findings and the fix "Apply and re-run" queues)
+and ``explorer.charts`` (Altair charts).
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def cached_profile(key: tuple) -> dict:
     return {"table": profile.table, "verdict": profile.verdict,
             "activations": profile.activations, "layer_names": profile.layer_names,
             "synthetic": profile.synthetic, "seconds": profile.seconds,
-            "lsuv": profile.lsuv_report, "explanation": profile.explanation}
+            "lsuv": profile.lsuv_report, "explanation": profile.explanation,
+            "batch_norm_layers": profile.batch_norm_layers}
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +217,74 @@ store = get_store(str(runs_dir()))
 jobs = get_jobs(str(runs_dir()))
 jobs.set_max_per_device(2 if st.session_state.get("parallel") else 1)
 
+# --------------------------------------------------------------------------------------------
+# Findings of the diagnosis (explorer.findings_panel: the data; here: the layout)
+# --------------------------------------------------------------------------------------------
+SEVERITY_BOX = {"severe": st.error, "warning": st.warning}
+
+
+def finding_box(finding, key=None, config=None):
+    """One finding: kind, step, layers, message, evidence, the fix; with ``config`` (the run's
+    config.json) an "Apply and re-run" button that queues the corrected configuration."""
+    from explorer.findings_panel import fix_text, layers_text
+
+    where = f" at {layers_text(finding.layers)}" if finding.layers else ""
+    fix = fix_text(finding.suggestion.changes)
+    SEVERITY_BOX[finding.severity.value](
+        f"**{finding.kind.value}** ({finding.severity.value}) from step {finding.step}{where}: "
+        f"{finding.message}\n\n**Fix**: {fix + '. ' if fix else ''}{finding.suggestion.text}",
+        icon=":material/stethoscope:")
+    with st.expander("Evidence"):
+        st.json(finding.evidence)
+    if config is not None and finding.suggestion.changes:
+        st.button("Apply and re-run", key=key, icon=":material/build:",
+                  on_click=_apply_fix, args=(config, finding),
+                  help=f"Queue this run's configuration with {fix} as a new run beside this "
+                       "one; compare the two in the Compare tab.")
+
+
+def init_diagnosis(table, batch_norm_layers):
+    """The diagnosis of the init profile, under the verdict."""
+    from explorer.profile import init_findings
+
+    for finding in init_findings(table, settings, batch_norm_layers):
+        finding_box(finding)
+
+
+def _apply_fix(config, finding):
+    """Queue ``config`` with ``finding``'s suggestion applied (one code path:
+    findings_panel.applied_config, then JobManager.submit_config)."""
+    from explorer.findings_panel import applied_config
+
+    try:
+        run_id = jobs.submit_config(applied_config(config, finding))
+    except (ValueError, RuntimeError, OSError) as error:
+        st.session_state["apply_message"] = ("error", str(error))
+        return
+    st.session_state["apply_message"] = (
+        "info", f"Queued `{run_id}` with the fix applied; compare it with this run in the "
+                "Compare tab.")
+
+
+def findings_panel(info, findings):
+    """The Training tab's findings of a run: timeline, then each finding with its fix."""
+    from explorer.findings_panel import findings_frame
+
+    st.markdown("**Diagnosis**")
+    message = st.session_state.get("apply_message")
+    if message:
+        (st.error if message[0] == "error" else st.info)(message[1])
+    if not findings:
+        st.caption("No findings so far: the diagnosis of the layer statistics saw nothing "
+                   "wrong." if info.config.get("stats_every_n_steps") else
+                   "No diagnosis: this run logs no layer statistics.")
+        return
+    st.altair_chart(charts.findings_timeline(findings_frame(findings),
+                                             synthetic=info.synthetic), width="stretch")
+    for i, finding in enumerate(findings):
+        finding_box(finding, key=f"apply_{info.run_id}_{i}", config=info.config)
+
+
 tab_init, tab_train, tab_compare = st.tabs(["At initialization", "Training", "Compare"])
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +322,7 @@ with tab_init:
             if result.get("explanation"):
                 st.info(result["explanation"][0].upper() + result["explanation"][1:] + ".",
                         icon=":material/info:")
+            init_diagnosis(table, result.get("batch_norm_layers", ()))
             hidden = ratios.get("hidden_layers", len(table))
             m1, m2, m3 = st.columns(3)
             m1.metric(f"Forward variance, layer {hidden} / layer 1",
@@ -431,11 +502,16 @@ def run_charts(info):
                                           synthetic=synthetic, diverged=diverged),
                     width="stretch")
     stats = store.layer_stats(run_id)
+    findings = store.findings(run_id)
+    from explorer.findings_panel import highlighted_layers
+
+    marked = highlighted_layers(findings)
     h1, h2 = st.columns(2)
-    h1.altair_chart(charts.heatmap(stats, "activation_std", synthetic=synthetic),
-                    width="stretch")
-    h2.altair_chart(charts.heatmap(stats, "activation_grad_std", synthetic=synthetic),
-                    width="stretch")
+    h1.altair_chart(charts.heatmap(stats, "activation_std", synthetic=synthetic,
+                                   highlight=marked), width="stretch")
+    h2.altair_chart(charts.heatmap(stats, "activation_grad_std", synthetic=synthetic,
+                                   highlight=marked), width="stretch")
+    findings_panel(info, findings)
     st.altair_chart(charts.fractions_chart(stats, synthetic=synthetic), width="stretch")
     m1, m2 = st.columns(2)
     m1.altair_chart(charts.modes_chart(metrics, "accuracy", synthetic=synthetic),

@@ -7,6 +7,7 @@ run on the synthetic stand-in can never be mistaken for CIFAR-10.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import altair as alt
@@ -356,11 +357,13 @@ def _weight_rows(layer_stats: pd.DataFrame) -> pd.DataFrame:
 
 
 def heatmap(layer_stats: pd.DataFrame, stat: str, *, synthetic: bool = False,
-            log: bool = True, rows: str = "weight") -> alt.Chart:
+            log: bool = True, rows: str = "weight", highlight=()) -> alt.Chart:
     """A layer x step heatmap of one layer statistic (log colour scale for std-like stats).
 
     ``rows="weight"`` shows the weight layers' outputs (pre-activations; the same layers as the
     init profile), ``"activation"`` the nonlinearities' outputs, ``"all"`` every tracked layer.
+    ``highlight``: layers to mark (a diagnosis's findings): their rows get a red outline and
+    their labels are bold.
     """
     if layer_stats is None or layer_stats.empty or stat not in layer_stats:
         return empty_chart(f"No layer statistics ({stat}) logged yet.")
@@ -379,18 +382,51 @@ def heatmap(layer_stats: pd.DataFrame, stat: str, *, synthetic: bool = False,
     color_scale = (alt.Scale(type="log", scheme="viridis") if log
                    else alt.Scale(domain=[0, 1], scheme="magma", reverse=True))
     n_steps = data["step"].nunique()
-    return alt.Chart(data).mark_rect().encode(
+    marked = [layer for layer in order if layer in set(highlight)]
+    weight = alt.expr(f"indexof({json.dumps(marked)}, datum.value) >= 0 ? 'bold' : 'normal'")
+    y = alt.Y("layer:N", sort=order, title=None,
+              axis=alt.Axis(labelOverlap=False, labelFontSize=9 if step < 10 else 10,
+                            labelFontWeight=weight if marked else "normal"))
+    chart = alt.Chart(data).mark_rect().encode(
         x=alt.X("step:O", title="step",
                 axis=alt.Axis(labelAngle=0, labelOverlap=True,
                               values=sorted(data["step"].unique())[::max(1, n_steps // 12)])),
-        y=alt.Y("layer:N", sort=order, title=None,
-                axis=alt.Axis(labelOverlap=False, labelFontSize=9 if step < 10 else 10)),
+        y=y,
         color=alt.Color("value:Q", scale=color_scale, title=None,
                         legend=alt.Legend(format=".0e" if log else "%", gradientLength=120)),
         tooltip=["layer:N", "step:Q", alt.Tooltip("value:Q", title=stat, format=".3e")],
-    ).properties(height=alt.Step(step), width="container",
-                 title=_title(STAT_TITLES.get(stat, stat), synthetic,
-                              "rows: layers from the input (top) to the classifier (bottom)"))
+    )
+    if marked:
+        outline = alt.Chart(pd.DataFrame({"layer": marked})).mark_rect(
+            fill=None, stroke=FINDING_COLOR, strokeWidth=2).encode(y=y)
+        chart = alt.layer(chart, outline)
+    return chart.properties(height=alt.Step(step), width="container",
+                            title=_title(STAT_TITLES.get(stat, stat), synthetic,
+                                         "rows: layers from the input (top) to the classifier "
+                                         "(bottom)" + ("; outlined: layers named by a finding"
+                                                       if marked else "")))
+
+
+#: The colour of what a finding marks (heatmap outlines, severe points of the timeline).
+FINDING_COLOR = "#d62728"
+
+
+def findings_timeline(findings: pd.DataFrame, *, synthetic: bool = False,
+                      height: int = 160) -> alt.Chart:
+    """The findings of a run by step (x) and kind (y), one point each, red when severe, with
+    the layers, the message and the fix as tooltip (``findings_panel.findings_frame``)."""
+    if findings is None or findings.empty:
+        return empty_chart("No findings: the diagnosis saw nothing wrong so far.")
+    return alt.Chart(findings).mark_point(filled=True, size=140, shape="diamond").encode(
+        x=alt.X("step:Q", title="step (first seen)", scale=alt.Scale(zero=True)),
+        y=alt.Y("kind:N", title=None, sort=list(dict.fromkeys(findings["kind"]))),
+        color=alt.Color("severity:N", title="severity",
+                        scale=alt.Scale(domain=["severe", "warning"],
+                                        range=[FINDING_COLOR, "#ff7f0e"])),
+        tooltip=["kind:N", "step:Q", "severity:N", "layers:N", "message:N", "fix:N"],
+    ).properties(height=height, width="container",
+                 title=_title("Findings of the diagnosis", synthetic,
+                              "each problem at the step it was first seen"))
 
 
 def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,

@@ -220,6 +220,11 @@ def cli_args(settings: dict, run_dir, stats_every: int | None = None) -> list[st
     config = to_config(settings)
     if stats_every is not None:
         config = dataclasses.replace(config, stats_every_n_steps=int(stats_every))
+    return train_args(config, run_dir)
+
+
+def train_args(config, run_dir) -> list[str]:
+    """Arguments of ``keras-varinit train`` for ``config`` (every field), into ``run_dir``."""
     return ["train", *config_argv(config), "--log-dir", str(run_dir)]
 
 

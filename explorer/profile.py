@@ -98,6 +98,7 @@ class Profile:
     seconds: float = 0.0
     lsuv_report: object = None
     explanation: str | None = None   # profile_report.explain_drift: why it misses the recursion
+    batch_norm_layers: tuple = ()     # the network's batch normalization layers (init_findings)
 
 
 def build_model(settings: dict, input_shape=(32, 32, 3)):
@@ -105,6 +106,21 @@ def build_model(settings: dict, input_shape=(32, 32, 3)):
     from keras_varinit.training.model import build_model as build
 
     return build(presets.to_config(settings), tuple(input_shape))
+
+
+def init_findings(table: pd.DataFrame, settings: dict, batch_norm_layers=()) -> list:
+    """The diagnosis of the init profile (``keras_varinit.diagnosis.diagnose`` on the profile
+    alone, with the page's settings: batch size, activation, learning rate): vanishing or
+    exploding signal, unnormalized input, a batch too small for batch normalization; what the
+    trainer's DiagnosisLogger reports at step 0. Cheap: the page calls it on every render."""
+    from keras_varinit.diagnosis import Context, diagnose
+    from keras_varinit.training.model import NUM_CLASSES
+
+    config = presets.to_config(settings)
+    context = Context(num_classes=NUM_CLASSES, batch_size=config.batch_size,
+                      batch_norm_layers=tuple(batch_norm_layers),
+                      activation=config.activation, lr=config.lr)
+    return diagnose(profile=table, context=context)
 
 
 def histogram_layers(depth: int) -> list[int]:
@@ -137,6 +153,8 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
     table = diagnostics.variance_profile(model, x_in, y)
     verdict = profile_report.summarize_profile(table)
     explanation = profile_report.explain_drift(table)
+    batch_norm = tuple(layer.name for layer in model.layers
+                       if isinstance(layer, keras.layers.BatchNormalization))
 
     act_layers = [layer for layer in model.layers if layer.name.startswith("act_")]
     names = [layer.name for layer in act_layers]
@@ -159,7 +177,7 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
             activations[layer.name] = values
     return Profile(table=table, verdict=verdict, activations=activations, layer_names=names,
                    synthetic=synthetic, seconds=time.perf_counter() - start,
-                   lsuv_report=report, explanation=explanation)
+                   lsuv_report=report, explanation=explanation, batch_norm_layers=batch_norm)
 
 
 def signal_summary(table: pd.DataFrame) -> dict:

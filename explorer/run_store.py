@@ -3,8 +3,8 @@
 A run directory is the trainer's (``keras_varinit.run_files`` owns its format and its
 readers, used here)::
 
-    config.json  status.json  steps.jsonl  metrics.csv  layer_stats.jsonl  tensorboard/
-    backup/  run.lock
+    config.json  status.json  steps.jsonl  metrics.csv  layer_stats.jsonl  findings.jsonl
+    tensorboard/  backup/  run.lock
 
 plus, for runs the explorer launched, two files of the explorer's worker: ``explorer_job.json``
 (the settings, the process ids of the training subprocess and of the explorer that owns it, and
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from keras_varinit.run_files import (
-    BACKUP_DIR, CONFIG_FILE, LAYER_STATS_FIELDS, LAYER_STATS_FILE, METRICS_COLUMNS,
-    METRICS_FILE, STATUS_FILE, STEP_FIELDS, STEPS_FILE, JsonlTail, MetricsCsv, RunState,
-    lock_held, new_run_dir, read_json, run_state, upgrade_config,
+    BACKUP_DIR, CONFIG_FILE, FINDINGS_FILE, LAYER_STATS_FIELDS, LAYER_STATS_FILE,
+    METRICS_COLUMNS, METRICS_FILE, STATUS_FILE, STEP_FIELDS, STEPS_FILE, JsonlTail, MetricsCsv,
+    RunState, lock_held, new_run_dir, read_json, run_state, upgrade_config,
 )
 
 JOB_FILE = "explorer_job.json"
@@ -284,6 +284,12 @@ class RunStore:
     def layer_stats(self, run_id: str) -> pd.DataFrame:
         """layer_stats.jsonl as a DataFrame with the record's fields (nulls as NaN)."""
         return _numeric(_frame(self._tail(run_id, LAYER_STATS_FILE), LAYER_STATS_FIELDS))
+
+    def findings(self, run_id: str) -> list:
+        """findings.jsonl as ``keras_varinit.diagnosis.Finding``s, in the order found."""
+        from keras_varinit.diagnosis import Finding
+
+        return [Finding.from_dict(record) for record in self._tail(run_id, FINDINGS_FILE)]
 
     def metrics(self, run_id: str) -> pd.DataFrame:
         """metrics.csv (one row per epoch) as a DataFrame; empty columns where missing."""

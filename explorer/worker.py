@@ -33,6 +33,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -215,11 +216,23 @@ class JobManager:
             raise ValueError(problems[0].text)
         if stats_every is None:
             stats_every = presets.default_stats_every(settings)
-        run_dir = self.store.new_run_dir(presets.to_config(settings).slug())
-        argv = [self.python, "-m", "keras_varinit.cli",
-                *presets.cli_args(settings, run_dir, stats_every=stats_every)]
+        config = dataclasses.replace(presets.to_config(settings),
+                                     stats_every_n_steps=int(stats_every))
+        return self.submit_config(config, settings=settings)
+
+    def submit_config(self, config: TrainConfig, *, settings: dict | None = None) -> str:
+        """Queue a run of ``config`` as it is (every field, not only the page's: e.g. a run's
+        config.json with a suggestion applied); returns its id. ``settings``: the page's
+        settings it came from (default: those that describe ``config``)."""
+        config.validate()
+        settings = settings or presets.settings_of(config)
+        problems = presets.blocking_problems(settings)
+        if problems:
+            raise ValueError(problems[0].text)
+        run_dir = self.store.new_run_dir(config.slug())
+        argv = [self.python, "-m", "keras_varinit.cli", *presets.train_args(config, run_dir)]
         job = Job(run_id=run_dir.name, run_dir=run_dir, settings=settings, argv=argv,
-                  distribute=settings.get("distribute"))
+                  distribute=config.distribute)
         return self._queue(job)
 
     def resume(self, run_id: str) -> str:

@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from keras_varinit import callbacks  # noqa: E402
 from keras_varinit import datasets  # noqa: E402
+from keras_varinit import diagnosis  # noqa: E402
 from keras_varinit import diagnostics  # noqa: E402
 from keras_varinit import initializers  # noqa: E402
 from keras_varinit import layers  # noqa: E402
@@ -24,7 +25,7 @@ from keras_varinit.diagnostics import variance_profile  # noqa: E402
 from keras_varinit.initializers import compute_fans, gain, lsuv  # noqa: E402
 
 __all__ = [
-    "callbacks", "datasets", "diagnostics", "initializers", "layers", "models",
+    "callbacks", "datasets", "diagnosis", "diagnostics", "initializers", "layers", "models",
     "profile_report", "variance_profile", "compute_fans", "gain", "lsuv",
     "ChannelStats", "channel_stats", "__version__",
 ]

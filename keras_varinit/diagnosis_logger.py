@@ -11,9 +11,9 @@ import os
 import keras
 import numpy as np
 
-from keras_varinit.callbacks import LayerStatsLogger
+from keras_varinit import instrument
 from keras_varinit.diagnosis import Context, Diagnoser, findings_dataframe, write_findings
-from keras_varinit.models import is_weight_layer
+from keras_varinit.layer_stats_logger import LayerStatsLogger
 
 #: Console lines go to this logger (Python's last-resort handler prints warnings to stderr when
 #: the application configured none).
@@ -28,15 +28,6 @@ _SHAPE_ONLY_LAYERS = (keras.layers.InputLayer, keras.layers.Flatten, keras.layer
 
 # --------------------------------------------------------------------------------------------
 # what the model tells about the run
-
-def _flat_layers(model, prefix=""):
-    """(path, layer) for every layer, descending into nested models ("outer/inner")."""
-    for layer in getattr(model, "layers", ()):
-        path = f"{prefix}{layer.name}"
-        yield path, layer
-        if getattr(layer, "layers", None):
-            yield from _flat_layers(layer, path + "/")
-
 
 def _activation_name(layer):
     """The nonlinearity a layer applies, or None (linear, softmax, or none)."""
@@ -53,22 +44,24 @@ def _activation_name(layer):
 
 def hidden_activation(model):
     """The most common nonlinearity among the model's layers, or None."""
-    names = [n for n in (_activation_name(layer) for _, layer in _flat_layers(model)) if n]
+    names = [n for n in (_activation_name(site.layer) for site in instrument.layer_sites(model))
+             if n]
     return collections.Counter(names).most_common(1)[0][0] if names else None
 
 
 def _first_layer_input(model, x):
     """The first weight layer's input on the batch `x`: `x` itself when only shape-changing
     layers come before it, else a sub-model's output; None when that cannot be built."""
-    layers = list(getattr(model, "layers", ()))
-    first = next((layer for layer in layers if is_weight_layer(layer)), None)
-    if first is None or isinstance(x, (list, tuple, dict)) or len(model.inputs) != 1:
+    sites = instrument.layer_sites(model)
+    first = next((s for s in sites if instrument.is_weight_layer(s.layer)), None)
+    if first is None or isinstance(x, (list, tuple, dict)) or \
+            len(getattr(model, "inputs", None) or ()) != 1:
         return None
-    before = layers[:layers.index(first)]
+    before = [s.layer for s in sites[:first.position] if s.is_leaf]
     if all(isinstance(layer, _SHAPE_ONLY_LAYERS) for layer in before):
         return np.asarray(x)
     try:
-        sub = keras.Model(model.inputs[0], first.input)
+        sub = keras.Model(model.inputs[0], first.layer.input)
         return keras.ops.convert_to_numpy(sub(x, training=False))
     except Exception:  # nested or subclassed models: the input is not reachable
         return None
@@ -96,8 +89,8 @@ def model_context(model, x=None, context=None):
     if inputs is not None:
         inputs = np.asarray(inputs, dtype=np.float64)
         mean, std = float(inputs.mean()), float(inputs.std())
-    bn = tuple(path for path, layer in _flat_layers(model)
-               if isinstance(layer, keras.layers.BatchNormalization))
+    bn = tuple(site.path for site in instrument.layer_sites(model)
+               if isinstance(site.layer, keras.layers.BatchNormalization))
     return Context(
         num_classes=given.num_classes if given.num_classes is not None else num_classes,
         batch_size=given.batch_size,
@@ -200,6 +193,8 @@ class DiagnosisLogger(keras.callbacks.Callback):
         log_dir: TensorBoard log directory, or None.
         jsonl_path: path of the findings' JSON-lines file (appended), or None.
         verbose: 1: a warning line per finding; 0: silent.
+        earlier: findings this run reported before (a resumed run's `findings.jsonl`): not
+            reported again.
 
     Example:
 
@@ -213,7 +208,7 @@ class DiagnosisLogger(keras.callbacks.Callback):
     """
 
     def __init__(self, logger, profile=True, context=None, log_dir=None, jsonl_path=None,
-                 verbose=1):
+                 verbose=1, earlier=()):
         super().__init__()
         if not isinstance(logger, LayerStatsLogger):
             raise ValueError("DiagnosisLogger reads the records of a LayerStatsLogger. "
@@ -232,6 +227,7 @@ class DiagnosisLogger(keras.callbacks.Callback):
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.jsonl_path = None if jsonl_path is None else os.fspath(jsonl_path)
         self.verbose = int(verbose)
+        self.earlier = tuple(earlier)
         self.engine = None
         self._engine_model = None
         self._writer = None
@@ -254,8 +250,6 @@ class DiagnosisLogger(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if self.engine is None or self._engine_model is not self.model:
             self._start_engine()
-        if self.log_dir is not None and self._writer is None:
-            self._writer = text_writer(self.log_dir)
         self._step = self._optimizer_step()
         self._epoch_base = self._step
 
@@ -297,7 +291,7 @@ class DiagnosisLogger(keras.callbacks.Callback):
         if profile is True:  # measured at initialization only (not when fit resumes a run)
             profile = self._measure_profile() if self._optimizer_step() == 0 else None
         context = model_context(self.model, self.logger.probe_x, self.context)
-        self.engine = Diagnoser(profile, context)
+        self.engine = Diagnoser(profile, context, earlier=self.earlier)
         self._engine_model = self.model
         self._read = self._first_new_record()
         self._losses = []
@@ -333,6 +327,9 @@ class DiagnosisLogger(keras.callbacks.Callback):
             self._publish(self.engine.update(records, losses))
 
     def _publish(self, findings):
+        if findings and self.log_dir is not None and self._writer is None:
+            # opened at the first finding: a run without findings gets no extra event file
+            self._writer = text_writer(self.log_dir)
         for finding in findings:
             if self.verbose:
                 LOG.warning(f"keras_varinit diagnosis: {finding}. Suggestion: "

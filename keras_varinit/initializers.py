@@ -310,6 +310,9 @@ _FACTORIES = {
     "xavier_normal": lambda seed: XavierNormal(seed=seed),
     "xavier_uniform": lambda seed: XavierUniform(seed=seed),
     "xavier_truncated_normal": lambda seed: Xavier(distribution="truncated_normal", seed=seed),
+    # Xavier with tanh's gain 5/3 (Var[W] = (5/3)^2 2/(fan_in + fan_out)): the diagnosis's fix
+    # for saturated or vanishing tanh nets, as an init name a configuration can hold.
+    "xavier_normal_tanh": lambda seed: Xavier(gain=gain("tanh"), seed=seed),
     "kaiming_normal": lambda seed: KaimingNormal(seed=seed),
     "kaiming_uniform": lambda seed: KaimingUniform(seed=seed),
     "kaiming_truncated_normal": lambda seed: Kaiming(distribution="truncated_normal", seed=seed),
@@ -341,6 +344,7 @@ def get(identifier, seed=None):
 
     Args:
         identifier: one of `NAMES` ("xavier_normal", "xavier_uniform", "xavier_truncated_normal",
+            "xavier_normal_tanh" (gain 5/3),
             "kaiming_normal", "kaiming_uniform", "kaiming_truncated_normal",
             "kaiming_normal_fan_out", "kaiming_uniform_fan_out", "torch_default";
             case-insensitive), "normal:<std>" for a fixed N(0, std^2) (e.g. "normal:0.01" for the

@@ -9,6 +9,9 @@ each file. Plain Python (no Keras import), so a reader such as the explorer can 
     <run_dir>/metrics.csv        METRICS_COLUMNS, one row per completed epoch (MetricsCsv)
     <run_dir>/layer_stats.jsonl  LAYER_STATS_FIELDS, one record per (logged step, layer),
                                  appended by callbacks.LayerStatsLogger through append_jsonl
+    <run_dir>/findings.jsonl     diagnosis.Finding.to_dict() records, one per finding, appended
+                                 by callbacks.DiagnosisLogger (diagnosis.write_findings, through
+                                 append_jsonl) as the findings are made
     <run_dir>/tensorboard/       TensorBoard logs
     <run_dir>/backup/            the training state for --resume (training/backup.py): one
                                  step-<step>.npz per backup, the newest two kept
@@ -41,13 +44,14 @@ STATUS_FILE = "status.json"
 STEPS_FILE = "steps.jsonl"
 METRICS_FILE = "metrics.csv"
 LAYER_STATS_FILE = "layer_stats.jsonl"
+FINDINGS_FILE = "findings.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # Not "checkpoint": TensorBoard, pointed at a runs directory, takes <run>/checkpoint for a
 # TensorFlow checkpoint file and logs errors about it.
 BACKUP_DIR = "backup"
 LOCK_FILE = "run.lock"
 RUN_FILES = (CONFIG_FILE, STATUS_FILE, STEPS_FILE, METRICS_FILE, LAYER_STATS_FILE,
-             TENSORBOARD_DIR, BACKUP_DIR)
+             FINDINGS_FILE, TENSORBOARD_DIR, BACKUP_DIR)
 
 STATUS_FIELDS = ("state", "phase", "epoch", "epochs", "step", "total_steps",
                  "images_per_second", "eta_seconds", "device", "started_at", "updated_at",

@@ -145,15 +145,43 @@ def test_bad_values_say_what_was_received():
 
 def test_suggestion_apply_and_the_one_place_of_the_normalization_field():
     s = Suggestion(suggestions.normalization("group"), "group norm")
-    assert s.apply({"batch_norm": "pooled", "lr": 0.1}) == {
-        "batch_norm": "pooled", "lr": 0.1, NORMALIZATION_FIELD: NORMALIZATION_VALUES["group"]}
+    assert s.apply({"normalization": "batch", "lr": 0.1}) == {
+        "normalization": "group", "lr": 0.1}
+    assert (NORMALIZATION_FIELD, NORMALIZATION_VALUES["group"]) == ("normalization", "group")
     assert NORMALIZATION_FIELD in suggestions.CONFIG_FIELDS
+
+
+def _every_suggested_change():
+    """Each change the rules can propose (suggestions' helpers and the rules' literal ones)."""
+    yield from (suggestions.matched_init(a)[0] for a in
+                ("relu", "leaky_relu", "elu", "tanh", "selu", "sigmoid", None))
+    yield suggestions.normalization("batch")
+    yield suggestions.normalization("group")
+    yield suggestions.input_normalization()
+    yield {"lr": suggestions.lowered_lr(10.0, 2.1)}
+    yield {"lr": suggestions.raised_lr(0.01)}
+    yield {"activation": "leaky_relu", "init": "kaiming_normal"}
+
+
+def test_every_suggestion_is_a_valid_train_config_change():
+    """"Apply and re-run" is TrainConfig.from_dict(suggestion.apply(config)): every field a
+    suggestion names is a TrainConfig field, and every value it proposes validates."""
+    from keras_varinit.training import TrainConfig
+
+    names = set(TrainConfig().to_dict())
+    assert set(suggestions.CONFIG_FIELDS) <= names
+    base = TrainConfig(model="cnn", depth=4, width=16, init="xavier_normal", lr=10.0,
+                       input_normalization="none", data="synthetic").to_dict()
+    for changes in _every_suggested_change():
+        assert set(changes) <= set(suggestions.CONFIG_FIELDS), changes
+        fixed = TrainConfig.from_dict(Suggestion(changes, "").apply(base)).validate()
+        assert {k: getattr(fixed, k) for k in changes} == changes
 
 
 @pytest.mark.parametrize("activation, changes", [
     ("relu", {"init": "kaiming_normal"}),
     ("leaky_relu", {"init": "kaiming_normal"}),
-    ("tanh", {"init": "xavier_normal", "init_gain": 5 / 3}),
+    ("tanh", {"init": "xavier_normal_tanh"}),
     ("sigmoid", {"init": "xavier_normal"}),
     (None, {"init": "xavier_normal"}),
     ("selu", {"init": "lecun_normal"}),
@@ -266,7 +294,7 @@ def test_saturation_edge_at_initialization(fraction, found):
     if found:
         f = one(findings, "saturation")
         assert f.layers == ("act_02",) and f.severity == "warning"
-        assert f.suggestion.changes == {"init": "xavier_normal", "init_gain": 5 / 3}
+        assert f.suggestion.changes == {"init": "xavier_normal_tanh"}
 
 
 @pytest.mark.parametrize("fraction, found", [(0.9, True), (0.8999, False)])
@@ -498,3 +526,17 @@ def test_the_engine_imports_no_keras(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['vanishing']"
+
+
+def test_earlier_findings_are_not_reported_again():
+    """A resumed run gives the engine the findings it kept: the same kind and layers are not
+    reported again; a finding of another kind still is."""
+    context = Context(batch_size=2, batch_norm_layers=("bn_01",), input_mean=0.0,
+                      input_std=100.0)
+    first = diagnose(chain(0), context=context)
+    assert {f.kind.value for f in first} == {"small_batch_norm", "unnormalized_input"}
+    kept = [one(first, "small_batch_norm")]
+    engine = Diagnoser(context=context, earlier=kept)
+    new = engine.update(chain(4))
+    assert [f.kind.value for f in new] == ["unnormalized_input"]
+    assert engine.findings[0] is kept[0]

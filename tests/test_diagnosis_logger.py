@@ -59,7 +59,7 @@ def test_findings_go_to_the_console_tensorboard_jsonl_and_python(tmp_path, caplo
     findings = doctor.findings
     assert "saturation" in [f.kind.value for f in findings]
     saturation = next(f for f in findings if f.kind == "saturation")
-    assert saturation.step == 0 and saturation.suggestion.changes["init"] == "xavier_normal"
+    assert saturation.step == 0 and saturation.suggestion.changes["init"] == "xavier_normal_tanh"
     lines = [r.getMessage() for r in caplog.records if r.name == "keras_varinit.diagnosis"]
     assert len(lines) == len(findings) and "saturation at initialization" in " ".join(lines)
     assert [f.to_dict() for f in read_findings(tmp_path / "f.jsonl")] == \

@@ -57,12 +57,6 @@ def tanh_mlp(init, **kwargs):
                                input_shape=(16, 16, 3), seed=0, **kwargs)
 
 
-def xavier_with_gain(changes):
-    """The model-builder form of a suggested {"init": "xavier_normal", "init_gain": g}."""
-    assert changes["init"] == "xavier_normal"
-    return kv.initializers.Xavier(gain=changes["init_gain"], seed=0)
-
-
 # -- 30-layer ReLU CNN, Xavier: vanishing at step 0; Kaiming removes it ------------------------
 
 def test_xavier_relu_30_vanishes_and_kaiming_removes_it(data):
@@ -93,7 +87,7 @@ def test_tanh_normal_1_saturates(data):
     assert f.step == 0 and f.severity == "severe"
     assert len(f.layers) == 11 and f.evidence["max_saturated_fraction"] > 0.9
     assert f.evidence["predicted_saturated_fraction"] > 0.8
-    assert f.suggestion.changes == {"init": "xavier_normal", "init_gain": pytest.approx(5 / 3)}
+    assert f.suggestion.changes == {"init": "xavier_normal_tanh"}
     # the same cause also makes the gradient explode towards the input; same fix
     assert {g.kind.value for g in findings} <= {"saturation", "exploding"}
     assert all(g.step == 0 and g.suggestion.changes == f.suggestion.changes for g in findings)
@@ -104,8 +98,7 @@ def test_tanh_tiny_weights_vanish_and_stall(data):
     vanishing, stalled = of_kind(findings, "vanishing"), of_kind(findings, "stalled_loss")
     assert len(vanishing) == 1 and vanishing[0].step == 0
     assert vanishing[0].evidence["forward_ratio"] < 1e-12
-    assert vanishing[0].suggestion.changes == {"init": "xavier_normal",
-                                               "init_gain": pytest.approx(5 / 3)}
+    assert vanishing[0].suggestion.changes == {"init": "xavier_normal_tanh"}
     assert len(stalled) == 1 and stalled[0].step <= 110
     assert stalled[0].evidence["cause"] == "vanishing"
     assert stalled[0].suggestion.changes == vanishing[0].suggestion.changes
@@ -114,9 +107,9 @@ def test_tanh_tiny_weights_vanish_and_stall(data):
 
 def test_xavier_with_the_tanh_gain_removes_both(data):
     """The suggestion of the two tanh scenarios, applied: 2 epochs of 60 steps, no finding."""
-    changes = {"init": "xavier_normal", "init_gain": kv.gain("tanh")}
-    findings, _ = run(tanh_mlp(xavier_with_gain(changes)), data["x16"], data["y"], steps=60,
-                      epochs=2)
+    init = kv.initializers.get("xavier_normal_tanh", seed=0)
+    assert init.gain == pytest.approx(kv.gain("tanh"))
+    findings, _ = run(tanh_mlp(init), data["x16"], data["y"], steps=60, epochs=2)
     assert findings == [], describe(findings)
 
 
@@ -172,32 +165,18 @@ def test_raw_pixels_are_unnormalized_input(data):
 
 # -- batch norm at batch 2: small batch; group normalization removes it ------------------------
 
-def group_norm_cnn(depth=6, width=8, groups=4):
-    """`plain_cnn`'s layout with GroupNormalization in place of BN (until the model builders
-    get a `normalization=` choice)."""
-    inputs = keras.Input((16, 16, 3))
-    h = inputs
-    for i, (filters, stride) in enumerate([(width, 1), (width, 1), (2 * width, 2),
-                                           (2 * width, 1), (4 * width, 2)][:depth - 1]):
-        h = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
-                                kernel_initializer=kv.initializers.KaimingNormal(seed=i),
-                                name=f"conv_{i + 1:02d}")(h)
-        h = keras.layers.GroupNormalization(groups=groups, name=f"gn_{i + 1:02d}")(h)
-        h = keras.layers.Activation("relu", name=f"act_{i + 1:02d}")(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h))
-
-
 def test_batch_norm_at_batch_2_and_group_norm(data):
     x, y = data["x16"], data["y"]
-    findings, _ = run(small_cnn(batch_norm="pooled"), x, y, steps=20, batch=2,
+    findings, _ = run(small_cnn(normalization="batch"), x, y, steps=20, batch=2,
                       context=Context(batch_size=2))
     (f,) = of_kind(findings, "small_batch_norm")
     assert f.step == 0 and f.severity == "severe"
     assert f.layers == tuple(f"bn_{i:02d}" for i in range(1, 6))
     assert f.suggestion.changes == {NORMALIZATION_FIELD: "group"}
 
-    fixed, _ = run(group_norm_cnn(), x, y, steps=20, batch=2, context=Context(batch_size=2))
+    # the suggestion applied to the model builder's own `normalization=` (groups dividing 8)
+    fixed, _ = run(small_cnn(groups=4, **f.suggestion.changes), x, y, steps=20, batch=2,
+                   context=Context(batch_size=2))
     assert fixed == [], describe(fixed)
 
 
@@ -215,6 +194,6 @@ def test_healthy_xavier_tanh_mlp(data):
 
 
 def test_healthy_batch_norm_at_batch_64(data):
-    findings, _ = run(small_cnn(batch_norm="pooled"), data["x16"], data["y"], steps=60,
+    findings, _ = run(small_cnn(normalization="batch"), data["x16"], data["y"], steps=60,
                       epochs=2, batch=64, context=Context(batch_size=64))
     assert findings == [], describe(findings)

@@ -325,3 +325,40 @@ def test_device_choice_offers_data_parallel_when_several_devices_are_visible(run
         assert "--distribute data_parallel" in " ".join(job["argv"])
     finally:
         st.cache_resource.clear()
+
+
+# --------------------------------------------------------------------------- diagnosis
+
+def test_findings_panel_shows_the_diagnosis_and_apply_queues_the_fix(runs_dir):
+    """A run with a findings.jsonl: the Training tab shows the finding (timeline, box, the
+    layers outlined in the heatmaps); "Apply and re-run" queues the run's configuration with
+    the suggestion applied as a new run. The init tab shows the diagnosis of the profile."""
+    from keras_varinit import run_files as rf
+    from keras_varinit.diagnosis import Finding, Suggestion, write_findings
+    from tests.test_explorer_store import _write_run
+
+    run = _write_run(runs_dir, "20260101-000000-xavier", normalization={"normalization": "none"})
+    config = json.loads((run / rf.CONFIG_FILE).read_text())
+    (run / rf.CONFIG_FILE).write_text(json.dumps(dict(config, init="xavier_normal")))
+    finding = Finding("vanishing", 0, ("conv_01", "conv_02"), "severe",
+                      {"forward_ratio": 1e-9, "threshold": 1e-3},
+                      Suggestion({"init": "kaiming_normal"}, "Kaiming: Var[W] = 2/fan_in."),
+                      "vanishing at initialization in conv_01..conv_02")
+    write_findings(run / rf.FINDINGS_FILE, [finding])
+    # N(0, 0.01^2) on a 4-layer CNN: the init profile vanishes (x0.014 per layer)
+    at = _app(data="synthetic", depth=4, init="normal:0.01").run()
+    _no_exceptions(at)
+    boxes = [e.value for e in at.error]
+    assert any(b.startswith("**vanishing** (severe) from step 0 at conv_01, conv_02") and
+               "Initializer: Kaiming normal (fan_in)" in b for b in boxes), boxes
+    init_boxes = [e.value for e in at.warning]    # the init tab: x1e-4 over 3 layers
+    assert any(b.startswith("**vanishing** (warning) from step 0 at conv_01") and
+               "Initializer: Kaiming normal (fan_in)" in b for b in init_boxes), init_boxes
+    at.button(key="apply_20260101-000000-xavier_0").click().run()
+    _no_exceptions(at)
+    assert any("Queued" in i.value for i in at.info)
+    (new,) = [p for p in runs_dir.iterdir() if p.is_dir() and p != run]
+    argv = json.loads((new / "explorer_job.json").read_text())["argv"]
+    options = dict(zip(argv[::2], argv[1::2])) | dict(zip(argv[1::2], argv[2::2]))
+    assert options["--init"] == "kaiming_normal"
+    assert (options["--depth"], options["--width"], options["--subset"]) == ("3", "4", "192")

@@ -282,6 +282,7 @@ GET_NAMES = [
     ("xavier_normal", I.XavierNormal, 1.0, "fan_avg", "normal"),
     ("xavier_uniform", I.XavierUniform, 1.0, "fan_avg", "uniform"),
     ("xavier_truncated_normal", I.Xavier, 1.0, "fan_avg", "truncated_normal"),
+    ("xavier_normal_tanh", I.Xavier, (5.0 / 3.0) ** 2, "fan_avg", "normal"),
     ("kaiming_normal", I.KaimingNormal, 2.0, "fan_in", "normal"),
     ("kaiming_uniform", I.KaimingUniform, 2.0, "fan_in", "uniform"),
     ("kaiming_truncated_normal", I.Kaiming, 2.0, "fan_in", "truncated_normal"),
@@ -307,6 +308,7 @@ def test_get_our_names():
 def test_names_tuple():
     assert isinstance(NAMES, tuple)
     assert set(NAMES) == {"xavier_normal", "xavier_uniform", "xavier_truncated_normal",
+                          "xavier_normal_tanh",
                           "kaiming_normal", "kaiming_uniform", "kaiming_truncated_normal",
                           "kaiming_normal_fan_out", "kaiming_uniform_fan_out", "torch_default"}
     for name in NAMES:

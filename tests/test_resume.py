@@ -40,6 +40,9 @@ def test_cut_back_keeps_what_the_backup_covers(tmp_path):
     rf.append_jsonl(tmp_path / rf.STEPS_FILE, [{"step": s} for s in range(1, 9)])
     rf.append_jsonl(tmp_path / rf.LAYER_STATS_FILE,
                     [{"step": s, "layer": name} for s in (0, 2, 4, 6, 8) for name in "ab"])
+    rf.append_jsonl(tmp_path / rf.FINDINGS_FILE,
+                    [{"kind": kind, "step": s} for kind, s in
+                     (("vanishing", 0), ("dead_units", 6), ("stalled_loss", 8))])
     metrics = rf.MetricsCsv(tmp_path / rf.METRICS_FILE)
     for epoch in (1, 2):
         metrics.write({"epoch": epoch, "loss": 1.0 / epoch})
@@ -53,6 +56,9 @@ def test_cut_back_keeps_what_the_backup_covers(tmp_path):
     assert [r["step"] for r in rf.read_jsonl(tmp_path / rf.STEPS_FILE)] == list(range(1, 7))
     assert [r["step"] for r in rf.read_jsonl(tmp_path / rf.LAYER_STATS_FILE)] == \
         [0, 0, 2, 2, 4, 4]
+    # findings up to the backup's step stay: the resumed run is told about them
+    assert [r["kind"] for r in rf.read_jsonl(tmp_path / rf.FINDINGS_FILE)] == \
+        ["vanishing", "dead_units"]
     assert [r["epoch"] for r in metrics.read()] == [1]
     assert _steps(layers) == {"layer_stats/activation_std/a": [0, 2, 4]}
     assert _steps(epochs) == {"epoch_loss": [0], "evaluation_loss_vs_iterations": [4]}
@@ -61,7 +67,9 @@ def test_cut_back_keeps_what_the_backup_covers(tmp_path):
 def test_cut_back_to_nothing_starts_over(tmp_path):
     rf.append_jsonl(tmp_path / rf.STEPS_FILE, [{"step": 1}])
     rf.append_jsonl(tmp_path / rf.LAYER_STATS_FILE, [{"step": 0, "layer": "a"}])
+    rf.append_jsonl(tmp_path / rf.FINDINGS_FILE, [{"kind": "dead_units", "step": 3}])
     cut_back(tmp_path, step=0, epochs_done=0)
+    assert rf.read_jsonl(tmp_path / rf.FINDINGS_FILE) == []
     assert rf.read_jsonl(tmp_path / rf.STEPS_FILE) == []
     assert rf.read_jsonl(tmp_path / rf.LAYER_STATS_FILE) == []
 

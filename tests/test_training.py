@@ -199,6 +199,20 @@ def test_inputs_are_normalized_with_pooled_training_statistics():
     assert abs(x.std(axis=(0, 1, 2)) - 1).max() < 1e-4
 
 
+@pytest.mark.backend_independent
+def test_input_normalization_none_feeds_the_raw_pixels():
+    """The configuration the unnormalized-input finding's fix is the opposite of."""
+    from keras_varinit.datasets import synthetic_cifar10
+    from keras_varinit.training.data import load_data
+
+    (x, _), _, info = load_data(tiny(subset=200, val_subset=10, input_normalization="none"))
+    (raw, _), _ = synthetic_cifar10(len(x), 10, seed=0)
+    assert x.dtype.name == "float32" and x.max() > 100
+    assert (x == raw.astype("float32")).all()
+    assert info["mean"] == [0.0] * 3 and info["std"] == [1.0] * 3
+    assert "raw_input" in tiny(input_normalization="none").slug()
+
+
 def test_mixed_precision_run_restores_policy(tmp_path):
     before = keras.mixed_precision.dtype_policy().name
     result = run_training(tiny(mixed_precision=True, epochs=1, stats_every_n_steps=0),
@@ -335,6 +349,43 @@ def test_resume_restores_weights_not_a_fresh_model(tmp_path):
     first_epoch_loss = float(read_metrics(run_dir)[1][0]["loss"])
     # A fresh model starts near ln 10; the restored one continues below its epoch-1 mean.
     assert FirstLoss.loss < first_epoch_loss
+
+
+def _text_tags(board):
+    """The tags of the TensorBoard text summaries under ``board``."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+
+    return {value.tag for path in board.rglob("events.out.tfevents*")
+            for raw in RawEventFileLoader(str(path)).Load()
+            for value in event_pb2.Event.FromString(raw).summary.value
+            if value.metadata.plugin_data.plugin_name == "text"}
+
+
+@pytest.mark.backend_independent
+def test_the_trainer_diagnoses_live_and_a_resumed_run_reports_each_finding_once(tmp_path):
+    """Batch norm at batch size 4: the small-batch finding at step 0 goes to findings.jsonl
+    and TensorBoard text; a finding written after the backup (by a process killed later) is
+    cut back on resume, and the resumed run does not report the kept one again."""
+    from keras_varinit.diagnosis import read_findings
+
+    run_dir = tmp_path / "run"
+    config = tiny(epochs=2, normalization="batch", batch_size=4, subset=32, val_subset=8)
+    event = threading.Event()
+    stopped = run_training(config, run_dir, stop_event=event, callbacks=[StopAfter(event, 5)],
+                           verbose=0)
+    assert stopped.state == "stopped"
+    (finding,) = read_findings(run_dir / rf.FINDINGS_FILE)
+    assert (finding.kind, finding.step, finding.severity) == ("small_batch_norm", 0, "warning")
+    assert finding.suggestion.changes == {"normalization": "group"}
+    assert "diagnosis/small_batch_norm" in _text_tags(run_dir / rf.TENSORBOARD_DIR)
+
+    late = dict(finding.to_dict(), kind="exploding", step=stopped.step + 1)
+    rf.append_jsonl(run_dir / rf.FINDINGS_FILE, [late])
+    resumed = run_training(config, run_dir, resume=True, verbose=0)
+    assert resumed.state == "finished"
+    assert [f.to_dict() for f in read_findings(run_dir / rf.FINDINGS_FILE)] == \
+        [finding.to_dict()]
 
 
 # SIGINT (Ctrl-C) on a real process, then --resume: tests/test_cli_train.py::

@@ -1,4 +1,4 @@
-"""The ``keras-varinit`` command: ``train``, ``profile`` and ``stats``.
+"""The ``keras-varinit`` command: ``train``, ``profile``, ``stats`` and ``doctor``.
 
 Each sub-command lives in its own module exposing ``add_parser(subparsers)`` (which registers
 the sub-command and its options and sets ``func``) and the function it calls, returning an exit
@@ -12,18 +12,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def build_parser():
-    from keras_varinit.cli import profile, stats, train
+    from keras_varinit.cli import doctor, profile, stats, train
 
     parser = argparse.ArgumentParser(
         prog="keras-varinit",
         description="Weight initialization, batch normalization and signal-propagation "
         "diagnostics for Keras 3.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="{train,profile,stats}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{train,profile,stats,doctor}")
     subparsers.required = True
     train.add_parser(subparsers)
     profile.add_parser(subparsers)
     stats.add_parser(subparsers)
+    doctor.add_parser(subparsers)
     return parser
 
 

@@ -89,6 +89,8 @@ class Diagnoser:
             records have no step 0.
         context: a `Context` (number of classes, batch size, batch norm layers, activation,
             learning rate, input statistics), or None.
+        earlier: findings already reported for this run (a resumed run's `findings.jsonl`):
+            they are not reported again, and they explain later findings as their own would.
 
     `update(records, losses)` takes the new records (complete logged steps, in step order) and
     the new (step, loss) values and returns the new findings; `finish()` closes the run;
@@ -101,7 +103,7 @@ class Diagnoser:
     [Finding(kind=<Kind.VANISHING: 'vanishing'>, step=0, layers=('conv_01', ...), ...)]
     """
 
-    def __init__(self, profile=None, context=None):
+    def __init__(self, profile=None, context=None, earlier=()):
         if context is not None and not isinstance(context, Context):
             raise ValueError("`context` must be a keras_varinit.diagnosis.Context or None. "
                              f"Received: {type(context).__name__}")
@@ -118,6 +120,8 @@ class Diagnoser:
         self._loss_steps = []
         self._loss_values = []
         self._prev_weights_step = None
+        for finding in earlier:
+            self._emit(finding, [])
 
     # -- public -------------------------------------------------------------------------------
 

@@ -6,13 +6,15 @@ with the theory's prediction where there is one) and one `Suggestion`: a change 
 configuration, written with `TrainConfig`'s field names (see `suggestions.CONFIG_FIELDS`).
 
 Everything here is plain Python: findings round-trip through `to_dict` / `from_dict` and JSON
-lines (`write_findings` / `read_findings`), the format of `findings.jsonl`.
+lines (`write_findings` / `read_findings`, through `run_files`' JSON-lines helpers), the format
+of a run's `findings.jsonl` (`run_files.FINDINGS_FILE`).
 """
 import dataclasses
 import enum
-import json
 import math
 import os
+
+from keras_varinit.run_files import append_jsonl, json_safe, read_jsonl
 
 
 class Kind(str, enum.Enum):
@@ -45,23 +47,6 @@ class Severity(str, enum.Enum):
 KINDS = tuple(k.value for k in Kind)
 
 
-def _jsonable(value):
-    """A JSON-safe copy: numpy scalars to Python numbers, NaN/Inf to None, tuples to lists."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if hasattr(value, "item"):  # numpy scalar
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class Suggestion:
     """One concrete fix: a change of the training configuration, and a sentence saying why.
@@ -85,7 +70,7 @@ class Suggestion:
         return {**dict(config), **self.changes}
 
     def to_dict(self):
-        return {"changes": _jsonable(self.changes), "text": self.text}
+        return {"changes": json_safe(self.changes), "text": self.text}
 
     @classmethod
     def from_dict(cls, data):
@@ -124,7 +109,7 @@ class Finding:
 
     def to_dict(self):
         return {"kind": self.kind.value, "step": self.step, "layers": list(self.layers),
-                "severity": self.severity.value, "evidence": _jsonable(self.evidence),
+                "severity": self.severity.value, "evidence": json_safe(self.evidence),
                 "suggestion": self.suggestion.to_dict(), "message": self.message}
 
     @classmethod
@@ -183,7 +168,7 @@ class Context:
         return float(self.input_mean) ** 2 + float(self.input_std) ** 2
 
     def to_dict(self):
-        return _jsonable(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data):
@@ -195,24 +180,20 @@ class Context:
 # findings.jsonl
 
 def write_findings(path, findings, mode="a"):
-    """Append (mode "a") or write (mode "w") `findings` to the JSON-lines file `path`."""
+    """Append (mode "a") or write (mode "w") `findings` to the JSON-lines file `path`
+    (`run_files.append_jsonl`: one write, flushed at once)."""
     if mode not in ("a", "w"):
         raise ValueError(f"Unknown mode. Received: mode={mode!r}. Allowed: 'a', 'w'")
-    text = "".join(json.dumps(f.to_dict(), allow_nan=False) + "\n" for f in findings)
-    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
-    os.makedirs(parent, exist_ok=True)
-    with open(path, mode, encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    if mode == "w":
+        open(path, "w", encoding="utf-8").close()
+    append_jsonl(path, [finding.to_dict() for finding in findings])
 
 
 def read_findings(path):
-    """The findings of a JSON-lines file (a last line without a newline, still being written,
-    is left out)."""
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
-    lines = text.split("\n")[:-1]
-    return [Finding.from_dict(json.loads(line)) for line in lines if line.strip()]
+    """The findings of a JSON-lines file ([] if it does not exist; a last line without a
+    newline, still being written, is left out: `run_files.read_jsonl`)."""
+    return [Finding.from_dict(record) for record in read_jsonl(path)]
 
 
 def findings_dataframe(findings):

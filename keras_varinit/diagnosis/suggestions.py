@@ -1,32 +1,28 @@
 """Suggestions as changes of the training configuration (`keras_varinit.training.TrainConfig`).
 
 Every fix the rules propose is a `Suggestion` whose `changes` use the configuration's field
-names, so that "apply and re-run" is `TrainConfig.from_dict(suggestion.apply(config))`:
+names and values, so that "apply and re-run" is `TrainConfig.from_dict(suggestion.apply(config))`
+(and `keras-varinit doctor` prints them as the `train` options to change):
 
-    init                 initializer name ("kaiming_normal", "xavier_normal", ...)
-    init_gain            std multiplier of a Xavier initializer (`kv.gain`: tanh 5/3); with
-                         `init="xavier_normal"` it means `kv.initializers.Xavier(gain=...)`
+    init                 initializer name ("kaiming_normal", "xavier_normal_tanh": Xavier with
+                         tanh's gain 5/3, "lecun_normal", ...)
     activation           hidden nonlinearity ("leaky_relu", "tanh", ...)
-    NORMALIZATION_FIELD  the normalization layer (below)
+    normalization        the normalization layer before each activation (`models.NORMALIZATIONS`:
+                         "batch" or "group" here)
     lr                   learning rate
     input_normalization  "pooled": per channel, (x - mean_c) / std_c with the pooled std
-                         (`kv.channel_stats(x, "pooled").normalization_layer()`)
-
-`init_gain` and `input_normalization` are not `TrainConfig` fields yet (`train` always
-normalizes its inputs per channel and builds Xavier with gain 1).
+                         (`kv.channel_stats(x, "pooled")`)
 """
 import math
 
 from keras_varinit import fans
 
-#: The normalization layer's configuration field and its values. Today `TrainConfig.batch_norm`
-#: (None | "pooled" | "per_sample"); when it becomes `normalization` (none | batch |
-#: batch_per_sample | layer | instance | group), this one line changes.
-NORMALIZATION_FIELD, NORMALIZATION_VALUES = "batch_norm", {"batch": "pooled", "group": "group"}
+#: The normalization layer's configuration field (`TrainConfig.normalization`) and the values
+#: a suggestion gives it (kind -> value of `models.NORMALIZATIONS`).
+NORMALIZATION_FIELD, NORMALIZATION_VALUES = "normalization", {"batch": "batch", "group": "group"}
 
-#: Every field a suggestion may change.
-CONFIG_FIELDS = ("init", "init_gain", "activation", NORMALIZATION_FIELD, "lr",
-                 "input_normalization")
+#: Every field a suggestion may change (each a `TrainConfig` field).
+CONFIG_FIELDS = ("init", "activation", NORMALIZATION_FIELD, "lr", "input_normalization")
 
 #: Target of a learning-rate change: ||delta W|| / ||W|| per step (the usual rule of thumb,
 #: e.g. cs231n "Neural Networks Part 3": about 1e-3).
@@ -44,7 +40,7 @@ def matched_init(activation):
     sigmoid, LeCun for SELU.
 
     >>> matched_init("tanh")[0]
-    {'init': 'xavier_normal', 'init_gain': 1.6666666666666667}
+    {'init': 'xavier_normal_tanh'}
     """
     if activation in _RELU_LIKE:
         return ({"init": "kaiming_normal"},
@@ -56,7 +52,7 @@ def matched_init(activation):
                 f"He initialization (Var[W] = 2/fan_in), the ReLU-family choice for {activation}")
     if activation == "tanh":
         g = fans.gain("tanh")
-        return ({"init": "xavier_normal", "init_gain": g},
+        return ({"init": "xavier_normal_tanh"},
                 f"Xavier with the tanh gain {g:.3g}: Var[W] = (5/3)^2 * 2/(fan_in + fan_out) "
                 "(Glorot & Bengio 2010; the gain compensates tanh's contraction, so the "
                 "pre-activations stay of order 1: neither linear nor saturated)")

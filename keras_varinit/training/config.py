@@ -254,6 +254,15 @@ def _norm_slug(value):
     return "" if value == "none" else f"norm_{value}"
 
 
+def _input_norm_slug(value):
+    return "" if value == "pooled" else "raw_input"
+
+
+#: How the trainer feeds the images (``training.data``): "pooled" per channel,
+#: (x - mean_c) / std_c with the pooled std of the training subset; "none": raw [0, 255] pixels.
+INPUT_NORMALIZATIONS = ("pooled", "none")
+
+
 # The initializers the explorer offers: name -> (label, what it does).
 _EXPLORER_INITS = {
     "kaiming_normal": ("Kaiming normal (fan_in)", "He et al. 2015: Var[W] = 2/fan_in, keeps "
@@ -265,6 +274,8 @@ _EXPLORER_INITS = {
     "xavier_normal": ("Xavier normal", "Glorot & Bengio 2010: Var[W] = 2/(fan_in + fan_out), "
                       "made for tanh/linear; through ReLU the signal halves at every layer."),
     "xavier_uniform": ("Xavier uniform", "U(-a, a), a = sqrt(6/(fan_in + fan_out))."),
+    "xavier_normal_tanh": ("Xavier normal, tanh gain 5/3", "Var[W] = (5/3)^2 2/(fan_in + "
+                           "fan_out): tanh's gain keeps its pre-activations of order 1."),
     "torch_default": ("PyTorch default", "PyTorch's Linear/Conv default U(+-1/sqrt(fan_in)): "
                       "Var[W] = 1/(3 fan_in)."),
     "lsuv": ("LSUV", "Mishkin & Matas 2016: start orthogonal, then rescale each layer on a data "
@@ -367,6 +378,11 @@ class TrainConfig:
         slug=_data_slug, at_init=True,
         widget=Widget(WidgetKind.RADIO, "Data", TRAINING, options=("auto", "synthetic"),
                       labels={"auto": "CIFAR-10", "synthetic": "Synthetic"}))
+    input_normalization: str = option(
+        "pooled", "inputs fed to the network: pooled = per channel (x - mean_c) / std_c with the "
+        "pooled std of the training subset; none = raw pixels in [0, 255] (to see what the "
+        "initializers' E[x^2] = 1 assumption is worth)", choices=INPUT_NORMALIZATIONS,
+        slug=_input_norm_slug, at_init=True)
     seed: int = option(
         0, "seeds the subset, the weights and the shuffling", minimum=0, slug="s{}",
         at_init=True,

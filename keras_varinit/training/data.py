@@ -1,6 +1,7 @@
 """The data of a run: CIFAR-10 (or its synthetic stand-in), a seeded subset, and inputs
 normalized per channel with the pooled statistics of the training subset actually used
-(``channel_stats(x_train, "pooled")``: what batch normalization would compute)."""
+(``channel_stats(x_train, "pooled")``: what batch normalization would compute), or, with
+``input_normalization="none"``, the raw pixels in [0, 255]."""
 import numpy as np
 
 from keras_varinit import datasets
@@ -52,10 +53,11 @@ def _subset(rng, x, y, n):
 
 def load_data(config):
     """Training and validation arrays for ``config``: float32 NHWC normalized per channel with
-    the pooled statistics of the training subset, int32 labels.
+    the pooled statistics of the training subset (raw pixels when
+    ``config.input_normalization == "none"``), int32 labels.
 
     Returns ``(x_train, y_train), (x_val, y_val), info`` with info = {"synthetic", "source",
-    "mean", "std"} (mean and std per channel, as used).
+    "mean", "std"} (mean and std per channel, as used: 0 and 1 for raw pixels).
     """
     ((x_train, y_train), (x_test, y_test)), source = _load_splits(config)
     rng = np.random.default_rng(config.seed)
@@ -66,6 +68,8 @@ def load_data(config):
     mean = np.asarray(stats.mean, dtype="float64").reshape(-1)
     std = np.asarray(stats.std, dtype="float64").reshape(-1)
     std = np.where(std > 0, std, 1.0)
+    if config.input_normalization == "none":
+        mean, std = np.zeros_like(mean), np.ones_like(std)
 
     def normalize(x):
         return ((np.asarray(x, dtype="float32") - mean.astype("float32"))

@@ -56,7 +56,8 @@ import time
 import keras
 
 from keras_varinit import run_files as rf
-from keras_varinit.callbacks import LayerStatsLogger
+from keras_varinit.callbacks import DiagnosisLogger, LayerStatsLogger
+from keras_varinit.diagnosis import Context, read_findings
 from keras_varinit.run_files import RunState
 from keras_varinit.training.config import TrainConfig
 from keras_varinit.training.backup import RunBackup, latest_backup, restore_model
@@ -211,7 +212,7 @@ def _start_files(run_dir, resuming, backup, steps_per_epoch):
     """A fresh run starts with no logs and no backup; a resumed one cuts its files back to
     ``backup`` (to nothing when there is none: it starts over)."""
     if not resuming:
-        for name in (rf.STEPS_FILE, rf.LAYER_STATS_FILE, rf.METRICS_FILE):
+        for name in (rf.STEPS_FILE, rf.LAYER_STATS_FILE, rf.FINDINGS_FILE, rf.METRICS_FILE):
             (run_dir / name).unlink(missing_ok=True)
         for name in (rf.BACKUP_DIR, rf.TENSORBOARD_DIR):
             shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -427,8 +428,9 @@ class _Run:
         return train, val, info["synthetic"]
 
     def _callbacks(self, x_train, y_train, spe, backup):
-        """RunControl first (it counts the steps), the layer statistics and TensorBoard, and
-        the backups last (everything a step writes is on disk before the backup covering it)."""
+        """RunControl first (it counts the steps), the layer statistics and their diagnosis,
+        TensorBoard, and the backups last (everything a step writes is on disk before the
+        backup covering it)."""
         config, run_dir = self.config, self.run_dir
         control = RunControl(
             self.progress, self.status, run_dir / rf.STEPS_FILE,
@@ -447,12 +449,22 @@ class _Run:
                 # Its first record (the restored state, at the backup's step) belongs to the
                 # epoch that step ended or is in, as in the uninterrupted run.
                 logger.on_epoch_begin(max(backup.step - 1, 0) // spe)
-            out.append(logger)
+            out += [logger, self._diagnosis(logger)]
         out.append(tensorboard_callback(run_dir / rf.TENSORBOARD_DIR))
         out.append(RunBackup(run_dir / rf.BACKUP_DIR, self.progress, spe,
                              every=config.backup_every_n_steps,
                              aligned_to=config.stats_every_n_steps, resumed=backup))
         return out
+
+    def _diagnosis(self, logger):
+        """The live diagnosis of the layer statistics: ``findings.jsonl`` and TensorBoard text
+        (``diagnosis/<kind>``); a resumed run's kept findings are not reported again."""
+        path = self.run_dir / rf.FINDINGS_FILE
+        return DiagnosisLogger(
+            logger, context=Context(batch_size=self.config.batch_size),
+            log_dir=str(self.run_dir / rf.TENSORBOARD_DIR), jsonl_path=str(path),
+            verbose=1 if self.verbose else 0,
+            earlier=read_findings(path) if self.resume_from is not None else ())
 
     def _result(self, model, synthetic, data):
         progress = self.progress

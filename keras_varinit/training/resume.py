@@ -7,6 +7,8 @@ Kept, for a backup after global step ``s`` with ``e`` epochs completed:
 * ``steps.jsonl``: records with ``step <= s``;
 * ``layer_stats.jsonl``: records with ``step < s`` (the resumed ``LayerStatsLogger`` measures
   step ``s`` again when training begins);
+* ``findings.jsonl``: findings with ``step <= s`` (the resumed ``DiagnosisLogger`` is given
+  them, so it does not report them again);
 * ``metrics.csv``: epochs ``<= e``;
 * TensorBoard event files (rewritten in place): ``epoch_*`` scalars (whose step is the
   0-based epoch) of epochs ``< e``, layer statistics of steps ``< s``, every other summary
@@ -27,6 +29,7 @@ def cut_back(run_dir, step, epochs_done):
     run_dir = pathlib.Path(run_dir)
     rf.truncate_jsonl(run_dir / rf.STEPS_FILE, lambda r: (r.get("step") or 0) <= step)
     rf.truncate_jsonl(run_dir / rf.LAYER_STATS_FILE, lambda r: (r.get("step") or 0) < step)
+    rf.truncate_jsonl(run_dir / rf.FINDINGS_FILE, lambda r: (r.get("step") or 0) <= step)
     rf.MetricsCsv(run_dir / rf.METRICS_FILE).truncate(epochs_done)
     for path in sorted((run_dir / rf.TENSORBOARD_DIR).rglob("events.out.tfevents*")):
         truncate_events(path, lambda tag, s: _keep_summary(tag, s, step, epochs_done))

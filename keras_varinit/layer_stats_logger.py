@@ -1,0 +1,446 @@
+"""`LayerStatsLogger`: per-layer activation and gradient statistics of an ordinary `fit()`.
+
+Keras 3 / TF2 dropped `TensorBoard(write_grads=True)` and never logged activations; the usual
+workarounds patch the optimizer or `train_step`. This callback does neither: it keeps a fixed
+probe batch and, at chosen steps, runs it forward and backward through the model (any Keras
+model; see `keras_varinit.probe` and `keras_varinit.instrument`), which measures the quantities
+of signal-propagation theory
+(Glorot & Bengio 2010; He et al. 2015):
+
+* forward: Var[a^l] (``activation_std``), dead ReLUs (``zero_fraction``), tanh/sigmoid
+  saturation (``saturated_fraction``);
+* backward: std of dL/da^l (``activation_grad_std``) and of dL/dW^l (``weight_grad_std``);
+* weights: std of W^l and the update ratio ||W_now - W_prev|| / ||W_prev|| between two logs.
+"""
+import math
+import os
+import warnings
+
+import keras
+import numpy as np
+
+from keras_varinit import batch_checks, instrument
+from keras_varinit.probe import STAT_NAMES, LayerProbe, finite_or_none, tracked_weight
+from keras_varinit.run_files import LAYER_STATS_FIELDS, append_jsonl
+
+# Statistics written to TensorBoard as layer_stats/<statistic>/<layer>.
+SCALAR_FIELDS = LAYER_STATS_FIELDS[5:]
+
+_ACTIVATION_LAYER_TYPES = ("Activation", "ReLU", "LeakyReLU", "ELU", "PReLU", "Softmax")
+
+
+def _class_names(obj):
+    return {c.__name__ for c in type(obj).__mro__}
+
+
+def _is_default_tracked(layer):
+    """Default selection: layers with a kernel (Dense, Conv, ...) and activation layers."""
+    return instrument.is_weight_layer(layer) or \
+        bool(_class_names(layer) & set(_ACTIVATION_LAYER_TYPES))
+
+
+def _matcher(specs, argname):
+    """Normalize `layers=`/`exclude=` into a predicate on layers (names or types)."""
+    if specs is None:
+        return None, []
+    if isinstance(specs, (str, type)):
+        specs = [specs]
+    specs = list(specs)
+    for s in specs:
+        if not isinstance(s, (str, type)):
+            raise ValueError(
+                f"`{argname}` must hold layer names, layer classes or class-name strings. "
+                f"Received: {s!r} of type {type(s).__name__}."
+            )
+
+    def match(site, s):
+        if isinstance(s, type):
+            return isinstance(site.layer, s)
+        return s in (site.path, site.layer.name) or s in _class_names(site.layer)
+
+    return match, specs
+
+
+def _variable_to_numpy(variable):
+    """A float64 host copy of a Keras variable (TF, TF-distributed or JAX)."""
+    value = variable.value
+    value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+    return np.array(value, dtype=np.float64)
+
+
+class _SummaryWriter:
+    """tf.summary when TensorFlow is importable, else tensorboard's TF-free scalar writer."""
+
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+        self._tf = None
+        self._writer = None
+        try:
+            import tensorflow as tf
+
+            self._tf = tf
+            with tf.device("/cpu:0"):
+                self._writer = tf.summary.create_file_writer(log_dir)
+        except ImportError:
+            try:
+                from tensorboard.summary import Writer
+            except ImportError:
+                warnings.warn("LayerStatsLogger: neither tensorflow nor tensorboard is "
+                              "importable; TensorBoard logging is disabled.")
+                return
+            os.makedirs(log_dir, exist_ok=True)
+            self._writer = Writer(log_dir)
+
+    def write(self, step, scalars, histograms=()):
+        if self._writer is None:
+            return
+        if self._tf is not None:
+            tf = self._tf
+            with tf.device("/cpu:0"), self._writer.as_default(step=int(step)):
+                for tag, value in scalars:
+                    tf.summary.scalar(tag, value)
+                for tag, values in histograms:
+                    values = np.asarray(values, dtype=np.float32).ravel()
+                    values = values[np.isfinite(values)]
+                    tf.summary.histogram(tag, values)
+            self._writer.flush()
+        else:
+            for tag, value in scalars:
+                self._writer.add_scalar(tag, value, step=int(step))
+            self._writer.flush()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close() if self._tf is None else self._writer.flush()
+
+
+class LayerStatsLogger(keras.callbacks.Callback):
+    """Log per-layer activation and gradient statistics of a fixed probe batch during `fit()`.
+
+    At train begin (step 0: the state at initialization), every `every_n_steps` training steps
+    (a global step counter across epochs, started from `optimizer.iterations`) and at every
+    epoch end, the probe batch (x, y) is run forward and backward through the model and one
+    record per tracked layer is stored (fields: `run_files.LAYER_STATS_FIELDS`, the contract
+    in CONTRIBUTING.md):
+
+    * ``activation_mean``, ``activation_std``: of the layer's output a^l on the probe;
+    * ``zero_fraction``: fraction of exact zeros of a^l (dead ReLUs);
+    * ``saturated_fraction``: tanh layers |a| > 0.97, sigmoid layers a outside [0.03, 0.97],
+      decided from the layer's own activation (0 for every other layer);
+    * ``activation_grad_std``: std of dL/da^l; ``weight_std``, ``weight_grad_std``: std of the
+      layer's kernel W^l (else embeddings, else BN gamma; null for layers without weights) and
+      of dL/dW^l;
+    * ``update_ratio``: ||W_now - W_prev|| / ||W_prev|| between this log and the previous one
+      (null at the first log);
+    * ``nan_count``, ``inf_count``: NaN/Inf entries in a^l, dL/da^l, W^l and dL/dW^l together.
+      A diverging network is logged (statistics NaN, counts > 0); the logger never raises.
+
+    Loss of the probe's backward pass: the model's compiled loss (`model.loss`, a name, a
+    `keras.losses.Loss` or a function) when there is a single one and it accepts the probe's y;
+    otherwise cross-entropy: sparse if y holds integer labels, categorical if y is one-hot,
+    from logits unless the last layer applies a softmax.
+
+    Any Keras model (Sequential, Functional, nested, subclassed): `layer` is the layer's path
+    (`backbone/conv1`), and a layer called k > 1 times per forward pass gives one record per
+    call, `path#1` ... `path#k`.
+
+    Sinks: TensorBoard scalars `layer_stats/<statistic>/<layer>` in `log_dir` (one chart per
+    statistic, every layer on it), optional histograms `layer_hist/activation/<layer>` and
+    `layer_hist/activation_grad/<layer>`; `.history` (list of records) and `.to_dataframe()`;
+    and a JSON-lines file `jsonl_path` (appended, flushed after every log, NaN/Inf as null) that
+    another process can tail while training runs (ignore a last line without a newline).
+
+    Args:
+        probe: `(x, y)` fixed batch (numpy); y integer labels or one-hot.
+        log_dir: TensorBoard log directory, or None for no TensorBoard output.
+        every_n_steps: log every this many training steps (None: only at train begin and epoch
+            ends).
+        layers: track only these layers: names or paths (`backbone/conv1`), layer classes or
+            class-name strings. Default: layers with a kernel (Dense, Conv, ...) and
+            activation layers, at any depth of nested models.
+        exclude: layers to leave out (same forms).
+        histograms: also write activation and activation-gradient histograms (TensorBoard).
+        jsonl_path: path of the JSON-lines file, or None.
+        training: the `training` flag of the probe's forward pass (default False: inference
+            mode; True uses batch statistics in batch norm; the model is never changed).
+        log_on_epoch_end: log at every epoch end (default True).
+
+    Example:
+
+    ```python
+    logger = kv.callbacks.LayerStatsLogger((x_train[:256], y_train[:256]),
+                                           log_dir="runs/a/tensorboard", every_n_steps=50)
+    model.fit(x_train, y_train, callbacks=[logger])
+    df = logger.to_dataframe()   # one row per (logged step, layer)
+    ```
+
+    Reference: Glorot & Bengio (2010), "Understanding the difficulty of training deep
+    feedforward neural networks"; He et al. (2015), "Delving deep into rectifiers".
+    """
+
+    def __init__(self, probe, log_dir=None, every_n_steps=100, layers=None, exclude=None,
+                 histograms=False, jsonl_path=None, training=False, log_on_epoch_end=True):
+        super().__init__()
+        if not isinstance(probe, (tuple, list)) or len(probe) != 2:
+            raise ValueError(
+                "`probe` must be a pair (x, y) of arrays: a fixed batch and its labels. "
+                f"Received: {type(probe).__name__}"
+                + (f" of length {len(probe)}" if isinstance(probe, (tuple, list)) else "") + "."
+            )
+        x, y = probe
+        y = np.asarray(y)
+        n_x = {len(t) for t in keras.tree.flatten(x)}
+        if len(n_x) != 1 or n_x.pop() != len(y):
+            raise ValueError(
+                "`probe` x and y must hold the same number of samples. Received: x with "
+                f"{[len(t) for t in keras.tree.flatten(x)]} samples, y with {len(y)}."
+            )
+        if every_n_steps is not None and (
+                isinstance(every_n_steps, bool) or not isinstance(every_n_steps, (int, np.integer))
+                or every_n_steps < 1):
+            raise ValueError(
+                "`every_n_steps` must be a positive integer or None. "
+                f"Received: every_n_steps={every_n_steps!r}."
+            )
+        self.probe_x = keras.tree.map_structure(np.asarray, x)
+        batch_checks.check_finite(keras.tree.flatten(self.probe_x), "LayerStatsLogger's probe")
+        self.probe_y = y
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
+        self._layers_match, self._layers_specs = _matcher(layers, "layers")
+        self._exclude_match, self._exclude_specs = _matcher(exclude, "exclude")
+        self.histograms = bool(histograms)
+        self.jsonl_path = None if jsonl_path is None else os.fspath(jsonl_path)
+        self.training = bool(training)
+        self.log_on_epoch_end = bool(log_on_epoch_end)
+
+        self.history = []
+        self.tracked_layers = []
+        self.loss_source = None
+        self._probe = None
+        self._probe_model = None
+        self._first_out = None
+        self._writer = None
+        self._prev_weights = {}
+        self._step = 0
+        self._epoch = 0
+        self._epoch_base = 0
+        self._last_logged_step = None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _select_layers(self, model):
+        """The tracked `instrument.LayerSite`s: the default selection or `layers=`, less
+        `exclude=`. Layers inside a recurrent layer's loop cannot be tracked: an explicit
+        selection of one is an error, the default selection leaves them out with a warning."""
+        candidates = instrument.layer_sites(model)
+        if self._layers_match is None:
+            chosen = [s for s in candidates if _is_default_tracked(s.layer)]
+        else:
+            chosen = [s for s in candidates
+                      if any(self._layers_match(s, spec) for spec in self._layers_specs)]
+            for spec in self._layers_specs:
+                if not any(self._layers_match(s, spec) for s in candidates):
+                    raise ValueError(
+                        f"`layers` entry {spec!r} matches no layer of model {model.name!r}. "
+                        f"Allowed: a layer name or path among {[s.path for s in candidates]}, "
+                        "or a layer type."
+                    )
+        if self._exclude_match is not None:
+            chosen = [s for s in chosen
+                      if not any(self._exclude_match(s, spec) for spec in self._exclude_specs)]
+        if self._layers_match is None and any(s.in_loop for s in chosen):
+            looped = [s.path for s in chosen if s.in_loop]
+            warnings.warn(
+                f"LayerStatsLogger does not track {looped}: they run inside a recurrent "
+                "layer's loop. Track the RNN layer itself with `layers=`.", UserWarning)
+            chosen = [s for s in chosen if not s.in_loop]
+        if not chosen:
+            raise ValueError(
+                f"LayerStatsLogger tracks no layer of model {model.name!r} with "
+                f"layers={self._layers_specs or None!r}, exclude={self._exclude_specs or None!r}."
+            )
+        return chosen
+
+    def _compiled_loss(self, model):
+        loss = getattr(model, "loss", None)
+        if loss is None or isinstance(loss, (dict, list, tuple)):
+            return None
+        if isinstance(loss, str):
+            try:
+                return keras.losses.get(loss)
+            except Exception:
+                return None
+        return loss if callable(loss) else None
+
+    def _build(self):
+        model = self.model
+        self.tracked_layers = self._select_layers(model)
+        loss = self._compiled_loss(model)
+        if loss is not None:
+            try:
+                self._probe = LayerProbe(model, self.tracked_layers, loss,
+                                         training=self.training, return_tensors=self.histograms)
+                # Validates the loss on the probe's y; kept for the step-0 log.
+                self._first_out = self._probe(self._x, self._y)
+                self.loss_source = "compiled"
+            except instrument.UnsupportedLayerError:
+                raise
+            except Exception as e:  # a compiled loss that does not fit the probe's y
+                warnings.warn(
+                    f"LayerStatsLogger: the model's compiled loss does not accept the probe "
+                    f"({type(e).__name__}: {str(e)[:200]}); using cross-entropy instead.")
+                self._probe = None
+        if self._probe is None:
+            loss, self._y = instrument.default_loss(model, self.probe_y)
+            self._probe = LayerProbe(model, self.tracked_layers, loss, training=self.training,
+                                     return_tensors=self.histograms)
+            self.loss_source = "cross_entropy"
+        self._probe_model = model
+
+    def _prepare_inputs(self):
+        """The probe batch as backend tensors, converted once."""
+        self._x = keras.tree.map_structure(keras.ops.convert_to_tensor, self.probe_x)
+        self._y = keras.ops.convert_to_tensor(self.probe_y)
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def _current_step_from_optimizer(self):
+        opt = getattr(self.model, "optimizer", None)
+        try:
+            return int(keras.ops.convert_to_numpy(opt.iterations))
+        except Exception:
+            return None
+
+    def _log(self, step, epoch):
+        if self._last_logged_step == step:
+            return
+        self._last_logged_step = step
+        # JAX trainer keeps the state outside the variables during an epoch: reattach it.
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
+        try:
+            recording, self._first_out = self._first_out, None
+            if recording is None:
+                recording = self._probe(self._x, self._y)
+        except Exception as e:  # never let the logger end a training run
+            warnings.warn(f"LayerStatsLogger: probe failed at step {step}: "
+                          f"{type(e).__name__}: {e}")
+            return
+        records = [self._record(call, i, step, epoch)
+                   for i, call in enumerate(recording.records)]
+        self.history.extend(records)
+        if self.jsonl_path is not None:
+            append_jsonl(self.jsonl_path, records)
+        if self._writer is not None:
+            self._write_tensorboard(step, records, recording)
+
+    def _record(self, call, index, step, epoch):
+        """One record (`run_files.LAYER_STATS_FIELDS`) of a recorded layer call."""
+        row = {name: float(call.stats[name]) for name in STAT_NAMES}
+        update_ratio = self._update_ratio(call)
+        if tracked_weight(call.layer) is None:
+            row["weight_std"] = row["weight_grad_std"] = None
+        count = lambda v: int(v) if math.isfinite(v) else None  # noqa: E731
+        return {
+            "step": int(step), "epoch": int(epoch), "layer": call.name,
+            "layer_index": index, "layer_type": type(call.layer).__name__,
+            "activation_mean": row["activation_mean"],
+            "activation_std": row["activation_std"],
+            "zero_fraction": row["zero_fraction"],
+            "saturated_fraction": row["saturated_fraction"],
+            "activation_grad_std": row["activation_grad_std"],
+            "weight_std": row["weight_std"],
+            "weight_grad_std": row["weight_grad_std"],
+            "update_ratio": update_ratio,
+            "nan_count": count(row["nan_count"]), "inf_count": count(row["inf_count"]),
+        }
+
+    def _update_ratio(self, call):
+        """||W_now - W_prev|| / ||W_prev|| since the previous log (None at the first)."""
+        w = tracked_weight(call.layer)
+        if w is None:
+            return None
+        w_now = _variable_to_numpy(w)
+        prev = self._prev_weights.get(call.name)
+        self._prev_weights[call.name] = w_now
+        if prev is None:
+            return None
+        with np.errstate(all="ignore"):
+            denom = np.linalg.norm(prev)
+            return float(np.linalg.norm(w_now - prev) / denom) if denom > 0 else float("nan")
+
+    def _write_tensorboard(self, step, records, recording):
+        scalars = [(f"layer_stats/{field}/{record['layer']}", float(record[field]))
+                   for record in records for field in SCALAR_FIELDS
+                   if record[field] is not None]
+        hists = []
+        if self.histograms:
+            for call in recording.records:
+                hists.append((f"layer_hist/activation/{call.name}", call.stats["activation"]))
+                hists.append((f"layer_hist/activation_grad/{call.name}",
+                              call.stats["activation_grad"]))
+        try:
+            self._writer.write(step, scalars, hists)
+        except Exception as e:
+            warnings.warn(f"LayerStatsLogger: TensorBoard write failed at step {step}: {e}")
+
+    # -- Keras hooks -------------------------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        if self._probe is None or self._probe_model is not self.model:
+            self._prepare_inputs()
+            self._build()
+        if self.jsonl_path is not None:
+            parent = os.path.dirname(os.path.abspath(self.jsonl_path))
+            os.makedirs(parent, exist_ok=True)
+        if self.log_dir is not None and self._writer is None:
+            self._writer = _SummaryWriter(self.log_dir)
+        start = self._current_step_from_optimizer()
+        if start is not None:
+            self._step = start
+        self._epoch_base = self._step
+        self._log(self._step, self._epoch)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = int(epoch)
+        self._epoch_base = self._step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # `batch` batches of this epoch are done. Logging here, before the next step, and not
+        # in on_train_batch_end keeps Keras's asynchronous dispatch of batch-end callbacks on.
+        self._advance(self._epoch_base + int(batch))
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = self._current_step_from_optimizer()
+        if done is None:
+            per_epoch = (self.params or {}).get("steps")
+            done = self._epoch_base + per_epoch if per_epoch else self._step
+        self._advance(done)
+        if self.log_on_epoch_end:
+            self._log(self._step, int(epoch))
+
+    def _advance(self, step):
+        """The global step is now `step`: log if it crossed a multiple of every_n_steps."""
+        prev = self._step
+        self._step = max(int(step), prev)
+        n = self.every_n_steps
+        if n is not None and self._step // n != prev // n:
+            self._log(self._step, self._epoch)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.write(self._step, [])
+
+    # -- results -----------------------------------------------------------------------------
+
+    def to_dataframe(self):
+        """The records as a pandas DataFrame (columns `LAYER_STATS_FIELDS`, null -> NaN)."""
+        import pandas as pd
+
+        df = pd.DataFrame(self.history, columns=list(LAYER_STATS_FIELDS))
+        for field in SCALAR_FIELDS:
+            df[field] = pd.to_numeric(df[field], errors="coerce").astype("float64")
+        return df
+

@@ -1,0 +1,82 @@
+"""explorer/findings_panel.py (the data of the Training tab's findings), the findings chart and
+the outlined heatmap rows (explorer/charts.py), and run_store reading findings.jsonl."""
+import pandas as pd
+import pytest
+
+from explorer import charts
+from explorer.findings_panel import (
+    applied_config, findings_frame, fix_text, highlighted_layers, layers_text,
+)
+from explorer.run_store import RunStore
+from keras_varinit import run_files as rf
+from keras_varinit.diagnosis import Finding, Suggestion, write_findings
+from keras_varinit.training import TrainConfig
+
+pytestmark = pytest.mark.backend_independent
+
+
+def _finding(kind="vanishing", step=0, layers=("conv_01", "conv_02"), changes=None,
+             severity="severe"):
+    changes = {"init": "kaiming_normal"} if changes is None else changes
+    return Finding(kind, step, layers, severity, {"forward_ratio": 1e-9},
+                   Suggestion(changes, "why"), f"{kind} in {layers}")
+
+
+def test_applied_config_is_the_run_config_with_the_change():
+    config = dict(TrainConfig(depth=5, width=8, init="xavier_normal", lr=0.1,
+                              input_normalization="none").to_dict(), synthetic=True,
+                  device="CPU", slug="x")
+    fixed = applied_config(config, _finding())
+    assert (fixed.init, fixed.depth, fixed.width, fixed.lr) == ("kaiming_normal", 5, 8, 0.1)
+    assert fixed.input_normalization == "none"          # fields the page has no control for
+    norm = applied_config(config, _finding("small_batch_norm", changes={"normalization":
+                                                                        "group"}))
+    assert norm.normalization == "group"
+    with pytest.raises(ValueError, match="Received: stalled_loss with changes"):
+        applied_config(config, _finding("stalled_loss", changes={}))
+    with pytest.raises(ValueError, match="Received: lr=-1.0"):
+        applied_config(config, _finding(changes={"lr": -1.0}))
+
+
+def test_panel_rows_fix_text_and_highlighted_layers():
+    findings = [_finding(), _finding("dead_units", 40, ("act_01", "conv_02"),
+                                     {"lr": 0.001}, "warning")]
+    frame = findings_frame(findings)
+    assert list(frame["kind"]) == ["vanishing", "dead_units"] and list(frame["step"]) == [0, 40]
+    assert frame["fix"][0] == "Initializer: Kaiming normal (fan_in)"
+    assert fix_text({"input_normalization": "pooled"}) == "input normalization: pooled"
+    assert highlighted_layers(findings) == ["conv_01", "conv_02", "act_01"]
+    assert layers_text([f"c{i}" for i in range(6)]) == "c0, c1, c2, c3 ... (6 layers)"
+
+
+def test_findings_timeline_and_outlined_heatmap_rows():
+    frame = findings_frame([_finding(), _finding("stalled_loss", 60, (), {"lr": 0.1},
+                                                 "warning")])
+    spec = charts.findings_timeline(frame).to_dict()
+    assert spec["mark"]["type"] == "point"
+    assert spec["encoding"]["x"]["field"] == "step" and spec["encoding"]["y"]["field"] == "kind"
+    assert spec["encoding"]["color"]["scale"]["range"][0] == charts.FINDING_COLOR
+    assert "No findings" in str(charts.findings_timeline(findings_frame([])).to_dict())
+
+    stats = pd.DataFrame({"step": [0, 0, 0, 10, 10, 10], "layer_index": [1, 2, 3] * 2,
+                          "layer": ["conv_01", "conv_02", "logits"] * 2,
+                          "activation_std": [1.0, 0.1, 0.01, 1.0, 0.1, 0.01]})
+    plain = charts.heatmap(stats, "activation_std").to_dict()
+    assert "layer" not in plain
+    marked = charts.heatmap(stats, "activation_std", highlight=["conv_02", "bn_01"]).to_dict()
+    base, outline = marked["layer"]
+    assert outline["mark"]["stroke"] == charts.FINDING_COLOR
+    rows = marked["datasets"][outline["data"]["name"]]
+    assert rows == [{"layer": "conv_02"}]                  # only layers the heatmap shows
+    assert "conv_02" in base["encoding"]["y"]["axis"]["labelFontWeight"]["expr"]
+
+
+def test_run_store_reads_findings_jsonl(tmp_path):
+    run = tmp_path / "20260101-000000-a"
+    run.mkdir()
+    store = RunStore(tmp_path)
+    assert store.findings(run.name) == []
+    write_findings(run / rf.FINDINGS_FILE, [_finding()])
+    assert [f.kind.value for f in store.findings(run.name)] == ["vanishing"]
+    write_findings(run / rf.FINDINGS_FILE, [_finding("stalled_loss", 60, ())])
+    assert [f.step for f in store.findings(run.name)] == [0, 60]
