@@ -11,6 +11,7 @@ import pytest
 from explorer import presets
 from keras_varinit import models
 from keras_varinit.cli import train as cli_train
+from keras_varinit.applications import APPLICATIONS
 from keras_varinit.training.config import (NETWORK, TRAINING, Problem, TrainConfig, Widget,
                                            WidgetKind, fields, option)
 from tests.test_training import tiny
@@ -117,7 +118,8 @@ def test_choices_are_the_models_own():
     specs = {spec.name: spec for spec in fields(TrainConfig)}
     assert specs["activation"].choices == models.ACTIVATIONS
     assert specs["normalization"].choices == models.NORMALIZATIONS
-    assert specs["model"].choices == models.KINDS
+    assert specs["model"].choices == models.KINDS + ("file", "application")
+    assert specs["application"].choices == (None, *APPLICATIONS)
     for spec in specs.values():  # what the explorer offers is allowed by the schema
         if spec.widget is not None and spec.choices:
             assert set(spec.widget.options) <= set(spec.choices), spec.name
