@@ -24,6 +24,8 @@ import streamlit as st  # noqa: E402
 
 from explorer import charts, norm_figure, presets  # noqa: E402
 from explorer.run_store import RunStore, default_runs_dir  # noqa: E402
+from explorer.your_model import (FACTORIES_NOTE, UploadError, UploadStore,  # noqa: E402
+                                 max_upload_mb)
 from explorer.worker import JobManager, data_parallel_devices, detect_devices  # noqa: E402
 from keras_varinit.run_files import RunState  # noqa: E402
 from keras_varinit.training.device import check_data_parallel_batch  # noqa: E402
@@ -97,7 +99,8 @@ if "_settings_loaded" not in st.session_state:
 def _on_model_change():
     model = st.session_state["model"]
     other = "mlp" if model == "cnn" else "cnn"
-    if st.session_state.get("width") == presets.DEFAULT_WIDTH[other]:
+    if model in presets.DEFAULT_WIDTH and \
+            st.session_state.get("width") == presets.DEFAULT_WIDTH[other]:
         st.session_state["width"] = presets.DEFAULT_WIDTH[model]
 
 
@@ -142,6 +145,39 @@ def control(spec):
         st.number_input(widget.label, *presets.bounds(spec), step=widget.step, **kwargs)
     if spec.name == "normalization":
         normalization_note(st.session_state.get("normalization", "none"))
+    if spec.name == "model" and st.session_state.get("model") == "file":
+        your_model_file()
+
+
+def your_model_file():
+    """Under the model choice: upload a .keras file (checked and stored by
+    ``your_model.UploadStore``) or pick one stored before; sets ``model_file``."""
+    uploads = UploadStore(runs_dir())
+    limit = max_upload_mb()
+    uploaded = st.file_uploader(
+        f"Upload a .keras model (at most {limit} MB)", type=["keras"], key="upload",
+        max_upload_size=limit,
+        help="Saved with model.save('net.keras'), taking 32x32x3 images, 10 outputs. Loaded in "
+             "safe mode (no Lambda layers); stored under the runs directory.")
+    if uploaded is not None and st.session_state.get("_upload_id") != uploaded.file_id:
+        st.session_state["_upload_id"] = uploaded.file_id
+        try:
+            with st.spinner("Checking the model (safe-mode load)..."):
+                stored = uploads.add(uploaded.name, uploaded.getvalue())
+            st.session_state["_stored_model"] = str(stored.path)
+            st.session_state["upload_error"] = None
+        except (UploadError, OSError) as error:
+            st.session_state["upload_error"] = str(error)
+    if st.session_state.get("upload_error"):
+        st.error(st.session_state["upload_error"], icon=":material/block:")
+    stored = {str(m.path): m for m in uploads.models()}
+    if stored and st.session_state.get("_stored_model") not in stored:
+        st.session_state["_stored_model"] = next(iter(stored))
+    if stored:
+        st.selectbox("Stored models (newest first)", list(stored), key="_stored_model",
+                     format_func=lambda path: stored[path].label)
+    st.session_state["model_file"] = st.session_state.get("_stored_model") if stored else None
+    st.caption(FACTORIES_NOTE)
 
 
 def normalization_note(method):
