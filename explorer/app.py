@@ -256,8 +256,9 @@ tab_init, tab_train, tab_compare = st.tabs(["At initialization", "Training", "Co
 # --------------------------------------------------------------------------------------------
 # At initialization
 # --------------------------------------------------------------------------------------------
-with tab_init:
-    st.subheader(presets.describe(settings))
+def init_profile():
+    """The "At initialization" profile of the page's settings (computed after the rest of
+    the page is drawn: see the end of this script)."""
     if blocking:
         st.info("Change the settings above to see the profile: this combination cannot be "
                 "built.")
@@ -321,6 +322,18 @@ with tab_init:
                     st.dataframe(result["lsuv"], hide_index=True, width="stretch")
             with st.expander("Per-layer table"):
                 st.dataframe(table, hide_index=True, width="stretch")
+
+
+with tab_init:
+    st.subheader(presets.describe(settings))
+    # Filled last (the end of this script), so that the sidebar, the tabs and the runs are
+    # on the page at once, while Keras imports and the first profile is measured.
+    profile_slot = st.container()
+    with profile_slot:
+        profile_waiting = st.empty()
+        if not blocking:
+            profile_waiting.info("Building the network and measuring one batch...",
+                                 icon=":material/hourglass_top:")
     with st.expander("What each normalization averages over"):
         st.altair_chart(norm_figure.norm_figure(), width="content")
         st.markdown("\n".join(f"* **{norm_figure.TITLES[name]}**: {text}"
@@ -582,3 +595,7 @@ def compare_panel():
 with tab_compare:
     # Refreshes itself while runs are queued or training (finished states, new metrics).
     st.fragment(run_every=3.0 if jobs.busy() else None)(compare_panel)()
+
+with profile_slot:
+    profile_waiting.empty()
+    init_profile()

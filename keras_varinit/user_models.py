@@ -125,6 +125,9 @@ def load_model_file(path):
     """Load a `.keras` file safely (see the module doc), or raise ModelLoadError."""
     import keras
 
+    import keras_varinit
+
+    keras_varinit.register()   # the package's own layers and initializers are known classes
     path = os.fspath(path)
     config = inspect_model_file(path)
     unknown = unknown_classes(config)

@@ -12,7 +12,7 @@ filled in). Everything else is derived from that list:
 
 * ``TrainConfig.validate()`` / ``problems()``: each field's own rule (``Option.check``: its
   choices, its bounds, or a custom ``rule``), then the rules that tie fields together
-  (``models.check_normalization``), then advice (non-blocking ``Problem``);
+  (``net_options.check_normalization``), then advice (non-blocking ``Problem``);
 * ``TrainConfig.slug()``: the short name of a run directory (each field's ``slug``);
 * the ``keras-varinit train`` options (``cli/train.py``: one option per field, ``--<name>`` or
   ``flag``, its choices shown, its help);
@@ -30,7 +30,8 @@ import pathlib
 import types
 import typing
 
-from keras_varinit import initializers, models, user_models
+from keras_varinit import net_options
+from keras_varinit import user_models
 from keras_varinit.applications import APPLICATIONS
 from keras_varinit.run_files import upgrade_config
 from keras_varinit.checks import check_choice, check_number, invalid
@@ -224,16 +225,19 @@ EXTRA_INITS = ("lsuv",)   # handled by training, not by initializers.get
 
 def check_init(name, value):
     """An ``initializers.get`` name, ``normal:<std>``, any Keras initializer name, or
-    "lsuv". One message with one list of names (not the inner error appended to it)."""
-    if value in EXTRA_INITS:
+    "lsuv". One message with one list of names (not the inner error appended to it). Only a
+    name that is not ours asks Keras (``initializers.get``, which imports it)."""
+    if value in EXTRA_INITS or net_options.is_own_initializer(value):
         return
     if isinstance(value, str) and value:
+        from keras_varinit import initializers
+
         try:
             initializers.get(value)
             return
         except (ValueError, TypeError, KeyError):
             pass
-    names = ", ".join(initializers.NAMES + EXTRA_INITS)
+    names = ", ".join(net_options.INITIALIZER_NAMES + EXTRA_INITS)
     raise invalid(name, value, f"{names}, 'normal:<std>' with std > 0, or a name "
                                "keras.initializers.get knows (e.g. 'he_normal', 'orthogonal')")
 
@@ -248,10 +252,10 @@ def check_data(name, value):
             "'synthetic', or an existing directory / .tar.gz in <split>/<class>/<image> layout.")
 
 
-#: Models a run can train beside the built-in nets (``models.KINDS``): a ``.keras`` file
+#: Models a run can train beside the built-in nets (``net_options.KINDS``): a ``.keras`` file
 #: (``model_file``) or a ``keras.applications`` architecture (``application``).
 USER_MODELS = ("file", "application")
-MODELS = models.KINDS + USER_MODELS
+MODELS = net_options.KINDS + USER_MODELS
 
 
 def check_model_file(name, value):
@@ -306,7 +310,7 @@ def _norm_slug(value):
     return "" if value == "none" else f"norm_{value}"
 
 
-_BUILT_IN = ("model", models.KINDS)   # Widget.used_with of the built-in nets' options
+_BUILT_IN = ("model", net_options.KINDS)   # Widget.used_with of the built-in nets' options
 # The initializers the explorer offers: name -> (label, what it does).
 _EXPLORER_INITS = {
     "kaiming_normal": ("Kaiming normal (fan_in)", "He et al. 2015: Var[W] = 2/fan_in, keeps "
@@ -340,7 +344,7 @@ class TrainConfig:
     "mlp" (``plain_mlp``), "file" (the ``.keras`` file ``model_file``, as saved) or
     "application" (``keras.applications.<application>(weights=None)`` at 32x32), the last two
     without the built-in-only options (``check_model_source``); ``init`` an ``initializers.get`` name or "lsuv" (orthogonal start,
-    then ``lsuv`` on a training batch); ``normalization`` one of ``models.NORMALIZATIONS``
+    then ``lsuv`` on a training batch); ``normalization`` one of ``net_options.NORMALIZATIONS``
     (before each activation; ``groups`` for "group"); ``subset``/``val_subset`` None = all;
     ``data`` "auto", "synthetic" or a path; ``distribute`` None, "mirrored" or "multiworker"
     (TensorFlow), or "data_parallel" (JAX); ``backup_every_n_steps`` how often ``--resume``
@@ -389,14 +393,14 @@ class TrainConfig:
                       help="\n\n".join(f"**{label}**: {text}"
                                        for label, text in _EXPLORER_INITS.values())))
     activation: str = option(
-        "relu", "activation of the hidden layers", choices=models.ACTIVATIONS, slug="{}",
+        "relu", "activation of the hidden layers", choices=net_options.ACTIVATIONS, slug="{}",
         at_init=True, builtin=True,
         widget=Widget(WidgetKind.SELECT, "Activation", NETWORK,
                       options=("relu", "leaky_relu", "tanh", "linear"), used_with=_BUILT_IN))
     normalization: str = option(
         "none", "normalization before each activation: batch (Keras's BN: pooled variance), "
         "batch_per_sample (BN with the per-image std), layer, instance (CNN only), group",
-        choices=models.NORMALIZATIONS, flag="--norm", slug=_norm_slug, at_init=True,
+        choices=net_options.NORMALIZATIONS, flag="--norm", slug=_norm_slug, at_init=True,
         builtin=True,
         widget=Widget(WidgetKind.SELECT, "Normalization", NETWORK, used_with=_BUILT_IN,
                       labels={"none": "No normalization", "batch": "Batch norm",
@@ -404,7 +408,7 @@ class TrainConfig:
                               "layer": "Layer norm", "instance": "Instance norm",
                               "group": "Group norm"}))
     groups: int = option(
-        models.DEFAULT_GROUPS, "groups of group normalization (must divide the width of every "
+        net_options.DEFAULT_GROUPS, "groups of group normalization (must divide the width of every "
         "hidden layer)", minimum=1, at_init=True, builtin=True,
         widget=Widget(WidgetKind.NUMBER, "Groups (group norm)", NETWORK, low=1, high=64, step=1,
                       used_with=("normalization", ("group",))))
@@ -470,8 +474,8 @@ class TrainConfig:
         for spec in fields(type(self)):
             yield functools.partial(spec.check, getattr(self, spec.name))
         yield functools.partial(check_model_source, self)
-        if self.model in models.KINDS:
-            yield functools.partial(models.check_normalization, self.model, self.normalization,
+        if self.model in net_options.KINDS:
+            yield functools.partial(net_options.check_normalization, self.model, self.normalization,
                                     self.width, self.groups)
 
     def validate(self):
