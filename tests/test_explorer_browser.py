@@ -156,7 +156,8 @@ def test_browser_trains_a_tiny_run_and_renders_charts(server, tmp_path):
         try:
             # Streamlit scrolls inside its own container, so a full-page shot needs a tall viewport.
             page = browser.new_page(viewport={"width": 1440, "height": 1900})
-            _timed_first_render(page, f"{server}/?{TINY_QUERY}", tmp_path / "first_render.json")
+            _timed_first_render(page, f"{server}/?{TINY_QUERY}",
+                                tmp_path / "first_render.json")
             expect(page.locator(".vega-embed").first).to_be_visible(timeout=180_000)
             page.wait_for_timeout(1000)
             _no_exception_box(page)

@@ -343,8 +343,9 @@ class TrainConfig:
     ``keras-varinit train --help`` lists them. In short: ``model`` "cnn" (``plain_cnn``),
     "mlp" (``plain_mlp``), "file" (the ``.keras`` file ``model_file``, as saved) or
     "application" (``keras.applications.<application>(weights=None)`` at 32x32), the last two
-    without the built-in-only options (``check_model_source``); ``init`` an ``initializers.get`` name or "lsuv" (orthogonal start,
-    then ``lsuv`` on a training batch); ``normalization`` one of ``net_options.NORMALIZATIONS``
+    without the built-in-only options (``check_model_source``); ``init`` an
+    ``initializers.get`` name or "lsuv" (orthogonal start, then ``lsuv`` on a training
+    batch); ``normalization`` one of ``net_options.NORMALIZATIONS``
     (before each activation; ``groups`` for "group"); ``subset``/``val_subset`` None = all;
     ``data`` "auto", "synthetic" or a path; ``distribute`` None, "mirrored" or "multiworker"
     (TensorFlow), or "data_parallel" (JAX); ``backup_every_n_steps`` how often ``--resume``
@@ -408,8 +409,8 @@ class TrainConfig:
                               "layer": "Layer norm", "instance": "Instance norm",
                               "group": "Group norm"}))
     groups: int = option(
-        net_options.DEFAULT_GROUPS, "groups of group normalization (must divide the width of every "
-        "hidden layer)", minimum=1, at_init=True, builtin=True,
+        net_options.DEFAULT_GROUPS, "groups of group normalization (must divide the width of "
+        "every hidden layer)", minimum=1, at_init=True, builtin=True,
         widget=Widget(WidgetKind.NUMBER, "Groups (group norm)", NETWORK, low=1, high=64, step=1,
                       used_with=("normalization", ("group",))))
     optimizer: str = option(
@@ -475,8 +476,8 @@ class TrainConfig:
             yield functools.partial(spec.check, getattr(self, spec.name))
         yield functools.partial(check_model_source, self)
         if self.model in net_options.KINDS:
-            yield functools.partial(net_options.check_normalization, self.model, self.normalization,
-                                    self.width, self.groups)
+            yield functools.partial(net_options.check_normalization, self.model,
+                                    self.normalization, self.width, self.groups)
 
     def validate(self):
         """Raise on the first blocking problem (ValueError "Received: ... Allowed: ...", or
