@@ -22,7 +22,7 @@ def _run(script):
     return out.stdout
 
 
-def test_package_and_schema_import_no_keras_then_names_load_and_register():
+def test_package_and_schema_import_no_keras_and_register_once_keras_is_loaded():
     _run("""
         import sys, types
         import keras_varinit as kv
@@ -31,22 +31,17 @@ def test_package_and_schema_import_no_keras_then_names_load_and_register():
         import explorer.presets, explorer.worker, explorer.your_model
         TrainConfig(init="normal:0.01").validate()
         assert not {"keras", "tensorflow", "jax"} & set(sys.modules), "Keras was imported"
+        import keras
+        assert keras.saving.get_registered_object("keras_varinit>KaimingNormal") is None
+        for name in [n for n in sys.modules if n.split(".")[0] == "keras_varinit"]:
+            del sys.modules[name]
+        import keras_varinit as kv         # Keras is loaded now: registered at import
+        assert keras.saving.get_registered_object("keras_varinit>KaimingNormal") is not None
+        assert keras.saving.get_registered_object("keras_varinit>BatchNormalization")
         import keras_varinit.channel_stats            # the module shares the function's name
         assert callable(kv.channel_stats) and not isinstance(kv.channel_stats, types.ModuleType)
         assert kv.variance_profile.__module__ == "keras_varinit.diagnostics"
-        import keras
-        kv.register()
-        assert keras.saving.get_registered_object("keras_varinit>KaimingNormal") is not None
-        assert keras.saving.get_registered_object("keras_varinit>BatchNormalization")
         from keras_varinit.training import run_training
-        """)
-
-
-def test_keras_imported_first_registers_at_import():
-    _run("""
-        import keras
-        import keras_varinit
-        assert keras.saving.get_registered_object("keras_varinit>KaimingNormal") is not None
         """)
 
 
