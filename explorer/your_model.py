@@ -83,11 +83,6 @@ class UploadStore:
                  if not path.name.startswith(".")]
         return sorted(found, key=lambda m: m.uploaded_at, reverse=True)
 
-    def find(self, path) -> StoredModel | None:
-        """The stored model at ``path``, or None if ``path`` is not one of this store's."""
-        path = pathlib.Path(path)
-        return next((m for m in self.models() if m.path == path), None)
-
     def add(self, filename: str, data: bytes) -> StoredModel:
         """Check ``data`` (an uploaded file called ``filename``) and store it; see the module
         doc. The same bytes uploaded twice are stored once."""
