@@ -78,7 +78,7 @@ def test_a_backup_of_another_model_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- hard kills
 
-ARGV = ["--model", "cnn", "--depth", "3", "--width", "4", "--batch-norm", "pooled",
+ARGV = ["--model", "cnn", "--depth", "3", "--width", "4", "--norm", "batch",
         "--data", "synthetic", "--subset", "160", "--val-subset", "32", "--epochs", "2",
         "--batch-size", "16", "--stats-every", "2", "--backup-every", "3", "--quiet"]
 STEPS_PER_EPOCH = 10   # 160 / 16; backups after steps 4, 8, 10, 14, 18, 20

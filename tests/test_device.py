@@ -191,7 +191,7 @@ def test_data_parallel_batch_size_must_split_over_the_devices(data_parallel):
 
 TINY = ["--model", "cnn", "--depth", "3", "--width", "4", "--data", "synthetic",
         "--subset", "256", "--val-subset", "64", "--epochs", "1", "--batch-size", "64",
-        "--batch-norm", "pooled", "--stats-every", "2", "--quiet"]
+        "--norm", "batch", "--stats-every", "2", "--quiet"]
 
 
 def _free_ports(n):
