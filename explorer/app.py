@@ -3,7 +3,8 @@
 Layout and widgets only: one sidebar widget per ``TrainConfig`` field that declares a
 ``widget`` (keras_varinit.training.config). The work happens in plain-Python helpers:
 ``explorer.presets`` (settings derived from TrainConfig, URL round-trip, validation),
-``explorer.profile`` (the network at initialization),
+``explorer.profile`` (the network at initialization, drawn last so that the page and its
+controls come up before Keras is imported), ``explorer.your_model`` (uploaded .keras files),
 ``explorer.worker`` (background training subprocesses), ``explorer.run_store`` (run directories
 on disk) and ``explorer.charts`` (Altair charts).
 """
