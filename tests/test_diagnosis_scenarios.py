@@ -190,7 +190,7 @@ def group_norm_cnn(depth=6, width=8, groups=4):
 
 def test_batch_norm_at_batch_2_and_group_norm(data):
     x, y = data["x16"], data["y"]
-    findings, _ = run(small_cnn(batch_norm="pooled"), x, y, steps=20, batch=2,
+    findings, _ = run(small_cnn(normalization="batch"), x, y, steps=20, batch=2,
                       context=Context(batch_size=2))
     (f,) = of_kind(findings, "small_batch_norm")
     assert f.step == 0 and f.severity == "severe"
@@ -215,6 +215,6 @@ def test_healthy_xavier_tanh_mlp(data):
 
 
 def test_healthy_batch_norm_at_batch_64(data):
-    findings, _ = run(small_cnn(batch_norm="pooled"), data["x16"], data["y"], steps=60,
+    findings, _ = run(small_cnn(normalization="batch"), data["x16"], data["y"], steps=60,
                       epochs=2, batch=64, context=Context(batch_size=64))
     assert findings == [], describe(findings)

@@ -253,7 +253,7 @@ def test_labels_loss_and_determinism():
 
 def test_model_weights_untouched_and_bn_profile():
     pytest.importorskip("keras_varinit.layers")
-    model = models.plain_cnn(6, width=4, batch_norm="pooled", seed=0,
+    model = models.plain_cnn(6, width=4, normalization="batch", seed=0,
                              kernel_initializer="normal:0.02")
     before = [keras.ops.convert_to_numpy(v).copy() for v in model.variables]
     df = diagnostics.variance_profile(model, _images(32))
@@ -492,7 +492,7 @@ def test_float32_overflow_is_a_failure_verdict_not_nan_ratios():
 
 
 def test_save_and_load_after_a_profile_round_trip(tmp_path):
-    model = models.plain_cnn(4, width=4, batch_norm="pooled", seed=0)
+    model = models.plain_cnn(4, width=4, normalization="batch", seed=0)
     x = _images(8)
     expected = keras.ops.convert_to_numpy(model(x))
     diagnostics.variance_profile(model, x)
