@@ -88,7 +88,8 @@ for estimator in ("pooled", "per_sample"):
 
 # run_training (the CLI's path): data parallel equals one device, layer statistics included
 base = dict(model="cnn", depth=3, width=4, data="synthetic", subset=120, val_subset=30,
-            epochs=2, batch_size=16, stats_every_n_steps=3, normalization="batch_per_sample", lr=0.05)
+            epochs=2, batch_size=16, stats_every_n_steps=3, normalization="batch_per_sample",
+            lr=0.05)
 runs = {}
 for name, distribute in (("one", None), ("two", "data_parallel")):
     result = run_training(TrainConfig(**base, distribute=distribute), f"{sys.argv[1]}/{name}",
