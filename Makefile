@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,jax,explorer,datasets,dev
+# Two test processes, a test file each (its module fixtures built once): `make test PYTEST_ARGS=` runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 HOST ?= 127.0.0.1
 PORT ?= 8501
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -38,11 +40,11 @@ profile: setup
 test: setup test-tf test-jax
 
 test-tf: setup
-	KERAS_BACKEND=tensorflow $(PY) -m pytest tests -q
+	KERAS_BACKEND=tensorflow $(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 # Backend-independent parts (initializers, normalization layer, profile, callbacks) again on JAX.
 test-jax: setup
-	KERAS_BACKEND=jax $(PY) -m pytest tests -q -m backend_independent
+	KERAS_BACKEND=jax $(PY) -m pytest tests -q -m backend_independent $(PYTEST_ARGS)
 
 bench: setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

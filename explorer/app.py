@@ -3,7 +3,8 @@
 Layout and widgets only: one sidebar widget per ``TrainConfig`` field that declares a
 ``widget`` (keras_varinit.training.config). The work happens in plain-Python helpers:
 ``explorer.presets`` (settings derived from TrainConfig, URL round-trip, validation),
-``explorer.profile`` (the network at initialization),
+``explorer.profile`` (the network at initialization, drawn last so that the page and its
+controls come up before Keras is imported), ``explorer.your_model`` (uploaded .keras files),
 ``explorer.worker`` (background training subprocesses), ``explorer.run_store`` (run directories
 on disk), ``explorer.findings_panel`` (a run's findings and the fix "Apply and re-run" queues)
 and ``explorer.charts`` (Altair charts).
@@ -25,6 +26,8 @@ import streamlit as st  # noqa: E402
 
 from explorer import charts, norm_figure, presets  # noqa: E402
 from explorer.run_store import RunStore, default_runs_dir  # noqa: E402
+from explorer.your_model import (FACTORIES_NOTE, UploadError, UploadStore,  # noqa: E402
+                                 max_upload_mb)
 from explorer.worker import JobManager, data_parallel_devices, detect_devices  # noqa: E402
 from keras_varinit.run_files import RunState  # noqa: E402
 from keras_varinit.training.device import check_data_parallel_batch  # noqa: E402
@@ -99,7 +102,8 @@ if "_settings_loaded" not in st.session_state:
 def _on_model_change():
     model = st.session_state["model"]
     other = "mlp" if model == "cnn" else "cnn"
-    if st.session_state.get("width") == presets.DEFAULT_WIDTH[other]:
+    if model in presets.DEFAULT_WIDTH and \
+            st.session_state.get("width") == presets.DEFAULT_WIDTH[other]:
         st.session_state["width"] = presets.DEFAULT_WIDTH[model]
 
 
@@ -144,6 +148,39 @@ def control(spec):
         st.number_input(widget.label, *presets.bounds(spec), step=widget.step, **kwargs)
     if spec.name == "normalization":
         normalization_note(st.session_state.get("normalization", "none"))
+    if spec.name == "model" and st.session_state.get("model") == "file":
+        your_model_file()
+
+
+def your_model_file():
+    """Under the model choice: upload a .keras file (checked and stored by
+    ``your_model.UploadStore``) or pick one stored before; sets ``model_file``."""
+    uploads = UploadStore(runs_dir())
+    limit = max_upload_mb()
+    uploaded = st.file_uploader(
+        f"Upload a .keras model (at most {limit} MB)", type=["keras"], key="upload",
+        max_upload_size=limit,
+        help="Saved with model.save('net.keras'), taking 32x32x3 images, 10 outputs. Loaded in "
+             "safe mode (no Lambda layers); stored under the runs directory.")
+    if uploaded is not None and st.session_state.get("_upload_id") != uploaded.file_id:
+        st.session_state["_upload_id"] = uploaded.file_id
+        try:
+            with st.spinner("Checking the model (safe-mode load)..."):
+                stored = uploads.add(uploaded.name, uploaded.getvalue())
+            st.session_state["_stored_model"] = str(stored.path)
+            st.session_state["upload_error"] = None
+        except (UploadError, OSError) as error:
+            st.session_state["upload_error"] = str(error)
+    if st.session_state.get("upload_error"):
+        st.error(st.session_state["upload_error"], icon=":material/block:")
+    stored = {str(m.path): m for m in uploads.models()}
+    if stored and st.session_state.get("_stored_model") not in stored:
+        st.session_state["_stored_model"] = next(iter(stored))
+    if stored:
+        st.selectbox("Stored models (newest first)", list(stored), key="_stored_model",
+                     format_func=lambda path: stored[path].label)
+    st.session_state["model_file"] = st.session_state.get("_stored_model") if stored else None
+    st.caption(FACTORIES_NOTE)
 
 
 def normalization_note(method):
@@ -290,8 +327,9 @@ tab_init, tab_train, tab_compare = st.tabs(["At initialization", "Training", "Co
 # --------------------------------------------------------------------------------------------
 # At initialization
 # --------------------------------------------------------------------------------------------
-with tab_init:
-    st.subheader(presets.describe(settings))
+def init_profile():
+    """The "At initialization" profile of the page's settings (computed after the rest of
+    the page is drawn: see the end of this script)."""
     if blocking:
         st.info("Change the settings above to see the profile: this combination cannot be "
                 "built.")
@@ -356,6 +394,18 @@ with tab_init:
                     st.dataframe(result["lsuv"], hide_index=True, width="stretch")
             with st.expander("Per-layer table"):
                 st.dataframe(table, hide_index=True, width="stretch")
+
+
+with tab_init:
+    st.subheader(presets.describe(settings))
+    # Filled last (the end of this script), so that the sidebar, the tabs and the runs are
+    # on the page at once, while Keras imports and the first profile is measured.
+    profile_slot = st.container()
+    with profile_slot:
+        profile_waiting = st.empty()
+        if not blocking:
+            profile_waiting.info("Building the network and measuring one batch...",
+                                 icon=":material/hourglass_top:")
     with st.expander("What each normalization averages over"):
         st.altair_chart(norm_figure.norm_figure(), width="content")
         st.markdown("\n".join(f"* **{norm_figure.TITLES[name]}**: {text}"
@@ -622,3 +672,7 @@ def compare_panel():
 with tab_compare:
     # Refreshes itself while runs are queued or training (finished states, new metrics).
     st.fragment(run_every=3.0 if jobs.busy() else None)(compare_panel)()
+
+with profile_slot:
+    profile_waiting.empty()
+    init_profile()

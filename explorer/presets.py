@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 
 from keras_varinit.checks import check_number
 from keras_varinit.cli.train import config_argv
-from keras_varinit.training.config import NETWORK, TRAINING, Problem, TrainConfig, WidgetKind
+from keras_varinit.training.config import (NETWORK, TRAINING, USER_MODELS, Problem,
+                                           TrainConfig, WidgetKind)
 from keras_varinit.training.config import fields as schema_fields
 
 SECTIONS = (NETWORK, TRAINING)
 # The width a model starts with on the page (plain_cnn's and plain_mlp's own defaults).
 DEFAULT_WIDTH = {"cnn": 16, "mlp": 256}
+# Fields the page sets itself rather than through a generic control, and keeps out of the URL:
+# the stored upload a "file" model trains (explorer.your_model; a path under the runs dir).
+PAGE_FIELDS = ("model_file",)
 
 
 def controls(schema=TrainConfig) -> dict:
@@ -51,18 +56,21 @@ def label(spec, value) -> str:
 
 
 def defaults(schema=TrainConfig) -> dict:
-    """The page's settings before anything is chosen."""
+    """The page's settings before anything is chosen (the controls', then ``PAGE_FIELDS``)."""
     out = {}
     for name, spec in controls(schema).items():
         default = spec.widget.default if spec.widget.has_default else spec.default
         out[name] = _setting(spec, default)
+    specs = {spec.name: spec for spec in schema_fields(schema)}
+    out.update({name: specs[name].default for name in PAGE_FIELDS if name in specs})
     return out
 
 
 CONTROLS = controls()
 DEFAULTS = defaults()
 # Settings that change the network at initialization (the profile's cache key).
-PROFILE_KEYS = tuple(name for name, spec in CONTROLS.items() if spec.at_init)
+PROFILE_KEYS = tuple(spec.name for spec in schema_fields(TrainConfig)
+                     if spec.at_init and spec.name in DEFAULTS)
 
 
 # --------------------------------------------------------------------------- URL round trip
@@ -147,17 +155,34 @@ def settings_of(config) -> dict:
 
 
 def to_config(settings: dict, schema=TrainConfig):
-    """The ``schema`` instance these settings describe (other fields at their defaults)."""
+    """The ``schema`` instance these settings describe (other fields at their defaults, and
+    the fields the chosen model does not use too: ``for_model``)."""
     names = {spec.name for spec in schema_fields(schema)}
-    values = {**defaults(schema), **settings}
+    values = for_model({**defaults(schema), **settings}, schema)
     return schema(**{k: v for k, v in values.items() if k in names})
+
+
+def for_model(settings: dict, schema=TrainConfig) -> dict:
+    """``settings`` with what the chosen model does not use at the schema's defaults: the
+    page keeps every control's value (an architecture stays picked while the CNN is shown),
+    a run gets only its model's. ``application`` and ``model_file`` belong to their model;
+    the built-in nets' options (``Option.builtin``) to "cnn"/"mlp"."""
+    model = settings.get("model")
+    out = dict(settings)
+    for spec in schema_fields(schema):
+        unused = ((spec.builtin and model in USER_MODELS)
+                  or (spec.name == "application" and model != "application")
+                  or (spec.name == "model_file" and model != "file"))
+        if unused and spec.name in out:
+            out[spec.name] = _setting(spec, spec.default)
+    return out
 
 
 def problems(settings: dict, schema=TrainConfig) -> list[Problem]:
     """What is wrong with these settings, blocking problems first: the config's own
     (``TrainConfig.problems``), then the page's (a value outside a control's range, and
     combinations the explorer does not train because they teach nothing)."""
-    settings = {**defaults(schema), **settings}
+    settings = for_model({**defaults(schema), **settings}, schema)
     found = to_config(settings, schema).problems()
     found += list(_outside_controls(settings, schema))
     if not any(p.blocking for p in found):
@@ -199,11 +224,19 @@ def _page_rules(s):
 # --------------------------------------------------------------------------- runs
 
 def profile_key(settings: dict) -> tuple:
-    return tuple((k, settings.get(k, DEFAULTS[k])) for k in PROFILE_KEYS)
+    settings = for_model({**DEFAULTS, **settings})
+    return tuple((k, settings[k]) for k in PROFILE_KEYS)
 
 
 def describe(settings: dict) -> str:
     """One-line human description of a configuration."""
+    if settings.get("model") == "application":
+        return (f"keras.applications.{settings.get('application')} (weights=None, 32x32 "
+                "inputs, 10 classes), as Keras initializes it")
+    if settings.get("model") == "file":
+        path = settings.get("model_file")
+        return (f"Your model {pathlib.PurePath(path).name}, with its saved weights" if path
+                else "Your model: upload a .keras file")
     model = "CNN" if settings.get("model") == "cnn" else "MLP"
     init = label(CONTROLS["init"], settings.get("init"))
     norm = settings.get("normalization", "none")

@@ -1,6 +1,9 @@
 """The "At initialization" computation: build the network the page describes, push one batch
 through it, and return the per-layer variance profile, a plain-language verdict and the
-activations of a few layers for histograms. Plain Python (Keras, no Streamlit).
+activations of a few layers for histograms. Plain Python (Keras, no Streamlit). The network is
+what a run trains (``training.model.build_model``): a built-in net, or the user's model (a
+stored upload, loaded in safe mode, or a ``keras.applications`` architecture), profiled on
+CIFAR-10 or the synthetic set; only the built-in nets have activation layers for histograms.
 
 The page caches :func:`compute_profile` by settings (``st.cache_data``); the probe batch is
 loaded once per process (:func:`probe_batch`).

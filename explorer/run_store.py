@@ -240,12 +240,18 @@ class RunStore:
     def label(run_id: str, config: dict, synthetic: bool) -> str:
         if not config:
             return run_id
-        init = config.get("init", "?")
-        text = (f"{config.get('model', '?')} d{config.get('depth', '?')} {init} "
-                f"{config.get('activation', '')}")
-        norm = config.get("normalization", "none")
-        if norm != "none":
-            text += f" norm:{norm}" + (f" G={config.get('groups')}" if norm == "group" else "")
+        model = config.get("model", "?")
+        if model == "application":     # a user's model: its architecture or file, not depth
+            text = f"{config.get('application')}"
+        elif model == "file":
+            text = f"file {pathlib.PurePath(str(config.get('model_file'))).name}"
+        else:
+            text = (f"{model} d{config.get('depth', '?')} {config.get('init', '?')} "
+                    f"{config.get('activation', '')}")
+            norm = config.get("normalization", "none")
+            if norm != "none":
+                text += f" norm:{norm}" + (f" G={config.get('groups')}" if norm == "group"
+                                           else "")
         stamp = run_id.split("-")[1] if run_id.count("-") >= 2 else ""
         if len(stamp) == 6 and stamp.isdigit():
             text += f" @{stamp[:2]}:{stamp[2:4]}:{stamp[4:]}"

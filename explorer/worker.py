@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -86,9 +87,7 @@ def data_parallel_devices(python=None, env=None, timeout=120) -> int:
     ``--distribute data_parallel`` (``keras.distribution.list_devices()``); 0 on another
     backend, or when it cannot be asked. Asked in a subprocess, so that the page itself never
     initializes (and holds) an accelerator."""
-    import keras
-
-    if (env or {}).get("KERAS_BACKEND", keras.backend.backend()) != "jax":
+    if configured_backend({**os.environ, **(env or {})}) != "jax":
         return 0
     command = [python or sys.executable, "-c",
                "import keras; print(len(keras.distribution.list_devices()))"]
@@ -98,6 +97,20 @@ def data_parallel_devices(python=None, env=None, timeout=120) -> int:
         return int(out.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return 0
+
+
+def configured_backend(env) -> str:
+    """The Keras backend a process with environment ``env`` gets, read as Keras reads it
+    (``KERAS_BACKEND``, else ``keras.json``'s "backend" under ``KERAS_HOME`` or ``~/.keras``,
+    else "tensorflow") without importing Keras: the page stays free of it until it profiles."""
+    if env.get("KERAS_BACKEND"):
+        return env["KERAS_BACKEND"]
+    home = env.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return str(json.load(f).get("backend") or "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
 
 
 ALL_DEVICES = "all"   # the device id of a data-parallel job (it takes every device)

@@ -24,6 +24,8 @@ from keras_varinit.fans import (  # noqa: F401  (re-exported)
     scaled_variance,
 )
 from keras_varinit.lsuv import lsuv  # noqa: F401  (re-exported)
+from keras_varinit.net_options import (  # noqa: F401  (re-exported)
+    FIXED_NORMAL_PREFIX, INITIALIZER_NAMES, fixed_normal_std)
 
 DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
 
@@ -321,22 +323,15 @@ _FACTORIES = {
     "torch_default": lambda seed: TorchDefault(seed=seed),
 }
 
-#: Our initializer names, for CLIs and UIs. `get()` also takes "normal:<std>" (fixed-std
-#: N(0, std^2), e.g. "normal:0.01") and anything `keras.initializers.get` understands.
-NAMES = tuple(_FACTORIES)
-FIXED_NORMAL_PREFIX = "normal:"
+#: Our initializer names, for CLIs and UIs (``net_options.INITIALIZER_NAMES``: the schema reads
+#: them without Keras). `get()` also takes "normal:<std>" (fixed-std N(0, std^2), e.g.
+#: "normal:0.01") and anything `keras.initializers.get` understands.
+NAMES = INITIALIZER_NAMES
 
 
 def _fixed_normal(identifier, seed):
-    text = identifier[len(FIXED_NORMAL_PREFIX):].strip()
-    try:
-        std = float(text)
-    except ValueError:
-        std = float("nan")
-    if not math.isfinite(std) or std <= 0:
-        raise ValueError("A fixed-std normal is written 'normal:<std>' with std a positive "
-                         f"number, e.g. 'normal:0.01'. Received: identifier={identifier!r}")
-    return keras.initializers.RandomNormal(mean=0.0, stddev=std, seed=seed)
+    return keras.initializers.RandomNormal(mean=0.0, stddev=fixed_normal_std(identifier),
+                                           seed=seed)
 
 
 def get(identifier, seed=None):

@@ -59,34 +59,19 @@ import keras
 import numpy as np
 
 from keras_varinit import initializers as _initializers
-from keras_varinit.checks import check_choice, check_number, format_choices, invalid
+from keras_varinit.checks import check_choice, check_number, invalid
 from keras_varinit.layers import BatchNormalization
+# The options' names and the rule between them live in net_options (importable without Keras,
+# for the run schema); re-exported here, where the networks are.
+from keras_varinit.net_options import (  # noqa: F401
+    ACTIVATIONS, DEFAULT_GROUPS, KINDS, MLP_NORMALIZATIONS, NORMALIZATIONS, check_normalization,
+    stage_widths)
 
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "linear", "sigmoid", "selu")
-#: Where a layer's output gets its mean and variance before the activation (Wu & He 2018,
-#: Fig. 2): "batch" over (N, H, W) per channel (keras_varinit's BatchNormalization, pooled
-#: variance: Keras's), "batch_per_sample" the same with each image's own std averaged,
-#: "layer" over (C, H, W) per sample, "instance" over (H, W) per sample and channel, "group"
-#: over (C/G, H, W) per sample and group of channels.
-NORMALIZATIONS = ("none", "batch", "batch_per_sample", "layer", "instance", "group")
-#: Those that mean something on flat features (no spatial positions).
-MLP_NORMALIZATIONS = ("none", "batch", "layer", "group")
-DEFAULT_GROUPS = 8
 _BN_ESTIMATOR = {"batch": "pooled", "batch_per_sample": "per_sample"}
 _NORM_PREFIX = {"batch": "bn", "batch_per_sample": "bn", "layer": "ln", "instance": "in",
                 "group": "gn"}
-_FLAT_REASONS = {
-    "batch_per_sample": "Per-sample batch normalization needs spatial positions: it averages "
-                        "each image's own standard deviation over its H x W pixels, and an MLP "
-                        "works on flat vectors, so there is nothing to average over. Use the "
-                        "plain CNN, or 'batch'",
-    "instance": "Instance normalization needs spatial positions: it normalizes each channel of "
-                "each sample over its H x W pixels, and an MLP's feature is one number (its "
-                "variance is 0, every output would be beta). Use the plain CNN, or 'layer' / "
-                "'group'",
-}
+
 DOWNSAMPLES = ("stride", "maxpool")
-KINDS = ("cnn", "mlp")
 DEFAULT_NEGATIVE_SLOPE = 0.2
 
 #: Presets for He et al. 2015's two depth-experiment nets, adapted to CIFAR-10 (32x32 inputs,
@@ -110,52 +95,6 @@ _KAIMING_NAMES = ("kaiming_normal", "kaiming_uniform", "kaiming_truncated_normal
 
 def _check_int(name, value, minimum):
     return int(check_number(name, value, integer=True, minimum=minimum))
-
-
-def stage_widths(kind, width):
-    """The channels (cnn: the three stages, `width * 2**s`) or units (mlp) of the hidden
-    layers: what a normalization layer sees.
-
-    >>> stage_widths("cnn", 16)
-    [16, 32, 64]
-    """
-    return [width * 2 ** s for s in range(3)] if kind == "cnn" else [width]
-
-
-def check_normalization(kind, normalization, width, groups=DEFAULT_GROUPS):
-    """Refuse a normalization the network `kind` of this `width` cannot have (the one home of
-    this rule); return `normalization`.
-
-    * per-sample batch norm and instance norm need spatial positions: refused for an MLP;
-    * group norm splits each layer's channels into `groups` equal groups: `groups` must divide
-      every hidden layer's width (`stage_widths`).
-
-    >>> check_normalization("mlp", "instance", 256)
-    Traceback (most recent call last):
-    ValueError: Instance normalization needs spatial positions: ...
-    >>> check_normalization("cnn", "group", 12, groups=8)
-    Traceback (most recent call last):
-    ValueError: Group normalization splits each layer's channels into 8 equal groups, ...
-    """
-    check_choice("kind", kind, KINDS)
-    check_choice("normalization", normalization, NORMALIZATIONS)
-    if kind == "mlp" and normalization in _FLAT_REASONS:
-        raise invalid("normalization", normalization,
-                      f"{format_choices(MLP_NORMALIZATIONS)} for an MLP",
-                      reason=_FLAT_REASONS[normalization])
-    if normalization == "group":
-        groups = _check_int("groups", groups, 1)
-        widths = stage_widths(kind, _check_int("width", width, 1))
-        if any(w % groups for w in widths):
-            common = math.gcd(*widths)
-            divisors = [str(g) for g in range(1, common + 1) if common % g == 0]
-            raise invalid(
-                "groups", groups, ", ".join(divisors),
-                reason=f"Group normalization splits each layer's channels into {groups} equal "
-                       f"groups, so groups must divide every hidden layer's width "
-                       f"({'/'.join(map(str, widths))} for this {kind.upper()} of width "
-                       f"{width})")
-    return normalization
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ code, imported and called in this process: the CLI's path, never the explorer's.
 >>> model = load_user_model("my_net.keras")           # or "my_project.nets:build"
 >>> check_cifar10_input(model)                        # ValueError if not (32, 32, 3) images
 
-Public names: `ModelLoadError`, `load_user_model`, `load_model_file`, `load_factory`,
-`unknown_classes`, `model_input_shape`, `cifar10_shape_mismatch`, `cifar10_mismatch`,
-`check_cifar10_input`, `CIFAR10_INPUT_SHAPE`.
+Public names: `ModelLoadError`, `load_user_model`, `inspect_model_file`, `load_model_file`,
+`load_factory`, `unknown_classes`, `model_input_shape`, `cifar10_shape_mismatch`,
+`cifar10_mismatch`, `check_cifar10_input`, `CIFAR10_INPUT_SHAPE`.
 """
 import contextlib
 import importlib
@@ -102,10 +102,10 @@ def unknown_classes(config):
     return sorted(unknown)
 
 
-def load_model_file(path):
-    """Load a `.keras` file safely (see the module doc), or raise ModelLoadError."""
-    import keras
-
+def inspect_model_file(path):
+    """The model config of a `.keras` file, read without Keras and without running anything:
+    ModelLoadError if the file is missing, is not a Keras archive (a PNG, an HDF5 file, a
+    truncated zip...) or holds a Lambda layer. Cheap (reads `config.json` only)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelLoadError(f"No such model file. Received: {path!r}. {_ALLOWED}")
@@ -118,6 +118,18 @@ def load_model_file(path):
             "mode (it could run anything). Allowed: models without Lambda layers; replace a "
             "Lambda by a custom layer registered with keras.saving.register_keras_serializable "
             "(and import its module before loading).")
+    return config
+
+
+def load_model_file(path):
+    """Load a `.keras` file safely (see the module doc), or raise ModelLoadError."""
+    import keras
+
+    import keras_varinit
+
+    keras_varinit.register()   # the package's own layers and initializers are known classes
+    path = os.fspath(path)
+    config = inspect_model_file(path)
     unknown = unknown_classes(config)
     if unknown:
         raise ModelLoadError(

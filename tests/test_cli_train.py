@@ -96,7 +96,8 @@ def test_every_config_field_is_an_option_and_argv_round_trips():
     for spec in fields(TrainConfig):
         assert spec.cli_flag in text, spec.name
     assert "--norm {none,batch,batch_per_sample,layer,instance,group}" in text
-    assert "{cnn,mlp}" in text and "--groups" in text
+    assert "{cnn,mlp,file,application}" in text and "--groups" in text
+    assert "--model-file PATH" in text and "--application {none,MobileNetV3Small," in text
     config = TrainConfig(model="mlp", depth=5, init="normal:0.01", normalization="group",
                          groups=4, optimizer="adam", lr=0.0123456789, subset=None,
                          val_subset=64, data="synthetic", seed=3, mixed_precision=True,

@@ -2,6 +2,7 @@
 profile follows depth and initializer, invalid combinations are explained, the offline-data
 banner offers the synthetic set, and a tiny synthetic training run completes on the page."""
 import json
+import re
 import pathlib
 import time
 
@@ -362,3 +363,83 @@ def test_findings_panel_shows_the_diagnosis_and_apply_queues_the_fix(runs_dir):
     options = dict(zip(argv[::2], argv[1::2])) | dict(zip(argv[1::2], argv[2::2]))
     assert options["--init"] == "kaiming_normal"
     assert (options["--depth"], options["--width"], options["--subset"]) == ("3", "4", "192")
+
+
+# --------------------------------------------------------------------------- your model
+
+def _upload(at, name, data):
+    at.file_uploader(key="upload").set_value((name, data, "application/octet-stream")).run()
+    _no_exceptions(at)
+    return at
+
+
+def _errors(at):
+    return " ".join(e.value for e in at.error)
+
+
+def test_uploaded_keras_file_is_profiled_and_stored_under_a_generated_name(runs_dir, tmp_path):
+    from tests.test_training_user_model import two_conv
+
+    at = _app(data="synthetic", model="file").run()
+    _no_exceptions(at)
+    assert any("CLI-only" in c.value and "never imports" in c.value for c in at.caption)
+    assert at.slider(key="depth").disabled and at.selectbox(key="init").disabled
+    data = pathlib.Path(two_conv(tmp_path / "my net.keras")).read_bytes()
+    _upload(at, "my net.keras", data)
+    (stored,) = (runs_dir / "uploads").glob("*.keras")
+    assert re.fullmatch(r"[0-9a-f]{16}\.keras", stored.name)      # no name from the user
+    assert any("my net.keras" in o for o in at.selectbox(key="_stored_model").options)
+    assert any(f"Your model {stored.name}" in s.value for s in at.subheader)
+    assert _verdict(at) and _metric(at, "Forward variance")
+    table = [df.value for df in at.dataframe if "forward_var" in df.value.columns]
+    assert table and {"conv1", "conv2", "head"} <= set(table[0]["layer"])
+    # an explorer restart: the stored model is offered again, and trains from the Training tab
+    at = _app(data="synthetic", model="file", subset=64, batch_size=32, epochs=1).run()
+    _no_exceptions(at)
+    assert at.selectbox(key="_stored_model").value == str(stored)
+    at.button(key="train").click().run()
+    _no_exceptions(at)
+    (run_dir,) = [p for p in runs_dir.iterdir() if p.is_dir() and p.name != "uploads"]
+    argv = " ".join(json.loads((run_dir / "explorer_job.json").read_text())["argv"])
+    assert f"--model file --model-file {stored}" in argv and "--depth 30" in argv
+
+
+def test_bad_uploads_get_clear_messages_and_are_not_stored(runs_dir, tmp_path, monkeypatch):
+    import keras
+
+    from tests.test_training_user_model import two_conv
+
+    inputs = keras.Input((32, 32, 3))
+    lam = keras.layers.Lambda(lambda t: t * 3, name="triple")(inputs)
+    flat = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(lam))
+    keras.Model(inputs, flat).save(tmp_path / "lambda.keras")
+    good = pathlib.Path(two_conv(tmp_path / "good.keras")).read_bytes()
+    at = _app(data="synthetic", model="file").run()
+    cases = [
+        ("lambda.keras", (tmp_path / "lambda.keras").read_bytes(),
+         "holds Lambda layer(s) ['triple']"),
+        ("cut.keras", good[: len(good) // 2], "'cut.keras' is a truncated or corrupt"),
+        ("cat.keras", b"\x89PNG\r\n\x1a\n" + bytes(300), "it is a PNG image"),
+        ("gray.keras", pathlib.Path(two_conv(tmp_path / "g.keras", (28, 28, 1))).read_bytes(),
+         "input shape is (28, 28, 1)"),
+    ]
+    for name, data, message in cases:
+        _upload(at, name, data)
+        assert message in _errors(at), (name, _errors(at))
+    monkeypatch.setenv("KERAS_VARINIT_MAX_UPLOAD_MB", "1")
+    at.run()      # the uploader now says (and the browser enforces) 1 MB; the page checks too
+    assert "at most 1 MB" in at.file_uploader(key="upload").label
+    _upload(at, "big.keras", good + bytes(1_000_001))
+    assert "over the upload limit. Allowed: a .keras file of at most 1 MB" in _errors(at)
+    assert not list((runs_dir / "uploads").glob("*.keras"))
+    assert at.button(key="train").disabled        # nothing to train: no model file
+    assert "Traceback" not in _errors(at)
+
+
+def test_keras_application_choice_is_profiled(runs_dir):
+    at = _app(data="synthetic", model="application", application="MobileNetV3Small").run()
+    _no_exceptions(at)
+    assert any("keras.applications.MobileNetV3Small" in s.value for s in at.subheader)
+    assert _verdict(at)
+    table = [df.value for df in at.dataframe if "forward_var" in df.value.columns][0]
+    assert len(table) > 50     # every conv, depthwise conv and dense layer of the network

@@ -1,12 +1,17 @@
 """Real-browser test of the explorer: `streamlit run explorer/app.py` on a free localhost port,
-driven by Playwright with Debian's Chromium. Runs a tiny synthetic training, checks that the
-Vega charts render and that no exception box appears, and saves screenshots under the test's
-tmp dir; with KERAS_VARINIT_UPDATE_SCREENSHOT=1 it also refreshes the one the README shows
-(docs/explorer.png), so a plain test run leaves the tree clean.
+driven by Playwright with Debian's Chromium. Records the time to first render (the sidebar's
+controls on the page) and to the first profile, from the page load of a fresh server
+(printed, and written to first_render.json in the test's tmp dir; not asserted: the machine
+is shared), runs a tiny synthetic training, checks that the Vega charts render and that no
+exception box appears, uploads a .keras model (profiled) and a renamed PNG (refused on the
+page), and saves screenshots under the test's tmp dir; with KERAS_VARINIT_UPDATE_SCREENSHOT=1
+it also refreshes the one the README shows (docs/explorer.png), so a plain test run leaves the
+tree clean.
 
 Needs /usr/bin/chromium (`apt-get install chromium`; never `playwright install`). Without it the
 test skips, unless KERAS_VARINIT_REQUIRE_BROWSER=1 (set by .ci/run), where it fails.
 """
+import json
 import os
 import pathlib
 import shutil
@@ -96,6 +101,53 @@ def _no_exception_box(page):
     assert boxes.count() == 0, boxes.first.inner_text()
 
 
+def _timed_first_render(page, url, out):
+    """Load ``url`` on a fresh server; seconds until the sidebar's controls are on the page
+    (first render) and until the profile chart is (first profile), saved to ``out``."""
+    from playwright.sync_api import expect
+
+    started = time.perf_counter()
+    page.goto(url, wait_until="domcontentloaded")
+    expect(page.get_by_text("Depth (weight layers)").first).to_be_visible(timeout=180_000)
+    expect(page.get_by_role("tab", name="Training")).to_be_visible(timeout=180_000)
+    first_render = time.perf_counter() - started
+    # At initialization: the variance profile renders as a Vega chart
+    expect(page.get_by_text("8-layer CNN").first).to_be_visible(timeout=180_000)
+    expect(page.locator('[data-testid="stMetricValue"]').first).to_be_visible(
+        timeout=180_000)
+    first_profile = time.perf_counter() - started
+    timings = {"first_render_s": round(first_render, 2),
+               "first_profile_s": round(first_profile, 2), "cpus": os.cpu_count()}
+    out.write_text(json.dumps(timings))
+    print(f"explorer time to first render {first_render:.2f} s, to the first profile "
+          f"{first_profile:.2f} s (fresh server, {os.cpu_count()} CPUs; {out})")
+    return timings
+
+
+def _upload_path(page, tmp_path):
+    """The sidebar's "Your .keras file": a 2-conv model is profiled, a renamed PNG refused."""
+    from playwright.sync_api import expect
+
+    from tests.test_training_user_model import two_conv
+
+    model = two_conv(tmp_path / "two_conv.keras")
+    png = tmp_path / "holiday.keras"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(500))
+    page.get_by_role("tab", name="At initialization").click()
+    page.get_by_text("Your .keras file").first.click()
+    uploader = page.locator('[data-testid="stFileUploaderDropzoneInput"]')
+    expect(page.get_by_text("CLI-only").first).to_be_visible(timeout=60_000)
+    uploader.set_input_files(model)
+    expect(page.get_by_text("Your model ").first).to_be_visible(timeout=180_000)
+    expect(page.locator('[data-testid="stMetricValue"]').first).to_be_visible(
+        timeout=180_000)
+    _no_exception_box(page)
+    page.screenshot(path=str(tmp_path / "explorer-your-model.png"), full_page=True)
+    uploader.set_input_files(str(png))
+    expect(page.get_by_text("it is a PNG image").first).to_be_visible(timeout=60_000)
+    _no_exception_box(page)
+
+
 def test_browser_trains_a_tiny_run_and_renders_charts(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -104,9 +156,8 @@ def test_browser_trains_a_tiny_run_and_renders_charts(server, tmp_path):
         try:
             # Streamlit scrolls inside its own container, so a full-page shot needs a tall viewport.
             page = browser.new_page(viewport={"width": 1440, "height": 1900})
-            page.goto(f"{server}/?{TINY_QUERY}", wait_until="domcontentloaded")
-            # At initialization: the variance profile renders as a Vega chart
-            expect(page.get_by_text("8-layer CNN").first).to_be_visible(timeout=180_000)
+            _timed_first_render(page, f"{server}/?{TINY_QUERY}",
+                                tmp_path / "first_render.json")
             expect(page.locator(".vega-embed").first).to_be_visible(timeout=180_000)
             page.wait_for_timeout(1000)
             _no_exception_box(page)
@@ -140,6 +191,7 @@ def test_browser_trains_a_tiny_run_and_renders_charts(server, tmp_path):
             page.wait_for_timeout(1500)
             _no_exception_box(page)
             page.screenshot(path=str(tmp_path / "explorer-compare.png"), full_page=True)
+            _upload_path(page, tmp_path)
         finally:
             browser.close()
     if os.environ.get("KERAS_VARINIT_UPDATE_SCREENSHOT") == "1":   # refresh the README's

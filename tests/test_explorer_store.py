@@ -288,3 +288,11 @@ def test_histogram_and_empty_charts():
     assert "hconcat" in chart.to_dict()
     assert charts.heatmap(pd.DataFrame(), "activation_std").to_dict()["mark"]["type"] == "text"
     assert charts.fmt_seconds(3725) == "1 h 02 min" and charts.fmt_seconds(None) == "?"
+
+
+def test_a_user_models_run_is_labelled_by_its_file_or_architecture():
+    label = RunStore.label
+    assert label("20260101-120000-x", {"model": "file", "model_file": "/r/uploads/ab12.keras",
+                                       "depth": 30}, False) == "file ab12.keras @12:00:00"
+    assert label("20260101-120000-x", {"model": "application", "application": "ResNet50"},
+                 True) == "ResNet50 @12:00:00 [synthetic]"

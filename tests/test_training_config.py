@@ -11,6 +11,7 @@ import pytest
 from explorer import presets
 from keras_varinit import models
 from keras_varinit.cli import train as cli_train
+from keras_varinit.applications import APPLICATIONS
 from keras_varinit.training.config import (NETWORK, TRAINING, Problem, TrainConfig, Widget,
                                            WidgetKind, fields, option)
 from tests.test_training import tiny
@@ -117,7 +118,8 @@ def test_choices_are_the_models_own():
     specs = {spec.name: spec for spec in fields(TrainConfig)}
     assert specs["activation"].choices == models.ACTIVATIONS
     assert specs["normalization"].choices == models.NORMALIZATIONS
-    assert specs["model"].choices == models.KINDS
+    assert specs["model"].choices == models.KINDS + ("file", "application")
+    assert specs["application"].choices == (None, *APPLICATIONS)
     for spec in specs.values():  # what the explorer offers is allowed by the schema
         if spec.widget is not None and spec.choices:
             assert set(spec.widget.options) <= set(spec.choices), spec.name
@@ -167,8 +169,12 @@ def test_a_new_field_with_choices_reaches_the_cli_and_the_explorer(tmp_path):
 
 @pytest.mark.backend_independent
 def test_explorer_settings_are_the_schema_fields_with_a_widget():
+    """... and the fields the page sets itself (the stored upload of a "file" model)."""
     with_widget = [spec.name for spec in fields(TrainConfig) if spec.widget is not None]
-    assert list(presets.DEFAULTS) == with_widget
+    assert list(presets.DEFAULTS) == with_widget + ["model_file"]
+    assert presets.PAGE_FIELDS == ("model_file",) and presets.DEFAULTS["model_file"] is None
+    assert "model_file" not in presets.to_query({**presets.DEFAULTS, "model": "file",
+                                                 "model_file": "/runs/uploads/a.keras"})
     assert {spec.widget.section for spec in fields(TrainConfig) if spec.widget} == \
         {NETWORK, TRAINING}
     config = presets.to_config(presets.DEFAULTS)
@@ -199,9 +205,28 @@ def _definitions(pattern):
      "keras_varinit/run_files.py"),
     ("metrics columns", r'"train_eval_accuracy", "seconds"\)', "keras_varinit/run_files.py"),
     ("old batch_norm values", r"^LEGACY_BATCH_NORM = ", "keras_varinit/run_files.py"),
-    ("normalization choices", r"^NORMALIZATIONS = ", "keras_varinit/models.py"),
+    ("normalization choices", r"^NORMALIZATIONS = ", "keras_varinit/net_options.py"),
+    ("normalization rule", r"^def check_normalization\(", "keras_varinit/net_options.py"),
+    ("initializer names", r"^(INITIALIZER_)?NAMES = \(", "keras_varinit/net_options.py"),
+    ("model sources", r"^USER_MODELS = ", "keras_varinit/training/config.py"),
+    ("applications offered", r"^APPLICATIONS = ", "keras_varinit/applications.py"),
     ("run-directory naming", r"strftime\(\"%Y%m%d-%H%M%S\"\)", "keras_varinit/run_files.py"),
 ])
 def test_each_rule_and_format_has_one_home(what, pattern, home):
     found = _definitions(pattern)
     assert len(found) == 1 and found[0].startswith(home + ":"), (what, found)
+
+
+@pytest.mark.backend_independent
+def test_a_run_gets_only_its_models_settings():
+    """The page keeps every control's value; a run's config only what its model uses."""
+    page = {**presets.DEFAULTS, "model": "application", "application": "ResNet50",
+            "depth": 12, "init": "xavier_normal", "model_file": "/r/uploads/a.keras"}
+    config = presets.to_config(page)
+    assert (config.model, config.application, config.model_file) == \
+        ("application", "ResNet50", None)
+    assert (config.depth, config.init) == (30, "kaiming_normal")     # the schema's defaults
+    assert not presets.blocking_problems(page)
+    cnn = presets.to_config({**page, "model": "cnn"})
+    assert (cnn.application, cnn.depth, cnn.init) == (None, 12, "xavier_normal")
+    assert presets.profile_key({**page, "depth": 40}) == presets.profile_key(page)

@@ -37,7 +37,7 @@ DEFAULT_INITS = ("xavier_normal", "kaiming_normal")
 
 
 def add_parser(subparsers):
-    from keras_varinit.models import ACTIVATIONS, DEFAULT_GROUPS, KINDS, NORMALIZATIONS
+    from keras_varinit.net_options import ACTIVATIONS, DEFAULT_GROUPS, KINDS, NORMALIZATIONS
 
     p = subparsers.add_parser(
         "profile", help=HELP,
@@ -114,7 +114,7 @@ def _check_args(args):
                              "with --model FILE.keras/module:function. Allowed with your model: "
                              "--data, --batch-size, --seed, --plot, --csv, --full")
     else:
-        from keras_varinit.models import DEFAULT_GROUPS
+        from keras_varinit.net_options import DEFAULT_GROUPS
 
         for option, default in {**PLAIN_DEFAULTS, "groups": DEFAULT_GROUPS}.items():
             if getattr(args, option) is None:

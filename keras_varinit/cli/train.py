@@ -1,9 +1,12 @@
-"""``keras-varinit train``: train a plain CNN/MLP on CIFAR-10 and write a run directory.
+"""``keras-varinit train``: train a plain CNN/MLP (or your own model) on CIFAR-10 and write a
+run directory.
 
 Example::
 
     keras-varinit train --model cnn --depth 30 --width 16 --init kaiming_normal \\
         --activation relu --optimizer sgd --lr 0.01 --momentum 0.9 --epochs 2 --subset 10000
+    keras-varinit train --model file --model-file my_net.keras --epochs 2
+    keras-varinit train --model application --application MobileNetV2
     tensorboard --logdir runs/
 
 One option per ``TrainConfig`` field, generated from the schema (``add_config_options``): its
@@ -20,14 +23,18 @@ import sys
 from keras_varinit import run_files as rf
 from keras_varinit.training.config import TrainConfig, fields
 
-HELP = "train a plain CNN/MLP on CIFAR-10 and log per-layer statistics"
+HELP = ("train a plain CNN/MLP, a .keras file or a keras.applications net on CIFAR-10 and log "
+        "per-layer statistics")
 RUNS_DIR = "runs"
 
 
 def add_parser(subparsers, schema=TrainConfig):
     """Register ``train``: the options of ``schema``'s fields, then the run's own options."""
     p = subparsers.add_parser(
-        "train", help=HELP, description="Train a plain CNN/MLP on CIFAR-10. Writes config.json, "
+        "train", help=HELP, description="Train a plain CNN/MLP on CIFAR-10, or your own model "
+        "(--model file --model-file net.keras: from its saved weights, loaded in safe mode; "
+        "--model application --application NAME: keras.applications with weights=None). "
+        "Writes config.json, "
         "status.json, steps.jsonl, metrics.csv, layer_stats.jsonl, tensorboard/ and backup/ "
         "under --log-dir (and holds run.lock while it runs). Ctrl-C stops after the current "
         "batch with complete logs and a backup; after Ctrl-C, a kill or a crash, --resume "

@@ -15,6 +15,15 @@
 >>> result = run_training(TrainConfig(depth=4, data="synthetic", subset=256), "runs/demo")
 """
 from keras_varinit.training.config import Problem, TrainConfig
-from keras_varinit.training.loop import TrainResult, run_training
 
 __all__ = ["TrainConfig", "Problem", "TrainResult", "run_training"]
+
+
+def __getattr__(name):
+    """``run_training`` and ``TrainResult`` on first use: the loop imports Keras, the schema
+    does not (the explorer's page and the CLI's parser read it without Keras)."""
+    if name in ("TrainResult", "run_training"):
+        from keras_varinit.training import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

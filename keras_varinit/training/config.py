@@ -12,7 +12,7 @@ filled in). Everything else is derived from that list:
 
 * ``TrainConfig.validate()`` / ``problems()``: each field's own rule (``Option.check``: its
   choices, its bounds, or a custom ``rule``), then the rules that tie fields together
-  (``models.check_normalization``), then advice (non-blocking ``Problem``);
+  (``net_options.check_normalization``), then advice (non-blocking ``Problem``);
 * ``TrainConfig.slug()``: the short name of a run directory (each field's ``slug``);
 * the ``keras-varinit train`` options (``cli/train.py``: one option per field, ``--<name>`` or
   ``flag``, its choices shown, its help);
@@ -26,10 +26,13 @@ import dataclasses
 import enum
 import functools
 import os
+import pathlib
 import types
 import typing
 
-from keras_varinit import initializers, models
+from keras_varinit import net_options
+from keras_varinit import user_models
+from keras_varinit.applications import APPLICATIONS
 from keras_varinit.run_files import upgrade_config
 from keras_varinit.checks import check_choice, check_number, invalid
 from keras_varinit.training.device import DISTRIBUTES
@@ -103,6 +106,9 @@ class Option:
             function of the value; None/"" values leave no part.
         at_init: the field changes the network at initialization (the explorer's profile
             cache key).
+        builtin: the field shapes a built-in net (``model`` "cnn"/"mlp") only: with a user's
+            model (``USER_MODELS``) it must stay at its default (``check_model_source``) and
+            leaves no slug part.
         widget: how the explorer offers it (None: not in the explorer).
     """
 
@@ -117,6 +123,7 @@ class Option:
     metavar: str | None = None
     slug: str | typing.Callable | None = None
     at_init: bool = False
+    builtin: bool = False
     widget: Widget | None = None
     name: str = ""
     type: type = str
@@ -218,16 +225,19 @@ EXTRA_INITS = ("lsuv",)   # handled by training, not by initializers.get
 
 def check_init(name, value):
     """An ``initializers.get`` name, ``normal:<std>``, any Keras initializer name, or
-    "lsuv". One message with one list of names (not the inner error appended to it)."""
-    if value in EXTRA_INITS:
+    "lsuv". One message with one list of names (not the inner error appended to it). Only a
+    name that is not ours asks Keras (``initializers.get``, which imports it)."""
+    if value in EXTRA_INITS or net_options.is_own_initializer(value):
         return
     if isinstance(value, str) and value:
+        from keras_varinit import initializers
+
         try:
             initializers.get(value)
             return
         except (ValueError, TypeError, KeyError):
             pass
-    names = ", ".join(initializers.NAMES + EXTRA_INITS)
+    names = ", ".join(net_options.INITIALIZER_NAMES + EXTRA_INITS)
     raise invalid(name, value, f"{names}, 'normal:<std>' with std > 0, or a name "
                                "keras.initializers.get knows (e.g. 'he_normal', 'orthogonal')")
 
@@ -240,6 +250,52 @@ def check_data(name, value):
         raise FileNotFoundError(
             f"CIFAR-10 data not found. Received: {name}={value!r}. Allowed: 'auto', "
             "'synthetic', or an existing directory / .tar.gz in <split>/<class>/<image> layout.")
+
+
+#: Models a run can train beside the built-in nets (``net_options.KINDS``): a ``.keras`` file
+#: (``model_file``) or a ``keras.applications`` architecture (``application``).
+USER_MODELS = ("file", "application")
+MODELS = net_options.KINDS + USER_MODELS
+
+
+def check_model_file(name, value):
+    """None, or a readable ``.keras`` archive without Lambda layers
+    (``user_models.inspect_model_file``: no Keras import, nothing run)."""
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.endswith(".keras"):
+        raise invalid(name, value, "a path to a .keras file (saved with model.save) or None")
+    user_models.inspect_model_file(value)
+
+
+def check_model_source(config):
+    """The model a run trains, said once: ``model_file`` exactly with model "file",
+    ``application`` exactly with model "application", and with either of those every
+    built-in-only option (``Option.builtin``: depth, width, init, ...) at its default, since a
+    user's model is trained as it is (its own layers, initialization and weights)."""
+    for name, kind in (("model_file", "file"), ("application", "application")):
+        value, flag = getattr(config, name), "--" + name.replace("_", "-")
+        if config.model == kind and value is None:
+            raise invalid(name, value, f"a value with model={kind!r} ({flag} ...)")
+        if config.model != kind and value is not None:
+            raise invalid(name, value, f"None unless model={kind!r} (--model {kind} {flag} "
+                                       f"{value}); model={config.model!r} ignores it")
+    if config.model not in USER_MODELS:
+        return
+    changed = [spec for spec in fields(type(config))
+               if spec.builtin and getattr(config, spec.name) != spec.default]
+    if changed:
+        received = ", ".join(f"{s.name}={getattr(config, s.name)!r}" for s in changed)
+        defaults = ", ".join(f"{s.name}={s.default!r}" for s in changed)
+        raise ValueError(
+            f"{', '.join(s.name for s in changed)}: options of the built-in nets (cnn, mlp) "
+            f"only; a user's model is trained as it is (its own layers and initialization). "
+            f"Received: model={config.model!r} with {received}. Allowed: these options left "
+            f"at their defaults ({defaults}) with model={config.model!r}.")
+
+
+def _model_file_slug(value):
+    return pathlib.PurePath(value).stem
 
 
 def _init_slug(value):
@@ -263,6 +319,7 @@ def _input_norm_slug(value):
 INPUT_NORMALIZATIONS = ("pooled", "none")
 
 
+_BUILT_IN = ("model", net_options.KINDS)   # Widget.used_with of the built-in nets' options
 # The initializers the explorer offers: name -> (label, what it does).
 _EXPLORER_INITS = {
     "kaiming_normal": ("Kaiming normal (fan_in)", "He et al. 2015: Var[W] = 2/fan_in, keeps "
@@ -294,9 +351,12 @@ class TrainConfig:
     """Everything that defines a training run (written to ``config.json``).
 
     Each field's help, choices and bounds are declared next to it (see the module docstring);
-    ``keras-varinit train --help`` lists them. In short: ``model`` "cnn" (``plain_cnn``) or
-    "mlp" (``plain_mlp``); ``init`` an ``initializers.get`` name or "lsuv" (orthogonal start,
-    then ``lsuv`` on a training batch); ``normalization`` one of ``models.NORMALIZATIONS``
+    ``keras-varinit train --help`` lists them. In short: ``model`` "cnn" (``plain_cnn``),
+    "mlp" (``plain_mlp``), "file" (the ``.keras`` file ``model_file``, as saved) or
+    "application" (``keras.applications.<application>(weights=None)`` at 32x32), the last two
+    without the built-in-only options (``check_model_source``); ``init`` an
+    ``initializers.get`` name or "lsuv" (orthogonal start, then ``lsuv`` on a training
+    batch); ``normalization`` one of ``net_options.NORMALIZATIONS``
     (before each activation; ``groups`` for "group"); ``subset``/``val_subset`` None = all;
     ``data`` "auto", "synthetic" or a path; ``distribute`` None, "mirrored" or "multiworker"
     (TensorFlow), or "data_parallel" (JAX); ``backup_every_n_steps`` how often ``--resume``
@@ -304,45 +364,64 @@ class TrainConfig:
     """
 
     model: str = option(
-        "cnn", "plain_cnn or plain_mlp", choices=models.KINDS, slug="{}", at_init=True,
+        "cnn", "plain_cnn, plain_mlp, a .keras file (file: --model-file) or a "
+        "keras.applications architecture (application: --application)", choices=MODELS,
+        slug="{}", at_init=True,
         widget=Widget(WidgetKind.RADIO, "Model", NETWORK,
-                      labels={"cnn": "Plain CNN", "mlp": "MLP"},
+                      labels={"cnn": "Plain CNN", "mlp": "MLP", "file": "Your .keras file",
+                              "application": "Keras application"},
                       help="Plain CNN: 3x3 convolutions in three stages (16/32/64 channels at "
                            "width 16), no skip connections. MLP: dense layers on the flattened "
-                           "image."))
+                           "image. Your model: a .keras file you upload, or a keras.applications "
+                           "architecture with random weights (weights=None) at 32x32; trained "
+                           "as it is (depth, width, initializer, activation and normalization "
+                           "apply to the built-in nets only)."))
+    model_file: str | None = option(
+        None, "the .keras file to train with --model file (loaded in safe mode, without its "
+        "compile state; its own weights are the starting point)", rule=check_model_file,
+        slug=_model_file_slug, at_init=True, metavar="PATH")
+    application: str | None = option(
+        None, "the keras.applications architecture to train with --model application "
+        "(weights=None, 32x32 inputs, 10 classes)", choices=(None, *APPLICATIONS), slug="{}",
+        at_init=True,
+        widget=Widget(WidgetKind.SELECT, "Architecture (keras.applications, weights=None)",
+                      NETWORK, options=APPLICATIONS, default=APPLICATIONS[0],
+                      used_with=("model", ("application",))))
     depth: int = option(
-        30, "weight layers", minimum=2, slug="d{}", at_init=True,
-        widget=Widget(WidgetKind.SLIDER, "Depth (weight layers)", NETWORK, low=2, high=60))
+        30, "weight layers", minimum=2, slug="d{}", at_init=True, builtin=True,
+        widget=Widget(WidgetKind.SLIDER, "Depth (weight layers)", NETWORK, low=2, high=60,
+                      used_with=_BUILT_IN))
     width: int = option(
         16, "channels of the first stage (cnn) / units (mlp)", minimum=1, slug="w{}",
-        at_init=True,
+        at_init=True, builtin=True,
         widget=Widget(WidgetKind.NUMBER, "Width (channels of the first stage / units)",
-                      NETWORK, low=1, high=1024, step=1))
+                      NETWORK, low=1, high=1024, step=1, used_with=_BUILT_IN))
     init: str = option(
         "kaiming_normal", "initializer: xavier_normal, kaiming_normal, normal:0.01, "
         "torch_default, lsuv, or any Keras initializer name", rule=check_init,
-        slug=_init_slug, at_init=True,
+        slug=_init_slug, at_init=True, builtin=True,
         widget=Widget(WidgetKind.SELECT, "Initializer", NETWORK, options=tuple(_EXPLORER_INITS),
-                      labels={k: v[0] for k, v in _EXPLORER_INITS.items()},
+                      labels={k: v[0] for k, v in _EXPLORER_INITS.items()}, used_with=_BUILT_IN,
                       help="\n\n".join(f"**{label}**: {text}"
                                        for label, text in _EXPLORER_INITS.values())))
     activation: str = option(
-        "relu", "activation of the hidden layers", choices=models.ACTIVATIONS, slug="{}",
-        at_init=True,
+        "relu", "activation of the hidden layers", choices=net_options.ACTIVATIONS, slug="{}",
+        at_init=True, builtin=True,
         widget=Widget(WidgetKind.SELECT, "Activation", NETWORK,
-                      options=("relu", "leaky_relu", "tanh", "linear")))
+                      options=("relu", "leaky_relu", "tanh", "linear"), used_with=_BUILT_IN))
     normalization: str = option(
         "none", "normalization before each activation: batch (Keras's BN: pooled variance), "
         "batch_per_sample (BN with the per-image std), layer, instance (CNN only), group",
-        choices=models.NORMALIZATIONS, flag="--norm", slug=_norm_slug, at_init=True,
-        widget=Widget(WidgetKind.SELECT, "Normalization", NETWORK,
+        choices=net_options.NORMALIZATIONS, flag="--norm", slug=_norm_slug, at_init=True,
+        builtin=True,
+        widget=Widget(WidgetKind.SELECT, "Normalization", NETWORK, used_with=_BUILT_IN,
                       labels={"none": "No normalization", "batch": "Batch norm",
                               "batch_per_sample": "Batch norm (per-sample variance)",
                               "layer": "Layer norm", "instance": "Instance norm",
                               "group": "Group norm"}))
     groups: int = option(
-        models.DEFAULT_GROUPS, "groups of group normalization (must divide the width of every "
-        "hidden layer)", minimum=1, at_init=True,
+        net_options.DEFAULT_GROUPS, "groups of group normalization (must divide the width of "
+        "every hidden layer)", minimum=1, at_init=True, builtin=True,
         widget=Widget(WidgetKind.NUMBER, "Groups (group norm)", NETWORK, low=1, high=64, step=1,
                       used_with=("normalization", ("group",))))
     optimizer: str = option(
@@ -411,8 +490,10 @@ class TrainConfig:
         """Every blocking rule, in order: each field's own, then those across fields."""
         for spec in fields(type(self)):
             yield functools.partial(spec.check, getattr(self, spec.name))
-        yield functools.partial(models.check_normalization, self.model, self.normalization,
-                                self.width, self.groups)
+        yield functools.partial(check_model_source, self)
+        if self.model in net_options.KINDS:
+            yield functools.partial(net_options.check_normalization, self.model,
+                                    self.normalization, self.width, self.groups)
 
     def validate(self):
         """Raise on the first blocking problem (ValueError "Received: ... Allowed: ...", or
@@ -453,7 +534,8 @@ class TrainConfig:
     def slug(self):
         """A short name for directories, e.g. "cnn-d30-w16-kaiming_normal-relu-sgd-lr0.01-s0"
         (the fields' ``slug`` parts, in order)."""
-        parts = (spec.slug_part(getattr(self, spec.name)) for spec in fields(type(self)))
+        parts = (spec.slug_part(getattr(self, spec.name)) for spec in fields(type(self))
+                 if not (spec.builtin and self.model in USER_MODELS))
         return "-".join(part for part in parts if part)
 
 

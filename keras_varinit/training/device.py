@@ -1,9 +1,8 @@
 """Where a run trains: the device it reports, its ``Placement`` (the ``tf.distribute`` strategy
-on TensorFlow, the ``keras.distribution`` on JAX), the dtype policy."""
+on TensorFlow, the ``keras.distribution`` on JAX), the dtype policy. Keras is imported by
+the functions that use it, so the run schema can read ``DISTRIBUTES`` without it."""
 import contextlib
 import dataclasses
-
-import keras
 
 from keras_varinit.checks import check_choice
 
@@ -14,6 +13,8 @@ DISTRIBUTES = (None, *TF_STRATEGIES, *JAX_DISTRIBUTIONS)
 
 def describe_device():
     """"GPU:0 (<name>)" (and "+N more") when a GPU is visible to the backend, else "CPU"."""
+    import keras
+
     backend = keras.backend.backend()
     try:
         if backend == "tensorflow":
@@ -87,6 +88,8 @@ def make_placement(distribute):
     else the logical CPU devices) or "multiworker" (``MultiWorkerMirroredStrategy`` from
     ``TF_CONFIG``) on TensorFlow, "data_parallel" (``keras.distribution.DataParallel`` over
     every visible device) on JAX."""
+    import keras
+
     check_choice("distribute", distribute, DISTRIBUTES)
     if distribute is None:
         return Placement()
@@ -138,6 +141,8 @@ def _multi_worker_strategy():
 def dtype_policy(mixed_precision):
     """Train under "mixed_float16" inside the block when asked; the global policy is restored
     on the way out."""
+    import keras
+
     if not mixed_precision:
         yield
         return
