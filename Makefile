@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,jax,explorer,datasets,dev
-# Two test processes, a test file each (its module fixtures built once): `make test PYTEST_ARGS=` runs serially.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# Two test processes sharing out the tests (xdist_group keeps a module's costly fixtures in one);
+# `make test PYTEST_ARGS=` runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 HOST ?= 127.0.0.1
 PORT ?= 8501
 export TF_CPP_MIN_LOG_LEVEL ?= 2

@@ -5,8 +5,6 @@ import pytest
 
 from keras_varinit.training.batches import RunBatches, epoch_order, steps_per_epoch
 
-pytestmark = pytest.mark.backend_independent
-
 
 def test_every_epoch_visits_every_sample_once_in_its_own_order():
     x = np.arange(10, dtype="float32").reshape(10, 1)

@@ -11,7 +11,6 @@ from keras_varinit.cli.doctor import Probe, change_options, probe_config, report
 from keras_varinit.diagnosis import Finding
 from keras_varinit.training import TrainConfig
 
-pytestmark = pytest.mark.backend_independent
 
 #: A 30-layer ReLU MLP under Xavier: the variance halves per layer (2^-29 ~ 2e-9 at the top).
 FAILING = ["--model", "mlp", "--depth", "30", "--width", "8", "--init", "xavier_normal",
@@ -53,6 +52,7 @@ def _saved_model(path, init):
     return path
 
 
+@pytest.mark.backend_independent
 def test_a_keras_file_is_probed_within_the_time_limit_json(tmp_path, capsys):
     """A saved 30-layer ReLU MLP under Glorot, on synthetic data of its input shape (8,) with 3
     classes; the time limit stops the probe after its first step, the findings stand; --json

@@ -9,8 +9,6 @@ from PIL import Image
 
 from keras_varinit.cli import stats
 
-pytestmark = pytest.mark.backend_independent
-
 
 @pytest.fixture(autouse=True)
 def _clear_session():

@@ -72,10 +72,7 @@ def _check_labels(split):
     np.testing.assert_array_equal(x[:, 0, 0, 0] // 20, y)
 
 
-
-
 # ---------------------------------------------------------------------------------- synthetic
-@pytest.mark.backend_independent
 def test_synthetic_shapes_dtypes_balance_determinism():
     (x, y), (xt, yt) = synthetic_cifar10(200, 50, seed=3)
     assert x.shape == (200, 32, 32, 3) and x.dtype == np.uint8
@@ -90,7 +87,6 @@ def test_synthetic_shapes_dtypes_balance_determinism():
     assert 30 < x.std() < 120  # not constant, not saturated
 
 
-@pytest.mark.backend_independent
 def test_synthetic_is_learnable_beyond_colour():
     """Nearest class centroid on colour + grating-orientation features beats chance by far."""
     (x, y), (xt, yt) = synthetic_cifar10(2000, 500, seed=0)
@@ -115,14 +111,12 @@ def test_synthetic_is_learnable_beyond_colour():
     assert (pred == yt).mean() > 0.4
 
 
-@pytest.mark.backend_independent
 @pytest.mark.parametrize("bad", [-1, 2.5, "10", True])
 def test_synthetic_bad_sizes(bad):
     with pytest.raises(ValueError, match="n_train"):
         synthetic_cifar10(bad, 10)
 
 
-@pytest.mark.backend_independent
 def test_load_synthetic_source_and_resolve():
     (x, y), (xt, yt) = load_cifar10("synthetic", synthetic_size=(30, 10))
     assert x.shape == (30, 32, 32, 3) and xt.shape == (10, 32, 32, 3)

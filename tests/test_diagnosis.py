@@ -17,7 +17,6 @@ from keras_varinit.diagnosis import (
     write_findings,
 )
 
-pytestmark = pytest.mark.backend_independent
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LN10 = math.log(10)
 

@@ -26,7 +26,8 @@ import pytest
 
 from keras_varinit import diagnostics, models, profile_report, propagation
 
-pytestmark = pytest.mark.backend_independent
+# One test process builds the module's shared fixtures (make test: --dist loadgroup).
+pytestmark = [pytest.mark.backend_independent, pytest.mark.xdist_group("small30")]
 
 BATCH = 256
 

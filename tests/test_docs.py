@@ -4,11 +4,9 @@ and say who writes each file of a run directory."""
 import pathlib
 import re
 
-import pytest
 
 from keras_varinit import run_files as rf
 
-pytestmark = pytest.mark.backend_independent
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

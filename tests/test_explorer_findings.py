@@ -12,8 +12,6 @@ from keras_varinit import run_files as rf
 from keras_varinit.diagnosis import Finding, Suggestion, write_findings
 from keras_varinit.training import TrainConfig
 
-pytestmark = pytest.mark.backend_independent
-
 
 def _finding(kind="vanishing", step=0, layers=("conv_01", "conv_02"), changes=None,
              severity="severe"):

@@ -13,8 +13,6 @@ from explorer import charts, presets
 from explorer.run_store import RunStore, pid_alive
 from keras_varinit import run_files as rf
 
-pytestmark = pytest.mark.backend_independent
-
 
 # --------------------------------------------------------------------------------------------
 # settings

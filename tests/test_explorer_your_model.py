@@ -5,8 +5,6 @@ import pytest
 from explorer.your_model import UploadError, UploadStore
 from tests.test_training_user_model import two_conv
 
-pytestmark = pytest.mark.backend_independent
-
 
 def test_upload_is_stored_once_under_its_digest_whatever_its_name(tmp_path, monkeypatch):
     data = open(two_conv(tmp_path / "net.keras"), "rb").read()

@@ -8,7 +8,8 @@ import pytest
 
 from keras_varinit import initializers, models
 
-pytestmark = pytest.mark.backend_independent
+# One test process builds the module's shared fixtures (make test: --dist loadgroup).
+pytestmark = [pytest.mark.backend_independent, pytest.mark.xdist_group("small30")]
 
 
 def _weights(model):

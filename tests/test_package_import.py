@@ -6,12 +6,10 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from keras_varinit import initializers, net_options
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.backend_independent
 
 
 def _run(script):

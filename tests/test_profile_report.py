@@ -5,7 +5,8 @@ import pytest
 
 from keras_varinit import profile_report
 
-pytestmark = pytest.mark.backend_independent
+# One test process builds the module's shared fixtures (make test: --dist loadgroup).
+pytestmark = [pytest.mark.backend_independent, pytest.mark.xdist_group("small30")]
 
 
 # ----------------------------------------------------------------------------- verdict, plot

@@ -1,12 +1,9 @@
 """Tests for keras_varinit/training/resume.py: the run files cut back to a backup (JSON lines,
 metrics.csv, TensorBoard event files, a record half-written by a kill). Resuming end to end:
 tests/test_backup.py."""
-import pytest
 
 from keras_varinit import run_files as rf
 from keras_varinit.training.resume import cut_back, truncate_events
-
-pytestmark = pytest.mark.backend_independent
 
 
 def _write_events(folder, scalars):

@@ -14,7 +14,6 @@ import pytest
 from keras_varinit import run_files as rf
 from keras_varinit.run_files import RunState
 
-pytestmark = pytest.mark.backend_independent
 
 # Holds a run's lock like a trainer (status "running"), then sleeps until killed. run_files is
 # plain Python: loaded from its file, without the package (and Keras) around it.

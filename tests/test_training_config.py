@@ -21,7 +21,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- validation
 
-@pytest.mark.backend_independent
 @pytest.mark.parametrize("overrides, match", [
     ({"depth": 1}, "depth=1"),
     ({"depth": 2.5}, "depth=2.5"),
@@ -52,13 +51,11 @@ def test_bad_config_raises_with_received_and_allowed(overrides, match):
     assert "Allowed" in str(info.value)
 
 
-@pytest.mark.backend_independent
 def test_missing_data_path_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         tiny(data=str(tmp_path / "no_such_dir")).validate()
 
 
-@pytest.mark.backend_independent
 def test_config_roundtrip_and_slug():
     config = tiny(init="normal:0.01", normalization="batch", subset=0)
     assert config.subset is None  # 0 = all
@@ -72,7 +69,6 @@ def test_config_roundtrip_and_slug():
     assert TrainConfig().slug() == "cnn-d30-w16-kaiming_normal-relu-sgd-lr0.01-s0"  # no "none"
 
 
-@pytest.mark.backend_independent
 @pytest.mark.parametrize("old, new", [(None, "none"), ("none", "none"), ("pooled", "batch"),
                                       ("per_sample", "batch_per_sample")])
 def test_an_older_config_json_with_batch_norm_is_read(old, new):
@@ -88,7 +84,6 @@ def test_an_older_config_json_with_batch_norm_is_read(old, new):
         TrainConfig.from_dict(dict(record, batch_norm="group"))
 
 
-@pytest.mark.backend_independent
 def test_problems_are_typed_blocking_or_advice():
     assert TrainConfig().problems() == []
     (blocking,) = TrainConfig(model="mlp", normalization="batch_per_sample").problems()
@@ -99,7 +94,6 @@ def test_problems_are_typed_blocking_or_advice():
     TrainConfig(lr=3.0).validate()  # advice does not block
 
 
-@pytest.mark.backend_independent
 @pytest.mark.parametrize("kind, normalization, width, groups", [
     ("mlp", "batch_per_sample", 256, 8), ("mlp", "instance", 256, 8), ("cnn", "group", 12, 8)])
 def test_the_normalization_refusals_are_the_models_rule(kind, normalization, width, groups):
@@ -113,7 +107,6 @@ def test_the_normalization_refusals_are_the_models_rule(kind, normalization, wid
     models.check_normalization("cnn", normalization, 16, groups)
 
 
-@pytest.mark.backend_independent
 def test_choices_are_the_models_own():
     specs = {spec.name: spec for spec in fields(TrainConfig)}
     assert specs["activation"].choices == models.ACTIVATIONS
@@ -136,7 +129,6 @@ class WithPrecision(TrainConfig):
                             widget=Widget(WidgetKind.RADIO, "Precision", TRAINING))
 
 
-@pytest.mark.backend_independent
 def test_a_new_field_with_choices_reaches_the_cli_and_the_explorer(tmp_path):
     # the CLI: an option with its choices, parsed into the config, checked by the config
     parser = argparse.ArgumentParser(prog="keras-varinit")
@@ -167,7 +159,6 @@ def test_a_new_field_with_choices_reaches_the_cli_and_the_explorer(tmp_path):
     assert presets.to_config(settings, WithPrecision).precision == "float32"
 
 
-@pytest.mark.backend_independent
 def test_explorer_settings_are_the_schema_fields_with_a_widget():
     """... and the fields the page sets itself (the stored upload of a "file" model)."""
     with_widget = [spec.name for spec in fields(TrainConfig) if spec.widget is not None]
@@ -196,7 +187,6 @@ def _definitions(pattern):
     return found
 
 
-@pytest.mark.backend_independent
 @pytest.mark.parametrize("what, pattern, home", [
     ("choice validator", r"^def _?check_choice\(", "keras_varinit/checks.py"),
     ("utc_now", r"^def utc_now\(", "keras_varinit/run_files.py"),
@@ -217,7 +207,6 @@ def test_each_rule_and_format_has_one_home(what, pattern, home):
     assert len(found) == 1 and found[0].startswith(home + ":"), (what, found)
 
 
-@pytest.mark.backend_independent
 def test_a_run_gets_only_its_models_settings():
     """The page keeps every control's value; a run's config only what its model uses."""
     page = {**presets.DEFAULTS, "model": "application", "application": "ResNet50",
