@@ -16,8 +16,6 @@ import pytest
 from keras_varinit import run_files as rf
 from keras_varinit.training import backup as bk
 
-# One test process builds the module's shared fixtures (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("backup")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -18,8 +18,6 @@ from keras_varinit.layers import PER_SAMPLE_TINY
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
-# One test process builds the module's shared fixtures (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("device")
 
 # --------------------------------------------------------------------------- JAX data parallel
 

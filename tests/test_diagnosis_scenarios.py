@@ -14,8 +14,6 @@ import keras_varinit as kv
 from keras_varinit.callbacks import DiagnosisLogger, LayerStatsLogger
 from keras_varinit.diagnosis import NORMALIZATION_FIELD, Context
 
-# One test process builds the module's shared fixtures (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("scenarios")
 
 bi = pytest.mark.backend_independent
 

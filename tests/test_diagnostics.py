@@ -26,8 +26,7 @@ import pytest
 
 from keras_varinit import diagnostics, models, profile_report, propagation
 
-# One test process builds the module's shared fixtures (make test: --dist loadgroup).
-pytestmark = [pytest.mark.backend_independent, pytest.mark.xdist_group("small30")]
+pytestmark = pytest.mark.backend_independent
 
 BATCH = 256
 

@@ -8,8 +8,7 @@ import pytest
 
 from keras_varinit import initializers, models
 
-# One test process builds the module's shared fixtures (make test: --dist loadgroup).
-pytestmark = [pytest.mark.backend_independent, pytest.mark.xdist_group("small30")]
+pytestmark = pytest.mark.backend_independent
 
 
 def _weights(model):

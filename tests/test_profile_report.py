@@ -5,8 +5,7 @@ import pytest
 
 from keras_varinit import profile_report
 
-# One test process builds the module's shared fixtures (make test: --dist loadgroup).
-pytestmark = [pytest.mark.backend_independent, pytest.mark.xdist_group("small30")]
+pytestmark = pytest.mark.backend_independent
 
 
 # ----------------------------------------------------------------------------- verdict, plot
