@@ -24,6 +24,8 @@ CIFAR-10 images standardized per channel (`cifar10`; your model's default when i
 """
 import time
 
+from keras_varinit.net_options import DEFAULT_GROUPS
+
 HELP = "per-layer forward/backward variance at init, measured and predicted"
 DATA_CHOICES = ("gaussian", "synthetic", "cifar10")
 #: Options that describe a plain net (attribute: flag); refused with your own model.
@@ -31,13 +33,13 @@ PLAIN_NET_OPTIONS = {"depth": "--depth", "inits": "--init", "activation": "--act
                      "width": "--width", "norm": "--norm", "groups": "--groups",
                      "first_layer_init": "--first-layer-init",
                      "negative_slope": "--negative-slope", "draws": "--draws"}
-PLAIN_DEFAULTS = {"depth": 30, "activation": "relu", "norm": "none",
-                  "negative_slope": 0.2, "draws": 1}  # --groups: models.DEFAULT_GROUPS
+PLAIN_DEFAULTS = {"depth": 30, "activation": "relu", "norm": "none", "groups": DEFAULT_GROUPS,
+                  "negative_slope": 0.2, "draws": 1}
 DEFAULT_INITS = ("xavier_normal", "kaiming_normal")
 
 
 def add_parser(subparsers):
-    from keras_varinit.net_options import ACTIVATIONS, DEFAULT_GROUPS, KINDS, NORMALIZATIONS
+    from keras_varinit.net_options import ACTIVATIONS, KINDS, NORMALIZATIONS
 
     p = subparsers.add_parser(
         "profile", help=HELP,
@@ -70,7 +72,7 @@ def add_parser(subparsers):
                         "batch_per_sample: CNN only)")
     p.add_argument("--groups", type=int, default=None,
                    help="groups of --norm group; must divide the width of every hidden layer "
-                        "(default %d)" % DEFAULT_GROUPS)
+                        f"(default {PLAIN_DEFAULTS['groups']})")
     p.add_argument("--first-layer-init", default=None, metavar="NAME",
                    help="initializer of the first layer (a Kaiming name gives 1/fan_in)")
     p.add_argument("--negative-slope", type=float, default=None,
@@ -114,9 +116,7 @@ def _check_args(args):
                              "with --model FILE.keras/module:function. Allowed with your model: "
                              "--data, --batch-size, --seed, --plot, --csv, --full")
     else:
-        from keras_varinit.net_options import DEFAULT_GROUPS
-
-        for option, default in {**PLAIN_DEFAULTS, "groups": DEFAULT_GROUPS}.items():
+        for option, default in PLAIN_DEFAULTS.items():
             if getattr(args, option) is None:
                 setattr(args, option, default)
         if args.depth < 2:
