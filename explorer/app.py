@@ -21,14 +21,13 @@ if str(_REPO) not in sys.path:  # `streamlit run explorer/app.py` puts explorer/
     sys.path.insert(0, str(_REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from explorer import charts, norm_figure, presets  # noqa: E402
-from explorer.run_store import RunStore, default_runs_dir  # noqa: E402
+# Only what the sidebar and the tabs need: pandas and Altair (charts, run_store, worker) are
+# imported once the tabs are on the page (below), so the first render does not wait for them.
+from explorer import norm_figure, presets  # noqa: E402
 from explorer.your_model import (FACTORIES_NOTE, UploadError, UploadStore,  # noqa: E402
                                  max_upload_mb)
-from explorer.worker import JobManager, data_parallel_devices, detect_devices  # noqa: E402
 from keras_varinit.run_files import RunState  # noqa: E402
 from keras_varinit.training.device import check_data_parallel_batch  # noqa: E402
 from keras_varinit.training.config import NETWORK, WidgetKind  # noqa: E402
@@ -43,6 +42,8 @@ st.set_page_config(page_title="keras_varinit explorer", page_icon=":material/ins
 # Long-lived objects (survive reruns and browser reloads)
 # --------------------------------------------------------------------------------------------
 def runs_dir() -> pathlib.Path:
+    from explorer.run_store import default_runs_dir
+
     return default_runs_dir().resolve()
 
 
@@ -232,23 +233,31 @@ st.markdown("Pick a depth and an initializer: see how the signal propagates **at
             "initialization**, then **train** on CIFAR-10 and **compare** runs. "
             "The settings live in the URL; copy it to share this configuration.")
 
-for note in st.session_state.get("_url_notes", []):
-    st.warning(note, icon=":material/link:")
+banners = st.container()   # filled below, once the tabs are on the page
+tab_init, tab_train, tab_compare = st.tabs(["At initialization", "Training", "Compare"])
 
-data_info = get_data_info()
-if settings["data"] == "auto" and not data_info.available:
-    with st.container(border=True):
-        st.warning(data_info.message, icon=":material/cloud_off:")
-        st.button("Use the synthetic CIFAR-shaped set", on_click=_use_synthetic,
-                  type="primary", key="use_synthetic")
-elif settings["data"] == "synthetic":
-    st.info("Data: the **synthetic** CIFAR-shaped set (oriented gratings per class, not "
-            "CIFAR-10). Every chart of such a run says so.", icon=":material/science:")
+from explorer import charts  # noqa: E402  (Altair, pandas: after the first render)
+from explorer.run_store import RunStore  # noqa: E402
+from explorer.worker import JobManager, data_parallel_devices, detect_devices  # noqa: E402
 
-problems = presets.problems(settings)
-blocking = [problem for problem in problems if problem.blocking]
-for problem in problems:
-    (st.error if problem.blocking else st.warning)(problem.text)
+with banners:
+    for note in st.session_state.get("_url_notes", []):
+        st.warning(note, icon=":material/link:")
+
+    data_info = get_data_info()
+    if settings["data"] == "auto" and not data_info.available:
+        with st.container(border=True):
+            st.warning(data_info.message, icon=":material/cloud_off:")
+            st.button("Use the synthetic CIFAR-shaped set", on_click=_use_synthetic,
+                      type="primary", key="use_synthetic")
+    elif settings["data"] == "synthetic":
+        st.info("Data: the **synthetic** CIFAR-shaped set (oriented gratings per class, not "
+                "CIFAR-10). Every chart of such a run says so.", icon=":material/science:")
+
+    problems = presets.problems(settings)
+    blocking = [problem for problem in problems if problem.blocking]
+    for problem in problems:
+        (st.error if problem.blocking else st.warning)(problem.text)
 
 store = get_store(str(runs_dir()))
 jobs = get_jobs(str(runs_dir()))
@@ -321,8 +330,6 @@ def findings_panel(info, findings):
     for i, finding in enumerate(findings):
         finding_box(finding, key=f"apply_{info.run_id}_{i}", config=info.config)
 
-
-tab_init, tab_train, tab_compare = st.tabs(["At initialization", "Training", "Compare"])
 
 # --------------------------------------------------------------------------------------------
 # At initialization

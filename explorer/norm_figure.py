@@ -12,11 +12,10 @@ variance: each method takes its statistics over one such set, for every set alik
 
 Plain Python (no Streamlit): `norm_figure` returns an Altair chart, `normalized_cells` the shaded
 set; the explorer shows the figure next to its normalization select, with `DESCRIPTIONS`.
+Altair and pandas are imported by the functions that draw, so that the explorer's sidebar can
+use the texts before they are loaded.
 """
 from __future__ import annotations
-
-import altair as alt
-import pandas as pd
 
 # One sentence per method: what its statistics are taken over.
 DESCRIPTIONS = {
@@ -72,6 +71,8 @@ def block_cells(method, *, samples=4, channels=6, positions=4, groups=2):
     """One row per cell of the block: `sample, channel, position, shaded` and the rectangle
     `x, x2, y, y2` it is drawn as (sample n's slice shifted up and right by n * DEPTH_OFFSET),
     and `draw_order` (back slices first, sample 0 in front)."""
+    import pandas as pd
+
     shaded = normalized_cells(method, samples=samples, channels=channels, positions=positions,
                               groups=groups)
     rows = []
@@ -90,6 +91,8 @@ def block_cells(method, *, samples=4, channels=6, positions=4, groups=2):
 def norm_figure(methods=("batch", "layer", "instance", "group"), *, samples=4, channels=6,
                 positions=4, groups=2) -> alt.HConcatChart:
     """The block of each method in `methods`, side by side, its normalized set shaded."""
+    import altair as alt
+
     panels = [_panel(m, samples, channels, positions, groups) for m in methods]
     subtitle = (f"N = {samples} samples (depth) x C = {channels} channels (across) x "
                 f"H, W = {positions} positions (down); shaded: the values that share one mean "
@@ -100,6 +103,9 @@ def norm_figure(methods=("batch", "layer", "instance", "group"), *, samples=4, c
 
 
 def _panel(method, samples, channels, positions, groups):
+    import altair as alt
+    import pandas as pd
+
     cells = block_cells(method, samples=samples, channels=channels, positions=positions,
                         groups=groups)
     depth = samples * DEPTH_OFFSET
@@ -133,6 +139,8 @@ def _panel(method, samples, channels, positions, groups):
 
 def _fixed(domain):
     """A linear scale on exactly `domain` (so that a cell is CELL_PIXELS wide in every panel)."""
+    import altair as alt
+
     return alt.Scale(domain=domain, nice=False, zero=False)
 
 

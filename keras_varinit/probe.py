@@ -12,7 +12,9 @@ and activation gradients (for histograms). a^l is the layer's output (after its 
 activation); dL/da^l and dL/dW^l come from the same backward pass, without touching the
 model's `train_step` or optimizer. TensorFlow runs the first `EAGER_CALLS` probes eagerly and
 traces one `tf.function` at the next (tracing a deep model costs several probes, which a short
-fit never earns back); JAX compiles with `jax.jit`. Nothing the probe does (batch norm moving
+fit never earns back); JAX compiles with `jax.jit`. The NaN/Inf counts cost four more passes
+over every tensor, so the compiled pass leaves them out (0); a pass whose statistics are not
+all finite is run again, eagerly, with them. Nothing the probe does (batch norm moving
 statistics with `training=True`, seed generator state) changes the model.
 """
 import math
@@ -32,6 +34,12 @@ TANH_SATURATION = 0.97
 SIGMOID_LOW, SIGMOID_HIGH = 0.03, 0.97
 
 _SAT_NONE, _SAT_TANH, _SAT_SIGMOID = 0, 1, 2
+
+# All finite exactly when every entry of the tensors they summarize is (a NaN or Inf entry
+# makes the mean, and so the centred standard deviation, non-finite). weight_std is NaN by
+# design on layers without a tracked weight.
+_ACTIVATION_STATS = ("activation_mean", "activation_std", "activation_grad_std")
+_WEIGHT_STATS = ("weight_std", "weight_grad_std")
 
 # TensorFlow: number of probe calls run eagerly before the probe is compiled with tf.function.
 EAGER_CALLS = 3
@@ -68,15 +76,30 @@ def tracked_weight(layer):
     return None
 
 
-def _layer_stats(a, g, w, gw, sat_mode):
+def _mean_std(t):
+    """Mean and standard deviation of all entries, centred two-pass (`ops.moments`: one
+    reduction for the mean, one fused squared difference for the variance)."""
+    mean, variance = ops.moments(t, axes=list(range(len(t.shape))))
+    return mean, ops.sqrt(variance)
+
+
+def _non_finite_counts(tensors):
+    f32 = "float32"
+    nan = sum(ops.sum(ops.cast(ops.isnan(t), f32)) for t in tensors)
+    inf = sum(ops.sum(ops.cast(ops.isinf(t), f32)) for t in tensors)
+    return nan, inf
+
+
+def _layer_stats(a, g, w, gw, sat_mode, count_non_finite=False):
     """In-graph statistics of one layer call, in `STAT_NAMES` order (keras.ops, any backend).
 
-    NaN/Inf are counted only when a statistic came out non-finite (a finite mean and standard
-    deviation mean every entry is finite), so a healthy network pays no extra pass for them.
+    The NaN/Inf counts are computed only with `count_non_finite` (else 0): `LayerProbe` asks
+    for them in a second pass, only when a statistic came out non-finite (finite means and
+    standard deviations mean that every entry is finite), so a healthy network pays nothing.
     """
     f32 = "float32"
     a, g = ops.cast(a, f32), ops.cast(g, f32)
-    mean, std = ops.mean(a), ops.std(a)
+    mean, std = _mean_std(a)
     zero = ops.mean(ops.cast(ops.equal(a, 0.0), f32))
     if sat_mode == _SAT_TANH:
         sat = ops.mean(ops.cast(ops.greater(ops.abs(a), TANH_SATURATION), f32))
@@ -85,23 +108,18 @@ def _layer_stats(a, g, w, gw, sat_mode):
             ops.logical_or(ops.less(a, SIGMOID_LOW), ops.greater(a, SIGMOID_HIGH)), f32))
     else:
         sat = ops.zeros((), f32)
-    gstd = ops.std(g)
+    _, gstd = _mean_std(g)
     tensors = [a, g]
     if w is not None:
         w, gw = ops.cast(w, f32), ops.cast(gw, f32)
-        wstd, gwstd = ops.std(w), ops.std(gw)
+        wstd, gwstd = _mean_std(w)[1], _mean_std(gw)[1]
         tensors += [w, gw]
-        finite = ops.isfinite(mean + std + gstd + wstd + gwstd)
     else:
         wstd = gwstd = ops.full((), float("nan"), f32)
-        finite = ops.isfinite(mean + std + gstd)
-
-    def counts():
-        nan = sum(ops.sum(ops.cast(ops.isnan(t), f32)) for t in tensors)
-        inf = sum(ops.sum(ops.cast(ops.isinf(t), f32)) for t in tensors)
-        return ops.stack([nan, inf])
-
-    nan, inf = ops.unstack(ops.cond(finite, lambda: ops.zeros((2,), f32), counts))
+    if count_non_finite:
+        nan, inf = _non_finite_counts(tensors)
+    else:
+        nan = inf = ops.zeros((), f32)
     return [mean, std, zero, sat, gstd, wstd, gwstd, nan, inf]
 
 
@@ -125,18 +143,36 @@ class LayerProbe:
         self.recorder = instrument.Recorder(
             model, sites, self._statistics, loss=loss_fn, training=training,
             weight_of=tracked_weight, eager_calls=EAGER_CALLS)
+        # Rarely needed (a diverged network): always eager, so it costs no trace.
+        self._counting_recorder = instrument.Recorder(
+            model, sites, self._counting_statistics, loss=loss_fn, training=training,
+            weight_of=tracked_weight, eager_calls=None)
 
-    def _statistics(self, view):
+    def _statistics(self, view, count_non_finite=False):
         values = _layer_stats(view.activated, view.output_grad, view.weight, view.weight_grad,
-                              saturation_mode(view.site.layer))
+                              saturation_mode(view.site.layer), count_non_finite)
         stats = dict(zip(STAT_NAMES, values))
         if self.return_tensors:
             stats["activation"] = view.activated
             stats["activation_grad"] = view.output_grad
         return stats
 
+    def _counting_statistics(self, view):
+        return self._statistics(view, count_non_finite=True)
+
     def __call__(self, x, y):
-        return self.recorder(x, y)
+        """The statistics of one pass; a pass whose statistics are not all finite is run again
+        (eagerly) with the NaN/Inf counts of every tracked tensor."""
+        recording = self.recorder(x, y)
+        if all(_all_finite(record) for record in recording.records):
+            return recording
+        return self._counting_recorder(x, y)
+
+
+def _all_finite(record):
+    names = _ACTIVATION_STATS + (_WEIGHT_STATS if tracked_weight(record.layer) is not None
+                                 else ())
+    return all(math.isfinite(record.stats[name]) for name in names)
 
 
 def finite_or_none(value):

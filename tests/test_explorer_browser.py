@@ -57,43 +57,52 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
-    _require_browser()
+def start_streamlit(script, runs_dir, log_path):
+    """`streamlit run script` on a free localhost port, headless; `(process, url)` once its
+    health endpoint answers (the caller terminates the process)."""
     port = _free_port()
-    env = dict(os.environ, KERAS_VARINIT_RUNS_DIR=str(tmp_path / "runs"),
+    env = dict(os.environ, KERAS_VARINIT_RUNS_DIR=str(runs_dir),
                TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    log = open(tmp_path / "streamlit.log", "wb")
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "explorer" / "app.py"),
+        [sys.executable, "-m", "streamlit", "run", str(script),
          "--server.port", str(port), "--server.address", "127.0.0.1",
          "--server.headless", "true", "--browser.gatherUsageStats", "false",
          "--server.fileWatcherType", "none"],
         cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         try:
             with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
                 if r.read().strip() == b"ok":
-                    break
+                    return proc, url
         except OSError:
             pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not come up: " + (tmp_path / "streamlit.log").read_text())
-    if proc.poll() is not None:
-        pytest.fail("streamlit exited: " + (tmp_path / "streamlit.log").read_text())
-    yield url
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"streamlit did not come up: {pathlib.Path(log_path).read_text()}")
+
+
+def stop_streamlit(proc):
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    _require_browser()
+    try:
+        proc, url = start_streamlit(REPO / "explorer" / "app.py", tmp_path / "runs",
+                                    tmp_path / "streamlit.log")
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield url
+    stop_streamlit(proc)
 
 
 def _no_exception_box(page):

@@ -4,6 +4,7 @@ profile, filled in last, imports them. Checked in a fresh process where those im
 the page renders, and the profile slot says why it could not be computed.
 
 The time to first render in a real browser is recorded by tests/test_explorer_browser.py."""
+import ast
 import json
 import os
 import pathlib
@@ -55,3 +56,30 @@ def test_page_layout_is_drawn_without_keras(tmp_path):
     assert page["attempts"], "the profile never asked for Keras: was it computed at all?"
     for stack in page["attempts"]:   # every Keras import comes from the profile, drawn last
         assert "init_profile" in stack, stack[-2000:]
+
+
+def _imports_before_tabs(path):
+    """The top-level import statements of the app that run before it draws its tabs."""
+    tree = ast.parse(path.read_text())
+    imports = []
+    for node in tree.body:
+        if "st.tabs(" in ast.unparse(node):
+            return imports
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "module", "") \
+                != "__future__":
+            imports.append(ast.unparse(node))
+    raise AssertionError("explorer/app.py draws no tabs at its top level")
+
+
+def test_sidebar_and_tabs_wait_for_no_heavy_import():
+    """pandas and Altair (about 2 s of imports on 2 cores) come after the sidebar and the tabs:
+    nothing the app imports before `st.tabs` loads them, nor Keras."""
+    imports = _imports_before_tabs(REPO / "explorer" / "app.py")
+    assert any("presets" in line for line in imports)   # the check sees the real imports
+    script = "\n".join(["import sys", f"sys.path.insert(0, {str(REPO)!r})", *imports,
+                        "print(sorted(m for m in ('pandas', 'altair', 'keras', 'tensorflow', "
+                        "'jax') if m in sys.modules))"])
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", (imports, out.stdout)
