@@ -13,9 +13,10 @@ code, imported and called in this process: the CLI's path, never the explorer's.
 
 Public names: `ModelLoadError`, `load_user_model`, `inspect_model_file`, `load_model_file`,
 `load_factory`, `unknown_classes`, `model_input_shape`, `cifar10_shape_mismatch`,
-`cifar10_mismatch`, `check_cifar10_input`, `CIFAR10_INPUT_SHAPE`.
+`cifar10_mismatch`, `check_cifar10_input`, `file_sha256`, `CIFAR10_INPUT_SHAPE`.
 """
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -31,6 +32,16 @@ _ALLOWED = ("Allowed: a .keras file saved with model.save(...) (Keras 3), or a f
 
 class ModelLoadError(ValueError):
     """A model file or factory that cannot be loaded; the message says why and what works."""
+
+
+def file_sha256(path):
+    """The SHA-256 hex digest of the file at `path` (read in 1 MiB chunks): what a run records
+    of its `.keras` file, so that `--resume` can tell that the file changed since."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_user_model(spec):

@@ -2,6 +2,8 @@
 run schema (`TrainConfig.model` "file"/"application"), `keras-varinit train` and
 `run_training`; clear refusals for what cannot be trained."""
 import argparse
+import hashlib
+import pathlib
 
 import keras
 import numpy as np
@@ -36,9 +38,10 @@ def parse(argv):
 @pytest.mark.backend_independent
 def test_keras_file_trains_from_its_own_weights(tmp_path):
     path = two_conv(tmp_path / "mine.keras")
-    args = parse(["--model", "file", "--model-file", path, "--data", "synthetic",
-                  "--subset", "64", "--val-subset", "32", "--epochs", "1", "--batch-size", "32",
-                  "--stats-every", "1", "--quiet", "--log-dir", str(tmp_path / "run")])
+    argv = ["--model", "file", "--model-file", path, "--data", "synthetic", "--subset", "64",
+            "--val-subset", "32", "--epochs", "1", "--batch-size", "32", "--stats-every", "1",
+            "--quiet", "--log-dir", str(tmp_path / "run")]
+    args = parse(argv)
     config = train.config_from_args(args)
     assert (config.model, config.model_file, config.application) == ("file", path, None)
     assert config.slug().startswith("file-mine-sgd-lr0.01")     # no depth/width/init parts
@@ -53,6 +56,11 @@ def test_keras_file_trains_from_its_own_weights(tmp_path):
     assert rf.read_json(run_dir / "config.json")["model_file"] == path
     layers = {r["layer"] for r in rf.read_jsonl(run_dir / "layer_stats.jsonl")}
     assert {"conv1", "conv2", "head"} <= layers
+    recorded = rf.read_json(run_dir / "config.json")["model_file_sha256"]
+    assert recorded == hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+    two_conv(path, activation="softmax")      # another model saved over the run's file
+    with pytest.raises(ValueError, match="model file changed since this run started"):
+        train.run(parse([*argv, "--resume"]))
 
 
 @pytest.mark.backend_independent

@@ -540,7 +540,7 @@ class TrainConfig:
 
 
 #: Keys config.json holds besides the fields (written by the trainer).
-RECORD_EXTRAS = ("synthetic", "device", "backend", "slug")
+RECORD_EXTRAS = ("synthetic", "device", "backend", "slug", "model_file_sha256")
 
 
 def _advice(config):

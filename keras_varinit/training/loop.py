@@ -56,6 +56,7 @@ import time
 import keras
 
 from keras_varinit import run_files as rf
+from keras_varinit import user_models
 from keras_varinit.callbacks import DiagnosisLogger, LayerStatsLogger
 from keras_varinit.diagnosis import Context, read_findings
 from keras_varinit.run_files import RunState
@@ -171,6 +172,7 @@ def _check_run_dir(config, run_dir, resume, overwrite):
     if existing is None:
         return False
     _check_same_run(existing, config, run_dir)
+    _check_same_model_file(existing, config, run_dir)
     state = RunState.parse((rf.read_json(run_dir / rf.STATUS_FILE) or {}).get("state"))
     started = state not in (RunState.UNKNOWN, RunState.QUEUED)
     if started and not resume:
@@ -180,6 +182,27 @@ def _check_run_dir(config, run_dir, resume, overwrite):
             f"run_dir={str(run_dir)!r}. Allowed: resume=True (--resume) to continue it, "
             "overwrite=True (--overwrite) to start over, or a new directory.")
     return resume and started
+
+
+def model_file_record(config):
+    """``{"model_file_sha256": digest}`` for a run of a ``.keras`` file, else ``{}``."""
+    if config.model != "file":
+        return {}
+    return {"model_file_sha256": user_models.file_sha256(config.model_file)}
+
+
+def _check_same_model_file(existing, config, run_dir):
+    """A run of a ``.keras`` file resumes only from the file it started from."""
+    recorded = existing.get("model_file_sha256")
+    if recorded is None or config.model != "file":   # older runs did not record it
+        return
+    now = user_models.file_sha256(config.model_file)
+    if now != recorded:
+        raise ValueError(
+            f"The model file changed since this run started (SHA-256 {recorded[:12]}... then, "
+            f"{now[:12]}... now). Received: model_file={config.model_file!r}, "
+            f"run_dir={str(run_dir)!r}. Allowed: the file the run started from, "
+            "overwrite=True (--overwrite) to start over with this one, or a new directory.")
 
 
 def _remove_run_files(run_dir):
@@ -417,7 +440,7 @@ class _Run:
         data, and correct config.json's "synthetic" if loading found otherwise."""
         record = dict(self.config.to_dict(), synthetic=data_is_synthetic(self.config),
                       device=self.device, backend=keras.backend.backend(),
-                      slug=self.config.slug())
+                      slug=self.config.slug(), **model_file_record(self.config))
         rf.write_json_atomic(self.run_dir / rf.CONFIG_FILE, record)
         train, val, info = load_data(self.config)
         if info["synthetic"] != record["synthetic"]:
