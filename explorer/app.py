@@ -271,7 +271,8 @@ SEVERITY_BOX = {"severe": st.error, "warning": st.warning}
 
 def finding_box(finding, key=None, config=None):
     """One finding: kind, step, layers, message, evidence, the fix; with ``config`` (the run's
-    config.json) an "Apply and re-run" button that queues the corrected configuration."""
+    config.json) an "Apply and re-run" button that queues the corrected configuration, without
+    it (the init profile) an "Apply to the settings" button that puts the fix in the sidebar."""
     from explorer.findings_panel import fix_text, layers_text
 
     where = f" at {layers_text(finding.layers)}" if finding.layers else ""
@@ -282,19 +283,31 @@ def finding_box(finding, key=None, config=None):
         icon=":material/stethoscope:")
     with st.expander("Evidence"):
         st.json(finding.evidence)
-    if config is not None and finding.suggestion.changes:
+    if not finding.suggestion.changes:
+        return
+    if config is not None:
         st.button("Apply and re-run", key=key, icon=":material/build:",
                   on_click=_apply_fix, args=(config, finding),
                   help=f"Queue this run's configuration with {fix} as a new run beside this "
                        "one; compare the two in the Compare tab.")
+    elif all(name in presets.CONTROLS for name in finding.suggestion.changes):
+        st.button("Apply to the settings", key=key, icon=":material/build:",
+                  on_click=_apply_to_settings, args=(finding.suggestion.changes,),
+                  help=f"Set {fix} in the sidebar: the profile is measured again with the fix.")
 
 
 def init_diagnosis(table, batch_norm_layers):
     """The diagnosis of the init profile, under the verdict."""
     from explorer.profile import init_findings
 
-    for finding in init_findings(table, settings, batch_norm_layers):
-        finding_box(finding)
+    for i, finding in enumerate(init_findings(table, settings, batch_norm_layers)):
+        finding_box(finding, key=f"apply_init_{i}")
+
+
+def _apply_to_settings(changes):
+    """The sidebar's widgets take the fix's values (the URL follows on the rerun)."""
+    for name, value in changes.items():
+        st.session_state[name] = value
 
 
 def _apply_fix(config, finding):

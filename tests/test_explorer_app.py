@@ -443,3 +443,21 @@ def test_keras_application_choice_is_profiled(runs_dir):
     assert _verdict(at)
     table = [df.value for df in at.dataframe if "forward_var" in df.value.columns][0]
     assert len(table) > 50     # every conv, depthwise conv and dense layer of the network
+
+
+def test_init_finding_applied_to_the_settings_goes_away(runs_dir):
+    """At initialization, a 30-layer ReLU net under Xavier: the diagnosis names the vanishing
+    signal and its fix; "Apply to the settings" puts the fix in the sidebar, the profile is
+    measured again, and that finding is gone."""
+    at = _app(data="synthetic", depth=30, init="xavier_normal", activation="relu",
+              normalization="none").run()
+    _no_exceptions(at)
+    boxes = [e.value for e in at.error] + [e.value for e in at.warning]
+    assert any(b.startswith("**vanishing**") for b in boxes), boxes
+    apply = [b for b in at.button if b.key and b.key.startswith("apply_init_")]
+    assert apply and apply[0].label == "Apply to the settings"
+    apply[0].click().run()
+    _no_exceptions(at)
+    assert at.selectbox(key="init").value == "kaiming_normal"
+    boxes = [e.value for e in at.error] + [e.value for e in at.warning]
+    assert not any(b.startswith("**vanishing**") for b in boxes), boxes
