@@ -16,7 +16,10 @@ random data, SGD(0.01, momentum 0.9), after a warm-up fit (traces Keras's train 
    callback and with `LayerStatsLogger((x[:128], y[:128]))` at its defaults (every_n_steps
    100: logs at step 0 and at every epoch end), a fresh logger per fit (its one-off build is
    included), interleaved none, logger, none, ... `--repeats` rounds. Goal: <= 1.05x.
-   `--tensorboard` adds Keras's `TensorBoard(histogram_freq=1)` as a third variant.
+   `--tensorboard` adds Keras's `TensorBoard(histogram_freq=1)` as a third variant. Also
+   printed: the seconds spent inside the logger's hooks within each logged fit, as a ratio to
+   the rest of that fit (Keras runs callbacks synchronously: the logger's own cost, measured in
+   the same fit, so immune to the machine's speed changing from one fit to the next).
 
 Minimum and median of the repeats are printed with their ratios, in wall-clock seconds and in
 CPU seconds of this process (`time.process_time`, user + system over all its threads): on a
@@ -118,19 +121,48 @@ def probe_vs_step(model, x, y, repeats):
     return times
 
 
+class _TimedLogger(LayerStatsLogger):
+    """LayerStatsLogger that adds up the wall seconds spent in its Keras hooks (`hook_seconds`):
+    Keras runs callbacks synchronously, so that is the logger's own cost inside the same fit,
+    unaffected by the machine's speed changing between fits."""
+
+    hook_seconds = 0.0
+
+    def _timed(self, hook, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return getattr(super(), hook)(*args, **kwargs)
+        finally:
+            self.hook_seconds += time.perf_counter() - started
+
+    def on_train_begin(self, logs=None):
+        return self._timed("on_train_begin", logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        return self._timed("on_epoch_begin", epoch, logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        return self._timed("on_train_batch_begin", batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        return self._timed("on_epoch_end", epoch, logs)
+
+    def on_train_end(self, logs=None):
+        return self._timed("on_train_end", logs)
+
+
 def fit_overhead(model, x, y, args, tmp):
     """Part 2: seconds of fit() without a callback and with a fresh LayerStatsLogger."""
     def callbacks(kind, r):
         if kind == "none":
             return []
         if kind == "logger":
-            return [LayerStatsLogger((x[:PROBE], y[:PROBE]),
-                                     log_dir=os.path.join(tmp, f"ls{r}"))]
+            return [_TimedLogger((x[:PROBE], y[:PROBE]), log_dir=os.path.join(tmp, f"ls{r}"))]
         return [keras.callbacks.TensorBoard(os.path.join(tmp, f"tb{r}"), histogram_freq=1)]
 
     kinds = ("none", "logger") + (("tensorboard",) if args.tensorboard else ())
     times = {k: [] for k in kinds}
-    logs = None
+    logs, own = None, []
     for r in range(args.repeats):
         for kind in kinds:
             cbs = callbacks(kind, r)
@@ -138,13 +170,19 @@ def fit_overhead(model, x, y, args, tmp):
                 model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0,
                           callbacks=cbs)
             times[kind].append((clock.wall, clock.cpu))
+            hooks = ""
             if kind == "logger":
                 logs = len({rec["step"] for rec in cbs[0].history})
+                spent = cbs[0].hook_seconds
+                own.append(1 + spent / (clock.wall - spent))
+                hooks = f" ({spent:.2f} s in the logger's hooks: {own[-1]:.3f}x its fit)"
             print(f"round {r + 1} {kind:12s} {clock.wall:8.2f} s wall, {clock.cpu:8.2f} s CPU, "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+                  f"load {os.getloadavg()[0]:.1f}{hooks}", flush=True)
     print(f"fit of {len(x)} images, batch {args.batch_size}, {args.epochs} epoch(s); "
           f"{logs} logs per fit with the logger:")
     _print_table(times, "none")
+    print(f"the logger's own hooks, within each fit: min {min(own):.3f}x, median "
+          f"{statistics.median(own):.3f}x (the fit without the hooks' seconds = 1)")
     return times
 
 

@@ -221,6 +221,7 @@ def test_sigkill_at_a_random_step_of_epoch_two_then_resume_equals_uninterrupted(
     assert_same_run(uninterrupted, run_dir, backup.step)
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_backup_keeps_the_previous_one(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     backup = _killed_then_resumed(run_dir, "backup", 18)

@@ -18,6 +18,7 @@ FAILING = ["--model", "mlp", "--depth", "30", "--width", "8", "--init", "xavier_
            "--quiet"]
 
 
+@pytest.mark.slow
 def test_a_vanishing_net_exits_1_and_names_the_fix(tmp_path, capsys):
     code = main(["doctor", *FAILING, "--log-dir", str(tmp_path / "probe")])
     out = capsys.readouterr().out
@@ -52,7 +53,6 @@ def _saved_model(path, init):
     return path
 
 
-@pytest.mark.backend_independent
 def test_a_keras_file_is_probed_within_the_time_limit_json(tmp_path, capsys):
     """A saved 30-layer ReLU MLP under Glorot, on synthetic data of its input shape (8,) with 3
     classes; the time limit stops the probe after its first step, the findings stand; --json

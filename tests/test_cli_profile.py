@@ -1,12 +1,11 @@
-"""`keras-varinit profile`: table, verdicts, comparison, plot, CSV, errors."""
+"""`keras-varinit profile`: table, verdicts, comparison, plot, CSV, errors (TensorFlow backend
+only: the profile under it is tested on both backends by test_diagnostics.py)."""
 import re
 
 import pandas as pd
 import pytest
 
 from keras_varinit.cli import main
-
-pytestmark = pytest.mark.backend_independent
 
 
 def test_profile_compares_two_inits_and_plots(tmp_path, capsys):

@@ -146,6 +146,7 @@ def test_cli_subprocess_run_and_refusal(tmp_path):
     assert "keras-varinit train: error:" in proc.stderr and "different run" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_then_resume(tmp_path):
     run_dir = tmp_path / "run"
     argv = [*TINY, "--epochs", "12", "--subset", "128", "--batch-size", "32",

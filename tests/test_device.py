@@ -135,6 +135,7 @@ def _global_statistics(batch, estimator):
     return mean, per_sample.mean(axis=0) ** 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["pooled", "per_sample"])
 def test_data_parallel_equals_one_device_with_the_global_batch(data_parallel, estimator):
     assert data_parallel["devices"] == 2

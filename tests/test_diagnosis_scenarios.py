@@ -60,6 +60,7 @@ def tanh_mlp(init, **kwargs):
 
 # -- 30-layer ReLU CNN, Xavier: vanishing at step 0; Kaiming removes it ------------------------
 
+@pytest.mark.slow
 def test_xavier_relu_30_vanishes_and_kaiming_removes_it(data):
     x, y = data["x"], data["y"]
     findings, _ = run(kv.models.plain_cnn(30, kernel_initializer="xavier_normal", seed=0), x, y,

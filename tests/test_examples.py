@@ -1,8 +1,9 @@
-"""The example scripts run end to end on tiny settings and write what they promise."""
+"""The example scripts run end to end on tiny settings and write what they promise (on the
+TensorFlow backend only: they call the package's public API, whose backends are tested by the
+other modules)."""
 import pytest
 
 
-@pytest.mark.backend_independent
 def test_finite_width_drift_writes_table_and_plot(tmp_path, capsys, load_script):
     module = load_script("examples/finite_width_drift.py")
     code = module.main(["--depth", "6", "--widths", "2", "4", "--seeds", "2", "--batch", "8",
@@ -22,7 +23,6 @@ def test_finite_width_drift_rejects_bad_arguments(capsys, load_script):
     assert "Received: --depth 30 --seeds 0" in capsys.readouterr().err
 
 
-@pytest.mark.backend_independent
 def test_normalization_batch_size_writes_table_and_plot(tmp_path, capsys, load_script):
     module = load_script("examples/normalization_batch_size.py")
     code = module.main(["--data", "synthetic", "--subset", "16", "--val-subset", "8",

@@ -218,6 +218,7 @@ time.sleep(3600)
 """
 
 
+@pytest.mark.slow
 def test_killed_explorer_and_trainer_show_interrupted_and_resume_completes(runs_dir):
     import json
     import os

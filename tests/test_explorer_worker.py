@@ -72,6 +72,7 @@ def test_tiny_run_completes_with_progress_and_is_listed_after_restart(jobs, tmp_
     assert table.loc[0, "state"] == "finished" and table.loc[0, "data"] == "synthetic"
 
 
+@pytest.mark.slow
 def test_queue_kill_stop_and_cancel(jobs):
     store = jobs.store
     first = jobs.submit(LONG, stats_every=50)

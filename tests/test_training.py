@@ -411,6 +411,7 @@ print("STATE", result.state, result.step, result.metrics["loss"])
 """
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path, backend):
     if backend != "tensorflow":
         pytest.skip("tf.distribute needs the TensorFlow backend")
