@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= cpu,jax,explorer,datasets,dev
 # Two test processes, a test file each (a module's fixtures built once; measured faster than
-# sharing out single tests, which warms every cache twice);
+# sharing out single tests, which warms every cache twice), the 25 slowest listed;
 # `make test PYTEST_ARGS=` runs serially.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=25
 HOST ?= 127.0.0.1
 PORT ?= 8501
 export TF_CPP_MIN_LOG_LEVEL ?= 2
