@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from keras_varinit.callbacks import LayerStatsLogger  # noqa: E402
 from keras_varinit.models import plain_cnn  # noqa: E402
-from keras_varinit.probe import EAGER_CALLS  # noqa: E402
+from keras_varinit.probe import COMPILE_AFTER  # noqa: E402
 
 PROBE = 128
 
@@ -101,10 +101,10 @@ def probe_vs_step(model, x, y, repeats):
 
     with _Clock() as clock:
         logger.on_train_begin()   # builds the probe; its first (eager) pass is the step-0 log
-    first = [(clock.wall, clock.cpu)] + [log() for _ in range(EAGER_CALLS - 1)]
+    first = [(clock.wall, clock.cpu)] + [log() for _ in range(COMPILE_AFTER - 1)]
     trace = log()   # the call that traces the tf.function and runs it once
     steps = [train_step() for _ in range(2)]
-    print(f"first {EAGER_CALLS} logs (eager; the first includes the probe's build), wall/CPU s: "
+    print(f"first {COMPILE_AFTER} logs (eager; the first includes the probe's build), wall/CPU s: "
           f"{', '.join(f'{w:.3f}/{c:.3f}' for w, c in first)}; the tf.function trace + first "
           f"run: {trace[0]:.3f}/{trace[1]:.3f}; two train steps: "
           f"{', '.join(f'{w:.3f}/{c:.3f}' for w, c in steps)}")
@@ -116,7 +116,7 @@ def probe_vs_step(model, x, y, repeats):
     _print_table(times, "train step")
     for kind, label in ((0, "wall"), (1, "CPU")):
         eager = min(t[kind] for t in first[1:]) if len(first) > 1 else first[0][kind]
-        print(f"eager log (min of calls 2-{EAGER_CALLS}) / train step (min), {label}: "
+        print(f"eager log (min of calls 2-{COMPILE_AFTER}) / train step (min), {label}: "
               f"{eager / min(t[kind] for t in times['train step']):.2f}")
     return times
 

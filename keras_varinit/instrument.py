@@ -407,6 +407,8 @@ class Recorder:
         self._weight_of = weight_of if loss is not None else None
         self._weights = self._unique_weights()
         self._plan = None
+        self.calls = 0   # passes run so far
+        self.eager_calls = eager_calls
         self.backend = keras.backend.backend()
         if self.backend == "tensorflow":
             self._fn = self._build_tf(eager_calls)
@@ -522,11 +524,9 @@ class Recorder:
         import tensorflow as tf
 
         compiled = tf.function(self._pass_tf, reduce_retracing=True)
-        calls = [0]
 
         def run(x, y):
-            calls[0] += 1
-            eager = eager_calls is None or calls[0] <= eager_calls
+            eager = eager_calls is None or self.calls <= eager_calls
             packed, tensors = (self._pass_tf if eager else compiled)(x, y)
             return packed.numpy(), [t.numpy() for t in tensors]
 
@@ -605,6 +605,7 @@ class Recorder:
         x = keras.tree.map_structure(ops.convert_to_tensor, x)
         if y is not None:
             y = keras.tree.map_structure(ops.convert_to_tensor, y)
+        self.calls += 1
         packed, tensors = self._fn(x, y)
         return self._unpack(packed, tensors)
 

@@ -20,7 +20,8 @@ import keras
 import numpy as np
 
 from keras_varinit import batch_checks, instrument
-from keras_varinit.probe import STAT_NAMES, LayerProbe, finite_or_none, tracked_weight
+from keras_varinit.probe import (STAT_NAMES, LayerProbe, eager_calls_for, finite_or_none,
+                                 tracked_weight)
 from keras_varinit.run_files import LAYER_STATS_FIELDS, append_jsonl
 
 # Statistics written to TensorBoard as layer_stats/<statistic>/<layer>.
@@ -156,6 +157,12 @@ class LayerStatsLogger(keras.callbacks.Callback):
     and a JSON-lines file `jsonl_path` (appended, flushed after every log, NaN/Inf as null) that
     another process can tail while training runs (ignore a last line without a newline).
 
+    Cost (TensorFlow): a probe log is one forward and backward pass of the probe batch, about
+    two training steps of the same batch size when run eagerly and 1.2 once compiled; the
+    compiled probe's one-off trace costs about `probe.COMPILE_AFTER` eager logs, so a fit that
+    plans that many logs (from `fit`'s epochs and steps) compiles from its first log, and a
+    shorter one stays eager (`benchmarks/RESULTS.md`).
+
     Args:
         probe: `(x, y)` fixed batch (numpy); y integer labels or one-hot.
         log_dir: TensorBoard log directory, or None for no TensorBoard output.
@@ -283,10 +290,12 @@ class LayerStatsLogger(keras.callbacks.Callback):
         model = self.model
         self.tracked_layers = self._select_layers(model)
         loss = self._compiled_loss(model)
+        eager_calls = eager_calls_for(self._planned_logs())
         if loss is not None:
             try:
                 self._probe = LayerProbe(model, self.tracked_layers, loss,
-                                         training=self.training, return_tensors=self.histograms)
+                                         training=self.training, return_tensors=self.histograms,
+                                         eager_calls=eager_calls)
                 # Validates the loss on the probe's y; kept for the step-0 log.
                 self._first_out = self._probe(self._x, self._y)
                 self.loss_source = "compiled"
@@ -300,9 +309,21 @@ class LayerStatsLogger(keras.callbacks.Callback):
         if self._probe is None:
             loss, self._y = instrument.default_loss(model, self.probe_y)
             self._probe = LayerProbe(model, self.tracked_layers, loss, training=self.training,
-                                     return_tensors=self.histograms)
+                                     return_tensors=self.histograms, eager_calls=eager_calls)
             self.loss_source = "cross_entropy"
         self._probe_model = model
+
+    def _planned_logs(self):
+        """The steps this fit will log at, counted from `fit`'s `epochs` and `steps` (None
+        when unknown): train begin, each multiple of every_n_steps, each epoch end."""
+        params = self.params or {}
+        epochs, steps = params.get("epochs"), params.get("steps")
+        if not epochs or not steps:
+            return None
+        start, n = self._step, self.every_n_steps
+        ends = [start + k * steps for k in range(1, epochs + 1)] if self.log_on_epoch_end else []
+        crossed = (start + epochs * steps) // n - start // n if n is not None else 0
+        return 1 + crossed + sum(1 for end in ends if n is None or end % n)
 
     def _prepare_inputs(self):
         """The probe batch as backend tensors, converted once."""
@@ -395,6 +416,9 @@ class LayerStatsLogger(keras.callbacks.Callback):
     # -- Keras hooks -------------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        start = self._current_step_from_optimizer()
+        if start is not None:
+            self._step = start
         if self._probe is None or self._probe_model is not self.model:
             self._prepare_inputs()
             self._build()
@@ -403,9 +427,6 @@ class LayerStatsLogger(keras.callbacks.Callback):
             os.makedirs(parent, exist_ok=True)
         if self.log_dir is not None and self._writer is None:
             self._writer = _SummaryWriter(self.log_dir, histograms=self.histograms)
-        start = self._current_step_from_optimizer()
-        if start is not None:
-            self._step = start
         self._epoch_base = self._step
         self._log(self._step, self._epoch)
 

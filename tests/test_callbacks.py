@@ -470,3 +470,28 @@ def test_mirrored_strategy_two_logical_cpus(tmp_path, backend):
     np.testing.assert_allclose(c1["activation_std"], out["c1_std"], rtol=1e-4)
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == len(hist)
     assert list((tmp_path / "tb").iterdir())
+
+
+def test_a_fit_that_plans_enough_logs_compiles_the_probe_from_its_first_log():
+    """Tracing the probe costs about COMPILE_AFTER eager logs: a fit that plans that many
+    logs compiles at once, a shorter one stays eager, and both log the same values."""
+    from keras_varinit.probe import COMPILE_AFTER, eager_calls_for
+
+    assert eager_calls_for(None) == eager_calls_for(COMPILE_AFTER - 1) == COMPILE_AFTER
+    assert eager_calls_for(COMPILE_AFTER) == 0
+    x, y = _data(64)
+    runs = {}
+    for every in (None, 1):   # 3 epochs of 4 steps: 1 + 3 logs, then 1 + 12 logs
+        model = _mlp()
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        runs[every] = LayerStatsLogger((x[:32], y[:32]), every_n_steps=every)
+        model.fit(x, y, batch_size=16, epochs=3, callbacks=[runs[every]], verbose=0)
+    assert len({r["step"] for r in runs[None].history}) == 4
+    assert runs[None]._probe.recorder.eager_calls == COMPILE_AFTER
+    assert len({r["step"] for r in runs[1].history}) == 13 >= COMPILE_AFTER
+    assert runs[1]._probe.recorder.eager_calls == 0
+    eager, compiled = ([r for r in runs[k].history if r["step"] == 0] for k in (None, 1))
+    for a, b in zip(eager, compiled):
+        for field in ("activation_std", "activation_grad_std", "weight_grad_std"):
+            if a[field] is not None:
+                np.testing.assert_allclose(b[field], a[field], rtol=1e-5)
