@@ -411,7 +411,7 @@ class Recorder:
         self.eager_calls = eager_calls
         self.backend = keras.backend.backend()
         if self.backend == "tensorflow":
-            self._fn = self._build_tf(eager_calls)
+            self._fn = self._build_tf()
         elif self.backend == "jax":
             self._fn = self._build_jax()
         else:
@@ -520,13 +520,13 @@ class Recorder:
         return self._reduce(traced, chain, grads[:len(targets)], w_values,
                             grads[len(targets):])
 
-    def _build_tf(self, eager_calls):
+    def _build_tf(self):
         import tensorflow as tf
 
         compiled = tf.function(self._pass_tf, reduce_retracing=True)
 
         def run(x, y):
-            eager = eager_calls is None or self.calls <= eager_calls
+            eager = self.eager_calls is None or self.calls <= self.eager_calls
             packed, tensors = (self._pass_tf if eager else compiled)(x, y)
             return packed.numpy(), [t.numpy() for t in tensors]
 
