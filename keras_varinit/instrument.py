@@ -523,7 +523,9 @@ class Recorder:
     def _build_tf(self):
         import tensorflow as tf
 
-        compiled = tf.function(self._pass_tf, reduce_retracing=True)
+        # No AutoGraph, as Keras's own train function: a model that `fit()` can train has no
+        # Python control flow on tensors, and converting every layer's `call` tripled the trace.
+        compiled = tf.function(self._pass_tf, reduce_retracing=True, autograph=False)
 
         def run(x, y):
             eager = self.eager_calls is None or self.calls <= self.eager_calls

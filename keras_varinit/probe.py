@@ -10,9 +10,9 @@ layer statistics record (CONTRIBUTING.md) that can be computed in the compiled p
 (all scalars come back in one device-to-host transfer), plus, on request, the raw activations
 and activation gradients (for histograms). a^l is the layer's output (after its own
 activation); dL/da^l and dL/dW^l come from the same backward pass, without touching the
-model's `train_step` or optimizer. On TensorFlow, tracing the probe as a `tf.function` costs
-about `COMPILE_AFTER` eager probes once, so the probe runs eagerly unless the fit plans that many
-logs (`eager_calls_for`); JAX compiles with `jax.jit`. The NaN/Inf counts cost four more passes
+model's `train_step` or optimizer. On TensorFlow, tracing the probe as a `tf.function` (without
+AutoGraph) pays for itself after about `COMPILE_AFTER` logs, so the probe runs eagerly unless
+the fit plans that many (`eager_calls_for`); JAX compiles with `jax.jit`. The NaN/Inf counts cost four more passes
 over every tensor, so the compiled pass leaves them out (0); a pass whose statistics are not
 all finite is run again, eagerly, with them. Nothing the probe does (batch norm moving
 statistics with `training=True`, seed generator state) changes the model.
@@ -41,9 +41,10 @@ _SAT_NONE, _SAT_TANH, _SAT_SIGMOID = 0, 1, 2
 _ACTIVATION_STATS = ("activation_mean", "activation_std", "activation_grad_std")
 _WEIGHT_STATS = ("weight_std", "weight_grad_std")
 
-# TensorFlow: tracing the probe's tf.function and its first run cost about this many eager
-# probes (22-layer plain CNN, 2 CPU cores: 6.3 s once, against 0.6 s saved per compiled log).
-COMPILE_AFTER = 11
+# TensorFlow: the compiled probe's one-off cost (trace and first run, less one log) pays for
+# itself after about this many logs (22-layer plain CNN, 2 CPU cores, batch 128: 0.67 s once,
+# against 0.28 - 0.12 = 0.16 s saved per compiled log; benchmarks/RESULTS.md).
+COMPILE_AFTER = 4
 
 
 def eager_calls_for(planned_logs):

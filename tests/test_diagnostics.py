@@ -401,6 +401,36 @@ def test_resnet50_backbone_lists_every_conv_with_its_path():
     assert "resnet50/conv2_block1_1_conv" in set(df["layer"])
 
 
+def test_mobilenet_v2_lsuv_then_fit_with_layer_stats_logger():
+    """The issue's application row end to end: LSUV calibrates all 53 weight layers of
+    MobileNetV2, and a fit logs every Conv2D, DepthwiseConv2D, Dense and ReLU call, with the
+    calibrated unit variance visible at step 0 (convolutions feed batch norm, so their own
+    output keeps LSUV's scale)."""
+    _skip_on_jax_for_applications()
+    from keras_varinit import lsuv
+    from keras_varinit.applications import build_application
+    from keras_varinit.callbacks import LayerStatsLogger
+
+    model = build_application("MobileNetV2")
+    x, y = _images(32, seed=3), np.random.default_rng(3).integers(0, 10, 32)
+    report = lsuv(model, x[:16], seed=0)
+    assert len(report) == 53 and report["converged"].all()
+    np.testing.assert_allclose(report["final_variance"], 1.0, atol=0.02)
+    model.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    logger = LayerStatsLogger((x[:16], y[:16]))
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[logger], verbose=0)
+    df = logger.to_dataframe()
+    assert sorted(df["step"].unique()) == [0, 2]
+    counts = df[df["step"] == 0]["layer_type"].value_counts().to_dict()
+    assert counts == {"Conv2D": 35, "ReLU": 35, "DepthwiseConv2D": 17, "Dense": 1}
+    assert np.isfinite(df[["activation_std", "activation_grad_std"]].to_numpy()).all()
+    weights = df[df["layer_type"] != "ReLU"][["weight_std", "weight_grad_std"]]
+    assert np.isfinite(weights.to_numpy()).all()
+    convs = df[(df["step"] == 0) & df["layer_type"].isin(["Conv2D", "DepthwiseConv2D"])]
+    np.testing.assert_allclose(convs["activation_std"], 1.0, atol=0.1)
+
+
 def _twin_models(seed=0):
     """A subclassed model with a nested block and a shared layer, and a Sequential twin that
     calls the same layer objects in the same order (same weights)."""
