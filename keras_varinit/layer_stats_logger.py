@@ -159,9 +159,9 @@ class LayerStatsLogger(keras.callbacks.Callback):
 
     Cost (TensorFlow): a probe log is one forward and backward pass of the probe batch, about
     2-2.7 training steps of the same batch size when run eagerly and 1.2 once compiled; the
-    compiled probe's one-off trace pays for itself after about `probe.COMPILE_AFTER` logs, so a fit that
-    plans that many logs (from `fit`'s epochs and steps) compiles from its first log, and a
-    shorter one stays eager (`benchmarks/RESULTS.md`).
+    compiled probe's one-off trace pays for itself after about `probe.COMPILE_AFTER` logs, so
+    a fit that plans that many logs (from `fit`'s epochs and steps) compiles from its first
+    log, and a shorter one stays eager (`benchmarks/RESULTS.md`).
 
     Args:
         probe: `(x, y)` fixed batch (numpy); y integer labels or one-hot.
