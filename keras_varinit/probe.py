@@ -12,9 +12,9 @@ and activation gradients (for histograms). a^l is the layer's output (after its 
 activation); dL/da^l and dL/dW^l come from the same backward pass, without touching the
 model's `train_step` or optimizer. On TensorFlow, tracing the probe as a `tf.function`
 (without AutoGraph) pays for itself after about `COMPILE_AFTER` logs, so the probe runs
-eagerly unless the fit plans that many (`eager_calls_for`); JAX compiles with `jax.jit`. The NaN/Inf counts cost four more passes
-over every tensor, so the compiled pass leaves them out (0); a pass whose statistics are not
-all finite is run again, eagerly, with them. Nothing the probe does (batch norm moving
+eagerly unless the fit plans that many (`eager_calls_for`); JAX compiles with `jax.jit`. The
+NaN/Inf counts cost four more passes over every tensor, so the compiled pass leaves them out
+(0); a pass whose statistics are not all finite is run again, eagerly, with them. Nothing the probe does (batch norm moving
 statistics with `training=True`, seed generator state) changes the model.
 """
 import math
