@@ -89,7 +89,8 @@ def _check_int(name, value, minimum):
 #: keras_varinit's own initializer names (``initializers.get`` builds each), for CLIs and UIs.
 INITIALIZER_NAMES = ("xavier_normal", "xavier_uniform", "xavier_truncated_normal",
                      "xavier_normal_tanh", "kaiming_normal", "kaiming_uniform",
-                     "kaiming_truncated_normal", "kaiming_normal_fan_out", "kaiming_uniform_fan_out", "torch_default")
+                     "kaiming_truncated_normal", "kaiming_normal_fan_out",
+                     "kaiming_uniform_fan_out", "torch_default")
 FIXED_NORMAL_PREFIX = "normal:"
 
 
