@@ -347,73 +347,89 @@ def findings_panel(info, findings):
 # --------------------------------------------------------------------------------------------
 # At initialization
 # --------------------------------------------------------------------------------------------
+def show_verdict(result):
+    """The profile's one-line verdict, colored by its level, and its explanation."""
+    from keras_varinit.profile_report import VerdictLevel
+
+    verdict = result["verdict"]
+    if verdict.level is VerdictLevel.FAILURE:
+        st.error(verdict.text, icon=":material/warning:")
+    elif verdict.level is VerdictLevel.WARNING:
+        st.warning(verdict.text, icon=":material/trending_down:")
+    else:
+        st.success(verdict.text, icon=":material/check_circle:")
+    if result.get("explanation"):
+        st.info(result["explanation"][0].upper() + result["explanation"][1:] + ".",
+                icon=":material/info:")
+
+
+def show_profile_metrics(result, elapsed):
+    """Forward and backward variance ratios over the hidden layers, and the profile's time."""
+    from explorer.profile import signal_summary
+
+    ratios = signal_summary(result["table"])
+    fwd, bwd = ratios.get("forward"), ratios.get("backward")
+    hidden = ratios.get("hidden_layers", len(result["table"]))
+    m1, m2, m3 = st.columns(3)
+    m1.metric(f"Forward variance, layer {hidden} / layer 1",
+              "n/a" if fwd is None or fwd != fwd else f"{fwd:.2g}\u00d7",
+              help="Measured variance of the pre-activations of the last hidden layer "
+                   "over the first one's (the classifier after global pooling is left "
+                   "out). Near 1: the signal keeps its scale through depth.")
+    m2.metric(f"Gradient variance, layer 1 / layer {hidden}",
+              "n/a" if bwd is None or bwd != bwd else f"{bwd:.2g}\u00d7",
+              help="Measured variance of the loss gradient reaching the first layer "
+                   "over that at the last hidden layer. Far below 1: the first layers "
+                   "barely learn.")
+    m3.metric("Profile time", f"{result['seconds']:.2f} s",
+              help=f"Computed in {result['seconds']:.2f} s; this page render took "
+                   f"{elapsed:.2f} s (cached profiles are instant).")
+
+
+def show_histograms(result):
+    """Activation histograms of up to five layers the user picks (a few spread over depth)."""
+    from explorer.profile import histogram_layers
+
+    names = result["layer_names"]
+    defaults = [names[i - 1] for i in histogram_layers(settings["depth"])
+                if 0 < i <= len(names)]
+    chosen = st.multiselect("Activation histograms for layers", names,
+                            default=defaults, max_selections=5, key="hist_layers")
+    if chosen:
+        acts = {n: result["activations"][n] for n in chosen if n in result["activations"]}
+        st.altair_chart(charts.histogram_chart(acts, synthetic=result["synthetic"]),
+                        width="content")
+
+
 def init_profile():
     """The "At initialization" profile of the page's settings (computed after the rest of
     the page is drawn: see the end of this script)."""
     if blocking:
         st.info("Change the settings above to see the profile: this combination cannot be "
                 "built.")
-    else:
-        from explorer.profile import histogram_layers, signal_summary
-        from keras_varinit.profile_report import VerdictLevel
-
-        try:
-            with st.spinner("Building the network and measuring one batch..."):
-                started = time.perf_counter()
-                result = cached_profile(presets.profile_key(settings))
-                elapsed = time.perf_counter() - started
-        except Exception as error:  # an explanation, not a traceback
-            st.error(f"Could not compute the profile for this configuration: "
-                     f"{type(error).__name__}: {error}")
-            result = None
-        if result is not None:
-            table = result["table"]
-            ratios = signal_summary(table)
-            fwd, bwd = ratios.get("forward"), ratios.get("backward")
-            verdict = result["verdict"]
-            if verdict.level is VerdictLevel.FAILURE:
-                st.error(verdict.text, icon=":material/warning:")
-            elif verdict.level is VerdictLevel.WARNING:
-                st.warning(verdict.text, icon=":material/trending_down:")
-            else:
-                st.success(verdict.text, icon=":material/check_circle:")
-            if result.get("explanation"):
-                st.info(result["explanation"][0].upper() + result["explanation"][1:] + ".",
-                        icon=":material/info:")
-            init_diagnosis(table, result.get("batch_norm_layers", ()))
-            hidden = ratios.get("hidden_layers", len(table))
-            m1, m2, m3 = st.columns(3)
-            m1.metric(f"Forward variance, layer {hidden} / layer 1",
-                      "n/a" if fwd is None or fwd != fwd else f"{fwd:.2g}\u00d7",
-                      help="Measured variance of the pre-activations of the last hidden layer "
-                           "over the first one's (the classifier after global pooling is left "
-                           "out). Near 1: the signal keeps its scale through depth.")
-            m2.metric(f"Gradient variance, layer 1 / layer {hidden}",
-                      "n/a" if bwd is None or bwd != bwd else f"{bwd:.2g}\u00d7",
-                      help="Measured variance of the loss gradient reaching the first layer "
-                           "over that at the last hidden layer. Far below 1: the first layers "
-                           "barely learn.")
-            m3.metric("Profile time", f"{result['seconds']:.2f} s",
-                      help=f"Computed in {result['seconds']:.2f} s; this page render took "
-                           f"{elapsed:.2f} s (cached profiles are instant).")
-            st.altair_chart(charts.profile_chart(table, synthetic=result["synthetic"]),
-                            width="stretch")
-            names = result["layer_names"]
-            defaults = [names[i - 1] for i in histogram_layers(settings["depth"])
-                        if 0 < i <= len(names)]
-            chosen = st.multiselect("Activation histograms for layers", names,
-                                    default=defaults, max_selections=5, key="hist_layers")
-            if chosen:
-                acts = {n: result["activations"][n] for n in chosen
-                        if n in result["activations"]}
-                st.altair_chart(charts.histogram_chart(acts, synthetic=result["synthetic"]),
-                                width="content")
-            if result.get("lsuv") is not None:
-                with st.expander("LSUV report (orthogonal start, then each layer rescaled to "
-                                 "unit output variance on the probe batch)"):
-                    st.dataframe(result["lsuv"], hide_index=True, width="stretch")
-            with st.expander("Per-layer table"):
-                st.dataframe(table, hide_index=True, width="stretch")
+        return
+    try:
+        with st.spinner("Building the network and measuring one batch..."):
+            started = time.perf_counter()
+            result = cached_profile(presets.profile_key(settings))
+            elapsed = time.perf_counter() - started
+    except Exception as error:  # an explanation, not a traceback
+        st.error(f"Could not compute the profile for this configuration: "
+                 f"{type(error).__name__}: {error}")
+        return
+    table = result["table"]
+    show_verdict(result)
+    init_diagnosis(table, result.get("batch_norm_layers", ()))
+    show_profile_metrics(result, elapsed)
+    st.altair_chart(charts.profile_chart(table, synthetic=result["synthetic"]),
+                    width="stretch")
+    show_histograms(result)
+    if result.get("lsuv") is not None:
+        with st.expander("LSUV report (orthogonal start, then each layer rescaled to "
+                         "unit output variance on the probe batch)"):
+            st.dataframe(result["lsuv"], hide_index=True, width="stretch")
+    with st.expander("Per-layer table"):
+        st.dataframe(table, hide_index=True, width="stretch")
 
 
 with tab_init:

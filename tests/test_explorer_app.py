@@ -212,7 +212,7 @@ from explorer.run_store import RunStore
 from explorer.worker import JobManager
 jobs = JobManager(RunStore(sys.argv[1]),
                   devices=[{"id": "cpu", "name": "CPU", "env": {"CUDA_VISIBLE_DEVICES": ""}}])
-print(jobs.submit(dict(data="synthetic", depth=3, width=4, subset=512, batch_size=16,
+print(jobs.submit(dict(data="synthetic", depth=3, width=4, subset=1024, batch_size=16,
                        epochs=2, lr=0.01)), flush=True)
 time.sleep(3600)
 """
@@ -235,14 +235,18 @@ def test_killed_explorer_and_trainer_show_interrupted_and_resume_completes(runs_
     try:
         run_id = explorer.stdout.readline().strip()
         run_dir = runs_dir / run_id
-        deadline = time.time() + TIMEOUT
+        deadline, trainer = time.time() + TIMEOUT, None
         while time.time() < deadline:  # mid-run: in epoch 2, after epoch 1's backup
-            status = rf.read_json(run_dir / "status.json") or {}
-            if (status.get("step") or 0) > 34 and list((run_dir / "backup").glob("*.npz")):
+            steps = rf.read_jsonl(run_dir / rf.STEPS_FILE)   # a record per step, unlike
+            if trainer is None and steps:                     # status.json (about 1/s)
+                trainer = rf.lock_holder_pid(run_dir)
+            if steps and steps[-1]["step"] > 66 and list((run_dir / "backup").glob("*.npz")):
+                # Frozen at once, some 60 steps before the end: a fast machine cannot finish
+                # the run between this check and the kill below.
+                os.kill(trainer, signal.SIGSTOP)
                 break
             assert explorer.poll() is None
-            time.sleep(0.2)
-        trainer = rf.lock_holder_pid(run_dir)
+            time.sleep(0.01)
         assert trainer == json.loads((run_dir / "explorer_job.json").read_text())["pid"]
     finally:  # the server dies, and its training process with it
         explorer.send_signal(signal.SIGKILL)
@@ -257,7 +261,7 @@ def test_killed_explorer_and_trainer_show_interrupted_and_resume_completes(runs_
     assert at.selectbox(key="view_select").value == run_id
     assert _metric(at, "State") == "interrupted"
     assert any("Interrupted at step" in w.value for w in at.warning)
-    assert any("last backup (step 32)" in c.value for c in at.caption)
+    assert any("last backup (step 64)" in c.value for c in at.caption)
     at.button(key=f"resume_{run_id}").click().run()
     _no_exceptions(at)
     deadline, state = time.time() + TIMEOUT, None
@@ -270,7 +274,7 @@ def test_killed_explorer_and_trainer_show_interrupted_and_resume_completes(runs_
             break
     assert state == "finished", (run_dir / "explorer.log").read_text()[-3000:]
     steps = [r["step"] for r in rf.read_jsonl(run_dir / "steps.jsonl")]
-    assert steps == list(range(1, 65))  # every step once, the resumed ones after 32
+    assert steps == list(range(1, 129))  # every step once, the resumed ones after 64
     assert [r["epoch"] for r in rf.MetricsCsv(run_dir / "metrics.csv").read()] == [1, 2]
 
 
