@@ -144,17 +144,31 @@ def _upload_path(page, tmp_path):
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(500))
     page.get_by_role("tab", name="At initialization").click()
     page.get_by_text("Your .keras file").first.click()
-    uploader = page.locator('[data-testid="stFileUploaderDropzoneInput"]')
     expect(page.get_by_text("CLI-only").first).to_be_visible(timeout=60_000)
-    uploader.set_input_files(model)
-    expect(page.get_by_text("Your model ").first).to_be_visible(timeout=180_000)
+    _upload(page, model, "Your model ", timeout=180_000)
     expect(page.locator('[data-testid="stMetricValue"]').first).to_be_visible(
         timeout=180_000)
     _no_exception_box(page)
     page.screenshot(path=str(tmp_path / "explorer-your-model.png"), full_page=True)
-    uploader.set_input_files(str(png))
-    expect(page.get_by_text("it is a PNG image").first).to_be_visible(timeout=60_000)
+    _upload(page, png, "it is a PNG image", timeout=60_000)
     _no_exception_box(page)
+
+
+def _upload(page, path, shows, timeout, attempts=3):
+    """Put `path` into the sidebar's file uploader once the page is idle, until `shows` is on
+    the page: a file set while Streamlit reruns the script can be dropped (seen in CI: the
+    uploader kept the previous file), so it is set again, at most `attempts` times."""
+    from playwright.sync_api import expect
+
+    for attempt in range(1, attempts + 1):
+        expect(page.get_by_test_id("stStatusWidget")).to_be_hidden(timeout=timeout)
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(path))
+        try:
+            expect(page.get_by_text(shows).first).to_be_visible(timeout=timeout // attempts)
+            return
+        except AssertionError:
+            if attempt == attempts:
+                raise
 
 
 def test_browser_trains_a_tiny_run_and_renders_charts(server, tmp_path):
