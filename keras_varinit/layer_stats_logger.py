@@ -314,7 +314,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
         self._probe_model = model
 
     def _planned_logs(self):
-        """The steps this fit will log at, counted from `fit`'s `epochs` and `steps` (None
+        """How many logs this fit will make, counted from `fit`'s `epochs` and `steps` (None
         when unknown): train begin, each multiple of every_n_steps, each epoch end."""
         params = self.params or {}
         epochs, steps = params.get("epochs"), params.get("steps")

@@ -14,8 +14,9 @@ model's `train_step` or optimizer. On TensorFlow, tracing the probe as a `tf.fun
 (without AutoGraph) pays for itself after about `COMPILE_AFTER` logs, so the probe runs
 eagerly unless the fit plans that many (`eager_calls_for`); JAX compiles with `jax.jit`. The
 NaN/Inf counts cost four more passes over every tensor, so the compiled pass leaves them out
-(0); a pass whose statistics are not all finite is run again, eagerly, with them. Nothing the probe does (batch norm moving
-statistics with `training=True`, seed generator state) changes the model.
+(0); a pass whose statistics are not all finite is run again, eagerly, with them. Nothing the
+probe does (batch norm moving statistics with `training=True`, seed generator state) changes
+the model.
 """
 import math
 

@@ -473,8 +473,8 @@ def test_mirrored_strategy_two_logical_cpus(tmp_path, backend):
 
 
 def test_a_fit_that_plans_enough_logs_compiles_the_probe_from_its_first_log():
-    """Tracing the probe costs about COMPILE_AFTER eager logs: a fit that plans that many
-    logs compiles at once, a shorter one stays eager, and both log the same values."""
+    """Tracing the probe pays for itself after about COMPILE_AFTER logs: a fit that plans
+    that many logs compiles at once, a shorter one stays eager, and both log the same values."""
     from keras_varinit.probe import COMPILE_AFTER, eager_calls_for
 
     assert eager_calls_for(None) == eager_calls_for(COMPILE_AFTER - 1) == COMPILE_AFTER
