@@ -38,8 +38,8 @@ Supported and not:
 
 Public names: `LayerSite`, `layer_sites`, `weight_sites`, `is_weight_layer`, `final_layer`,
 `check_interceptable`, `fused_activation`, `LayerCall`, `intercept`, `CallTensors`,
-`CallRecord`, `Recording`, `Recorder`, `default_loss`, `UnsupportedLayerError`,
-`NoWeightLayerError`.
+`CallRecord`, `Recording`, `Recorder`, `default_loss`, `describe_model`,
+`UnsupportedLayerError`, `MultiOutputError`, `NoWeightLayerError`.
 
 >>> sites = [s for s in layer_sites(model) if s.is_leaf]
 >>> recorder = Recorder(model, sites, lambda v: {"var": keras.ops.var(v.output)},
@@ -71,6 +71,10 @@ LOOP_LAYERS = (keras.layers.RNN,)
 
 class UnsupportedLayerError(ValueError):
     """A selected layer cannot be intercepted (inside an RNN loop, quantized)."""
+
+
+class MultiOutputError(ValueError):
+    """The default loss was asked to score a model with several outputs."""
 
 
 class NoWeightLayerError(ValueError):
@@ -149,7 +153,8 @@ def is_weight_layer(layer):
     return any(_own_variable(layer, name) is not None for name in KERNEL_ATTRIBUTES)
 
 
-def _describe(model):
+def describe_model(model):
+    """`model 'name' (Class)`, as error messages name a model."""
     return f"model {getattr(model, 'name', model)!r} ({type(model).__name__})"
 
 
@@ -159,7 +164,7 @@ def weight_sites(model, caller="this function"):
     if not sites:
         names = [f"{s.path} ({type(s.layer).__name__})" for s in layer_sites(model)][:20]
         raise NoWeightLayerError(
-            f"{caller} found no layer with a kernel in {_describe(model)}. Received: layers "
+            f"{caller} found no layer with a kernel in {describe_model(model)}. Received: layers "
             f"{names}. Allowed: models with Dense, EinsumDense, Conv*, Conv*Transpose, "
             "DepthwiseConv* or SeparableConv* layers (or custom layers with a `kernel`).")
     return sites
@@ -173,16 +178,37 @@ def final_layer(model):
 
 def default_loss(model, y):
     """`(loss, y)`: softmax cross-entropy for labels `y` (sparse for integer labels,
-    categorical for one-hot), from logits unless the model's final layer applies a softmax."""
+    categorical for one-hot), from logits unless the model's final layer applies a softmax.
+    The loss refuses a model with several outputs (`MultiOutputError`): which output the
+    labels belong to is the user's choice."""
     last = final_layer(model)
     activation = getattr(last, "activation", None)
     from_logits = not (isinstance(last, keras.layers.Softmax) or
                        getattr(activation, "__name__", activation) == "softmax")
     y = np.asarray(y)
     if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
-        return (keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
-                y.reshape(-1).astype("int32"))
-    return keras.losses.CategoricalCrossentropy(from_logits=from_logits), y.astype("float32")
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+        y = y.reshape(-1).astype("int32")
+    else:
+        loss, y = keras.losses.CategoricalCrossentropy(from_logits=from_logits), y.astype("float32")
+    return _single_output(loss, model), y
+
+
+def _single_output(loss, model):
+    """`loss`, raising `MultiOutputError` when the model returns several tensors."""
+
+    def single_output_loss(y_true, y_pred):
+        if keras.tree.is_nested(y_pred):
+            outputs = keras.tree.flatten(y_pred)
+            raise MultiOutputError(
+                f"The default loss (softmax cross-entropy on the labels) needs a model with one "
+                f"output. Received: {describe_model(model)} with {len(outputs)} outputs, shapes "
+                f"{[tuple(t.shape) for t in outputs]}. Allowed: pass `loss=`, a function "
+                "`loss(y_true, y_pred)` of the model's output structure, e.g. `lambda y, out: "
+                "keras.losses.sparse_categorical_crossentropy(y, out[0], from_logits=True)`.")
+        return loss(y_true, y_pred)
+
+    return single_output_loss
 
 
 def check_interceptable(sites, model):
@@ -190,12 +216,12 @@ def check_interceptable(sites, model):
     for site in sites:
         if site.in_loop:
             raise UnsupportedLayerError(
-                f"Layer {site.path!r} ({type(site.layer).__name__}) of {_describe(model)} runs "
+                f"Layer {site.path!r} ({type(site.layer).__name__}) of {describe_model(model)} runs "
                 "inside a recurrent layer's loop (once per time step), where its outputs "
                 "cannot be recorded. Allowed: layers outside RNNs, or the RNN layer itself.")
         if getattr(site.layer, "quantization_mode", None) is not None:
             raise UnsupportedLayerError(
-                f"Layer {site.path!r} of {_describe(model)} is quantized "
+                f"Layer {site.path!r} of {describe_model(model)} is quantized "
                 f"({site.layer.quantization_mode}): its forward pass bypasses `call`. "
                 "Allowed: float layers (record the model before `quantize`).")
 
@@ -395,7 +421,7 @@ class Recorder:
                  gradient_sites=None, weight_of=None, eager_calls=3):
         if not getattr(model, "built", False):
             raise ValueError(
-                f"Recording needs a built model. Received: unbuilt {_describe(model)}. "
+                f"Recording needs a built model. Received: unbuilt {describe_model(model)}. "
                 "Allowed: a model created with keras.Input, or called once on a batch, or "
                 "built with model.build(input_shape).")
         self.model, self.sites = model, list(sites)

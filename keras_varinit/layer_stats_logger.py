@@ -142,10 +142,13 @@ class LayerStatsLogger(keras.callbacks.Callback):
     * ``nan_count``, ``inf_count``: NaN/Inf entries in a^l, dL/da^l, W^l and dL/dW^l together.
       A diverging network is logged (statistics NaN, counts > 0); the logger never raises.
 
-    Loss of the probe's backward pass: the model's compiled loss (`model.loss`, a name, a
-    `keras.losses.Loss` or a function) when there is a single one and it accepts the probe's y;
-    otherwise cross-entropy: sparse if y holds integer labels, categorical if y is one-hot,
-    from logits unless the last layer applies a softmax.
+    Loss of the probe's backward pass: `loss=` when given; else the model's compiled loss
+    (`model.loss`, a name, a `keras.losses.Loss` or a function) when there is a single one and
+    it accepts the probe's y; otherwise cross-entropy: sparse if y holds integer labels,
+    categorical if y is one-hot, from logits unless the last layer applies a softmax. A model
+    with several outputs needs `loss=` (a function of the output structure; y may then be any
+    structure of arrays): the default loss refuses it at train begin
+    (`instrument.MultiOutputError`).
 
     Any Keras model (Sequential, Functional, nested, subclassed): `layer` is the layer's path
     (`backbone/conv1`), and a layer called k > 1 times per forward pass gives one record per
@@ -164,7 +167,8 @@ class LayerStatsLogger(keras.callbacks.Callback):
     log, and a shorter one stays eager (`benchmarks/RESULTS.md`).
 
     Args:
-        probe: `(x, y)` fixed batch (numpy); y integer labels or one-hot.
+        probe: `(x, y)` fixed batch (numpy); y integer labels or one-hot (any structure of
+            arrays with `loss=`).
         log_dir: TensorBoard log directory, or None for no TensorBoard output.
         every_n_steps: log every this many training steps (None: only at train begin and epoch
             ends).
@@ -177,6 +181,8 @@ class LayerStatsLogger(keras.callbacks.Callback):
         training: the `training` flag of the probe's forward pass (default False: inference
             mode; True uses batch statistics in batch norm; the model is never changed).
         log_on_epoch_end: log at every epoch end (default True).
+        loss: the probe's loss: a Keras loss name, `keras.losses.Loss` or function
+            `loss(y_true, y_pred)` (None: the compiled loss, else cross-entropy, above).
 
     Example:
 
@@ -192,7 +198,8 @@ class LayerStatsLogger(keras.callbacks.Callback):
     """
 
     def __init__(self, probe, log_dir=None, every_n_steps=100, layers=None, exclude=None,
-                 histograms=False, jsonl_path=None, training=False, log_on_epoch_end=True):
+                 histograms=False, jsonl_path=None, training=False, log_on_epoch_end=True,
+                 loss=None):
         super().__init__()
         if not isinstance(probe, (tuple, list)) or len(probe) != 2:
             raise ValueError(
@@ -201,12 +208,14 @@ class LayerStatsLogger(keras.callbacks.Callback):
                 + (f" of length {len(probe)}" if isinstance(probe, (tuple, list)) else "") + "."
             )
         x, y = probe
-        y = np.asarray(y)
+        y = keras.tree.map_structure(np.asarray, y)
         n_x = {len(t) for t in keras.tree.flatten(x)}
-        if len(n_x) != 1 or n_x.pop() != len(y):
+        n_y = {len(t) for t in keras.tree.flatten(y)}
+        if len(n_x) != 1 or n_y != n_x:
             raise ValueError(
                 "`probe` x and y must hold the same number of samples. Received: x with "
-                f"{[len(t) for t in keras.tree.flatten(x)]} samples, y with {len(y)}."
+                f"{[len(t) for t in keras.tree.flatten(x)]} samples, y with "
+                f"{[len(t) for t in keras.tree.flatten(y)]}."
             )
         if every_n_steps is not None and (
                 isinstance(every_n_steps, bool) or not isinstance(every_n_steps, (int, np.integer))
@@ -226,6 +235,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
         self.jsonl_path = None if jsonl_path is None else os.fspath(jsonl_path)
         self.training = bool(training)
         self.log_on_epoch_end = bool(log_on_epoch_end)
+        self.loss = None if loss is None else keras.losses.get(loss)
 
         self.history = []
         self.tracked_layers = []
@@ -287,31 +297,36 @@ class LayerStatsLogger(keras.callbacks.Callback):
         return loss if callable(loss) else None
 
     def _build(self):
+        """The probe and its loss: `loss=`, else the compiled loss, else cross-entropy. Its
+        first pass, kept for the step-0 log, checks that the loss accepts the probe's y: a
+        compiled loss that does not falls back to cross-entropy with a warning; `loss=` and
+        cross-entropy raise."""
         model = self.model
         self.tracked_layers = self._select_layers(model)
-        loss = self._compiled_loss(model)
-        eager_calls = eager_calls_for(self._planned_logs())
-        if loss is not None:
+        self._probe = None
+        if self.loss is not None:
+            self._start_probe(self.loss, "argument")
+            return
+        compiled = self._compiled_loss(model)
+        if compiled is not None:
             try:
-                self._probe = LayerProbe(model, self.tracked_layers, loss,
-                                         training=self.training, return_tensors=self.histograms,
-                                         eager_calls=eager_calls)
-                # Validates the loss on the probe's y; kept for the step-0 log.
-                self._first_out = self._probe(self._x, self._y)
-                self.loss_source = "compiled"
+                self._start_probe(compiled, "compiled")
             except instrument.UnsupportedLayerError:
                 raise
             except Exception as e:  # a compiled loss that does not fit the probe's y
                 warnings.warn(
                     f"LayerStatsLogger: the model's compiled loss does not accept the probe "
                     f"({type(e).__name__}: {str(e)[:200]}); using cross-entropy instead.")
-                self._probe = None
         if self._probe is None:
             loss, self._y = instrument.default_loss(model, self.probe_y)
-            self._probe = LayerProbe(model, self.tracked_layers, loss, training=self.training,
-                                     return_tensors=self.histograms, eager_calls=eager_calls)
-            self.loss_source = "cross_entropy"
-        self._probe_model = model
+            self._start_probe(loss, "cross_entropy")
+
+    def _start_probe(self, loss, source):
+        probe = LayerProbe(self.model, self.tracked_layers, loss, training=self.training,
+                           return_tensors=self.histograms,
+                           eager_calls=eager_calls_for(self._planned_logs()))
+        self._first_out = probe(self._x, self._y)
+        self._probe, self._probe_model, self.loss_source = probe, self.model, source
 
     def _planned_logs(self):
         """How many logs this fit will make, counted from `fit`'s `epochs` and `steps` (None
@@ -328,7 +343,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
     def _prepare_inputs(self):
         """The probe batch as backend tensors, converted once."""
         self._x = keras.tree.map_structure(keras.ops.convert_to_tensor, self.probe_x)
-        self._y = keras.ops.convert_to_tensor(self.probe_y)
+        self._y = keras.tree.map_structure(keras.ops.convert_to_tensor, self.probe_y)
 
     # -- logging -----------------------------------------------------------------------------
 

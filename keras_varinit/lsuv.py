@@ -124,7 +124,7 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
     if not model.built:
         raise ValueError("lsuv needs a built model (create it with keras.Input, call it once "
                          "on a batch, or call model.build(input_shape)). Received: unbuilt "
-                         f"model {model.name!r} ({type(model).__name__})")
+                         f"{instrument.describe_model(model)}")
     _check_number("target_variance", target_variance, minimum=0)
     _check_number("tol", tol, minimum=0)
     _check_number("max_iter", max_iter, minimum=1, integer=True, strict=False)

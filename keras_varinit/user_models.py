@@ -216,6 +216,14 @@ def _checked(model, source):
             f"{source} gave an unbuilt model {model.name!r} ({type(model).__name__}). Allowed: "
             "a model created with keras.Input, or built with model.build(input_shape) or one "
             "call on a batch.")
+    outputs = getattr(model, "outputs", None) or ()
+    if len(outputs) > 1:
+        raise ModelLoadError(
+            f"{source} gave model {model.name!r} ({type(model).__name__}) with {len(outputs)} "
+            f"outputs {[tuple(t.shape) for t in outputs]}. Allowed: a model with one output "
+            "(the profile and training score it with cross-entropy on class labels); in "
+            "Python, `variance_profile(model, x, loss=...)` and `LayerStatsLogger(probe, "
+            "loss=...)` take a loss of several outputs.")
     return model
 
 

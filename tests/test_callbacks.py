@@ -185,6 +185,42 @@ def test_compiled_loss_is_used_and_bad_compiled_loss_falls_back():
     assert len(cb.history) == 4
 
 
+def _two_headed(name="two_heads"):
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="relu", name="trunk")(inp)
+    return keras.Model(inp, [keras.layers.Dense(3, name="head_a")(h),
+                             keras.layers.Dense(3, name="head_b")(h)], name=name)
+
+
+@bi
+def test_a_multi_output_model_needs_loss_and_the_loss_sees_every_output():
+    x, y = _data(32)
+    model = _two_headed()
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile("sgd", [ce, ce])
+    # the compiled list loss is not used; the default cross-entropy refuses two outputs at
+    # train begin instead of failing at every log
+    with pytest.raises(ValueError, match=r"one output.*2 outputs.*`loss=`"):
+        model.fit(x, [y, y], epochs=1, batch_size=16, verbose=0,
+                  callbacks=[LayerStatsLogger((x, y))])
+
+    # loss on head_a only: no gradient reaches head_b's output
+    cb = _probe_now(model, (x, [y, y]), loss=lambda t, p: ce(t[0], p[0]))
+    assert cb.loss_source == "argument"
+    assert _rec(cb, "head_a")["activation_grad_std"] > 0
+    assert _rec(cb, "head_b")["activation_grad_std"] == 0
+    assert _rec(cb, "head_b")["weight_grad_std"] == 0
+    # both heads: head_b's gradient equals (softmax - one-hot) / N on its logits
+    cb = _probe_now(model, (x, [y, y]), loss=lambda t, p: ce(t[0], p[0]) + ce(t[1], p[1]))
+    z = _sub_outputs(model, x, ["head_b"])[0].astype(np.float64)
+    prob = np.exp(z - z.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    np.testing.assert_allclose(_rec(cb, "head_b")["activation_grad_std"],
+                               ((prob - np.eye(3)[y]) / len(x)).std(), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"same number of samples.*\[32\].*\[32, 16\]"):
+        LayerStatsLogger((x, [y, y[:16]]))
+
+
 @bi
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
 def test_saturated_fraction_large_vs_small_weights(activation):

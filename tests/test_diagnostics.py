@@ -296,6 +296,43 @@ def test_profile_bad_input():
         diagnostics.variance_profile(empty, np.zeros((4, 4), "float32"))
 
 
+class _TwoHeads(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.trunk = keras.layers.Dense(8, activation="relu", name="trunk")
+        self.head_a = keras.layers.Dense(3, name="head_a")
+        self.head_b = keras.layers.Dense(2, name="head_b")
+
+    def call(self, x):
+        h = self.trunk(x)
+        return self.head_a(h), self.head_b(h)
+
+
+def test_multi_output_models_need_a_loss_and_multi_input_models_are_refused():
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    inp = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="relu", name="trunk")(inp)
+    functional = keras.Model(inp, [keras.layers.Dense(3, name="head_a")(h),
+                                   keras.layers.Dense(2, name="head_b")(h)], name="heads")
+    subclassed = _TwoHeads()
+    subclassed(x)
+    for model in (functional, subclassed):
+        with pytest.raises(ValueError, match=r"one output\. Received: model .* with 2 outputs, "
+                                             r"shapes \[\(16, 3\), \(16, 2\)\].*`loss=`"):
+            diagnostics.variance_profile(model, x)
+        assert len(diagnostics.variance_profile(model, x, gradients=False)) == 3
+        y = np.arange(16) % 2
+        ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        df = diagnostics.variance_profile(model, x, y, loss=lambda t, p: ce(t, p[1]))
+        backward = df.set_index("layer")["backward_var"]
+        assert backward["head_b"] > 0 and backward["trunk"] > 0 and backward["head_a"] == 0
+    two_in = keras.Input((4,)), keras.Input((4,))
+    joint = keras.Model(list(two_in), keras.layers.Dense(2)(keras.layers.Add()(list(two_in))))
+    with pytest.raises(ValueError, match=r"single-input.*with 2 inputs.*Allowed: a model with "
+                                         r"one input"):
+        diagnostics.variance_profile(joint, [x, x])
+
+
 # ----------------------------------------------------------------------------- forward only
 
 def test_forward_only_profile_matches_the_full_one():

@@ -87,6 +87,11 @@ def test_factory_from_a_file_and_its_errors(tmp_path):
 
         def unbuilt():
             return keras.Sequential([keras.layers.Dense(3)])
+
+        def two_heads():
+            inputs = keras.Input((8,))
+            return keras.Model(inputs, [keras.layers.Dense(3)(inputs),
+                                        keras.layers.Dense(2)(inputs)])
     """))
     model = user_models.load_user_model(f"{script}:build")
     assert user_models.model_input_shape(model) == (8,)
@@ -98,6 +103,9 @@ def test_factory_from_a_file_and_its_errors(tmp_path):
         user_models.load_user_model(f"{script}:not_a_model")
     with pytest.raises(ModelLoadError, match="unbuilt model"):
         user_models.load_user_model(f"{script}:unbuilt")
+    with pytest.raises(ModelLoadError, match=r"with 2 outputs \[\(None, 3\), \(None, 2\)\]\. "
+                                             r"Allowed: a model with one output"):
+        user_models.load_user_model(f"{script}:two_heads")
     with pytest.raises(ModelLoadError, match="has no function 'nope'"):
         user_models.load_user_model(f"{script}:nope")
     with pytest.raises(ModelLoadError, match="Cannot import module 'no_such_module_xyz'"):
