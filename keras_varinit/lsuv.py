@@ -10,6 +10,7 @@ import numbers
 import warnings
 
 import keras
+import numpy as np
 
 from keras_varinit import batch_checks, instrument
 
@@ -133,8 +134,10 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
     inputs = getattr(model, "inputs", None)
     arrays = batch_checks.as_arrays(x, "lsuv", n_inputs=len(inputs) if inputs else None)
     batch_checks.check_finite(arrays, "lsuv")
-    calibrate = _Calibration(keras.initializers.Orthogonal(seed=seed) if orthonormal else None,
-                             float(target_variance), tol, max_iter, verbose)
+    orthogonal = keras.initializers.Orthogonal(seed=seed) if orthonormal else None
+    starts = {id(kernel): _start(kernel, orthogonal)
+              for kernel in (scaled_kernel(site.layer) for site in sites)}
+    calibrate = _Calibration(starts, float(target_variance), tol, max_iter, verbose)
     with instrument.intercept(sites, calibrate):
         model(arrays if len(arrays) > 1 else arrays[0], training=False)
     rows = sorted(calibrate.rows, key=lambda row: row["index"])
@@ -151,11 +154,24 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
     return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
 
 
-class _Calibration:
-    """The `intercept` hook: calibrates a weight layer at its first call, returns its output."""
+def _start(kernel, orthogonal):
+    """The kernel LSUV starts from, as a numpy array read before the forward pass: an
+    orthonormal draw, or the kernel's value. Under a mixed-precision policy a layer's call
+    reads its variables cast to the compute dtype (float16): rescaling this float32 copy
+    instead keeps the variables' full precision (and QR runs in float32 or wider)."""
+    value = keras.ops.convert_to_numpy(kernel)
+    if orthogonal is None:
+        return value
+    dtype = np.promote_types(value.dtype, np.float32).name
+    return keras.ops.convert_to_numpy(orthogonal(tuple(kernel.shape), dtype=dtype))
 
-    def __init__(self, orthogonal, target, tol, max_iter, verbose):
-        self.orthogonal, self.target, self.tol = orthogonal, target, tol
+
+class _Calibration:
+    """The `intercept` hook: calibrates a weight layer at its first call, returns its output.
+    The kernel is set to `start * scale` (`starts`: `_start` per kernel id)."""
+
+    def __init__(self, starts, target, tol, max_iter, verbose):
+        self.starts, self.target, self.tol = starts, target, tol
         self.max_iter, self.verbose = max_iter, verbose
         self.rows = []
 
@@ -163,14 +179,15 @@ class _Calibration:
         if call.index > 1:  # a shared layer is calibrated once, at its first call
             return call.run()
         kernel = scaled_kernel(call.site.layer)
-        if self.orthogonal is not None:
-            kernel.assign(self.orthogonal(tuple(kernel.shape), dtype=kernel.dtype))
+        start, scale = self.starts[id(kernel)], 1.0
+        kernel.assign(start)
         pre, activation = call.run_split()
         var = initial = _variance(pre)
         iterations, target = 0, self.target
         while math.isfinite(var) and var > 0 and abs(var - target) > self.tol * target \
                 and iterations < self.max_iter:
-            kernel.assign(kernel * keras.ops.cast(math.sqrt(target / var), kernel.dtype))
+            scale *= math.sqrt(target / var)
+            kernel.assign(start * scale)
             iterations += 1
             pre, activation = call.run_split()
             var = _variance(pre)

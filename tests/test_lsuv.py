@@ -246,3 +246,24 @@ def test_masked_sequential_model_calibrates_on_the_masked_signal():
     head = model.get_layer("head")
     z = keras.ops.matmul(feed, head.kernel) + head.bias
     assert abs(float(np.var(keras.ops.convert_to_numpy(z))) - 1.0) <= 0.02
+
+
+def test_mixed_precision_model_keeps_float32_kernels_at_full_precision():
+    """Under mixed_float16 a layer's call reads its kernel as float16: LSUV rescales a float32
+    copy, so the stored kernels are not rounded to float16 (and the orthonormal draw's QR
+    runs in float32, which JAX's CPU LAPACK needs)."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = cnn()
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    x = np.random.default_rng(0).normal(size=(64, 12, 12, 3)).astype("float32")
+    report = lsuv(model, x, tol=0.05)
+    assert report["converged"].all() and (report["iterations"] > 0).any()
+    for layer in model.layers:
+        if hasattr(layer, "kernel"):
+            kernel = keras.ops.convert_to_numpy(layer.kernel)
+            assert kernel.dtype == np.float32
+            rounded = kernel.astype(np.float16).astype(np.float32)
+            assert np.mean(kernel != rounded) > 0.9, layer.name
