@@ -214,8 +214,10 @@ def _profile_statistics(view):
 def _record(model, x, y, loss_fn, training):
     """One pass: the `instrument.Recording` of every leaf layer and weight layer call."""
     weight = instrument.weight_sites(model, "variance_profile")
-    sites = [s for s in instrument.layer_sites(model)
-             if s.is_leaf or instrument.is_weight_layer(s.layer)]
+    # A recurrent layer is recorded whole: its cell runs inside its loop.
+    sites = [s for s in instrument.layer_sites(model) if not s.in_loop and (
+        s.is_leaf or instrument.is_weight_layer(s.layer) or
+        isinstance(s.layer, instrument.LOOP_LAYERS))]
     recorder = instrument.Recorder(model, sites, _profile_statistics, loss=loss_fn,
                                    training=training, split=True, gradient_sites=weight,
                                    eager_calls=None)

@@ -33,12 +33,13 @@ Supported and not:
   SeparableConv1D/2D, and custom layers with a `kernel`;
 * layers inside a recurrent layer (`keras.layers.RNN`: LSTM, GRU, SimpleRNN, their cells)
   run inside the RNN's loop, where no per-step tensor can be recorded: selecting one raises
-  `UnsupportedLayerError` (record the RNN layer's own output instead). Quantized layers
-  (`layer.quantize(...)`) bypass `call` and are refused the same way.
+  `UnsupportedLayerError` (record the RNN layer's own output instead); `weight_sites` and
+  the logger's default selection leave them out with a warning (`outside_loops`). Quantized
+  layers (`layer.quantize(...)`) bypass `call` and are refused.
 
-Public names: `LayerSite`, `layer_sites`, `weight_sites`, `is_weight_layer`, `final_layer`,
-`check_interceptable`, `fused_activation`, `LayerCall`, `intercept`, `CallTensors`,
-`CallRecord`, `Recording`, `Recorder`, `default_loss`, `describe_model`,
+Public names: `LayerSite`, `layer_sites`, `weight_sites`, `outside_loops`, `is_weight_layer`,
+`final_layer`, `check_interceptable`, `fused_activation`, `LayerCall`, `intercept`,
+`CallTensors`, `CallRecord`, `Recording`, `Recorder`, `default_loss`, `describe_model`,
 `UnsupportedLayerError`, `MultiOutputError`, `NoWeightLayerError`.
 
 >>> sites = [s for s in layer_sites(model) if s.is_leaf]
@@ -49,6 +50,7 @@ Public names: `LayerSite`, `layer_sites`, `weight_sites`, `is_weight_layer`, `fi
 import contextlib
 import dataclasses
 import functools
+import warnings
 
 import keras
 import numpy as np
@@ -159,7 +161,9 @@ def describe_model(model):
 
 
 def weight_sites(model, caller="this function"):
-    """The sites of `model`'s weight layers, or raise `NoWeightLayerError`."""
+    """The sites of `model`'s weight layers that can be recorded: those inside a recurrent
+    layer's loop are left out with a warning (`outside_loops`). Raises `NoWeightLayerError`
+    (no weight layer) or `UnsupportedLayerError` (all of them inside loops)."""
     sites = [site for site in layer_sites(model) if is_weight_layer(site.layer)]
     if not sites:
         names = [f"{s.path} ({type(s.layer).__name__})" for s in layer_sites(model)][:20]
@@ -167,7 +171,20 @@ def weight_sites(model, caller="this function"):
             f"{caller} found no layer with a kernel in {describe_model(model)}. Received: layers "
             f"{names}. Allowed: models with Dense, EinsumDense, Conv*, Conv*Transpose, "
             "DepthwiseConv* or SeparableConv* layers (or custom layers with a `kernel`).")
-    return sites
+    if all(site.in_loop for site in sites):
+        check_interceptable(sites, model)
+    return outside_loops(sites, caller)
+
+
+def outside_loops(sites, caller, hint=""):
+    """`sites` less those inside a recurrent layer's loop (`LayerSite.in_loop`: run once per
+    time step, where no output can be recorded), with a UserWarning naming them."""
+    looped = [site.path for site in sites if site.in_loop]
+    if looped:
+        warnings.warn(f"{caller} leaves out {looped}: they run inside a recurrent layer's loop "
+                      f"(once per time step), where their outputs cannot be recorded.{hint}",
+                      UserWarning, stacklevel=3)
+    return [site for site in sites if not site.in_loop]
 
 
 def final_layer(model):

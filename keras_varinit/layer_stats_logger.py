@@ -272,12 +272,9 @@ class LayerStatsLogger(keras.callbacks.Callback):
         if self._exclude_match is not None:
             chosen = [s for s in chosen
                       if not any(self._exclude_match(s, spec) for spec in self._exclude_specs)]
-        if self._layers_match is None and any(s.in_loop for s in chosen):
-            looped = [s.path for s in chosen if s.in_loop]
-            warnings.warn(
-                f"LayerStatsLogger does not track {looped}: they run inside a recurrent "
-                "layer's loop. Track the RNN layer itself with `layers=`.", UserWarning)
-            chosen = [s for s in chosen if not s.in_loop]
+        if self._layers_match is None:
+            chosen = instrument.outside_loops(
+                chosen, "LayerStatsLogger", " Track the RNN layer itself with `layers=`.")
         if not chosen:
             raise ValueError(
                 f"LayerStatsLogger tracks no layer of model {model.name!r} with "

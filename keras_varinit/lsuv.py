@@ -130,7 +130,7 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
     _check_number("tol", tol, minimum=0)
     _check_number("max_iter", max_iter, minimum=1, integer=True, strict=False)
     sites = instrument.weight_sites(model, "lsuv")
-    instrument.check_interceptable(sites, model)
+    instrument.check_interceptable(sites, model)   # quantized layers
     inputs = getattr(model, "inputs", None)
     arrays = batch_checks.as_arrays(x, "lsuv", n_inputs=len(inputs) if inputs else None)
     batch_checks.check_finite(arrays, "lsuv")

@@ -375,7 +375,7 @@ def test_layers_inside_an_rnn_are_refused_or_left_out_with_a_warning():
     y = np.arange(8) % 3
     model = keras.Sequential([keras.Input((5, 4)), keras.layers.SimpleRNN(6, name="rnn"),
                               keras.layers.Dense(3, name="out")])
-    with pytest.warns(UserWarning, match=r"does not track \['rnn/simple_rnn_cell"):
+    with pytest.warns(UserWarning, match=r"LayerStatsLogger leaves out \['rnn/simple_rnn_cell"):
         cb = _probe_now(model, (x, y))
     assert [r["layer"] for r in cb.history] == ["out"]
     assert [r["layer"] for r in _probe_now(model, (x, y), layers=["rnn"]).history] == ["rnn"]

@@ -333,6 +333,23 @@ def test_multi_output_models_need_a_loss_and_multi_input_models_are_refused():
         diagnostics.variance_profile(joint, [x, x])
 
 
+def test_a_recurrent_layer_is_recorded_whole_and_its_cell_left_out_with_a_warning():
+    model = keras.Sequential([keras.Input((6, 8)), keras.layers.Dense(16, name="embed"),
+                              keras.layers.LSTM(12, name="lstm"),
+                              keras.layers.Dense(10, name="out")])
+    x = np.random.default_rng(0).normal(size=(32, 6, 8)).astype("float32")
+    with pytest.warns(UserWarning, match=r"variance_profile leaves out \['lstm/lstm_cell'\]"):
+        df = diagnostics.variance_profile(model, x)
+    assert list(df["layer"]) == ["embed", "out"]
+    assert df["forward_var"].gt(0).all() and df["backward_var"].gt(0).all()
+    # the layer after the LSTM sees the LSTM's output: its one-step prediction starts there
+    h = np.asarray(keras.Model(model.inputs[0], model.get_layer("lstm").output)(x), np.float64)
+    out = df.set_index("layer").loc["out"]
+    assert out["input_second_moment"] == pytest.approx(np.mean(h ** 2), rel=1e-4)
+    assert out["predicted_forward_var"] == pytest.approx(
+        out["fan_in"] * out["weight_var"] * np.mean(h ** 2), rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- forward only
 
 def test_forward_only_profile_matches_the_full_one():

@@ -267,3 +267,21 @@ def test_mixed_precision_model_keeps_float32_kernels_at_full_precision():
             assert kernel.dtype == np.float32
             rounded = kernel.astype(np.float16).astype(np.float32)
             assert np.mean(kernel != rounded) > 0.9, layer.name
+
+
+def test_layers_inside_an_rnn_are_left_out_with_a_warning_and_the_rest_calibrated():
+    model = keras.Sequential([keras.Input((6, 8)), keras.layers.Dense(16, name="embed"),
+                              keras.layers.LSTM(12, name="lstm"),
+                              keras.layers.Dense(10, name="out")])
+    cell_kernel = keras.ops.convert_to_numpy(model.get_layer("lstm").cell.kernel)
+    x = np.random.default_rng(0).normal(size=(64, 6, 8)).astype("float32")
+    with pytest.warns(UserWarning, match=r"lsuv leaves out \['lstm/lstm_cell'\]: they run "
+                                         r"inside a recurrent layer's loop"):
+        report = lsuv(model, x)
+    assert list(report["layer"]) == ["embed", "out"] and report["converged"].all()
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model.get_layer("lstm").cell.kernel), cell_kernel)
+    only_rnn = keras.Sequential([keras.Input((6, 8)), keras.layers.GRU(4, name="gru")])
+    with pytest.raises(ValueError, match=r"'gru/gru_cell' \(GRUCell\).*inside a recurrent "
+                                         r"layer's loop"):
+        lsuv(only_rnn, x)
