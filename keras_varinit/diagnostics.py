@@ -390,16 +390,16 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
     """
     if not getattr(model, "built", False):
         raise ValueError(
-            f"variance_profile needs a built model. Received: unbuilt "
+            "variance_profile needs a built model. Received: unbuilt "
             f"{instrument.describe_model(model)}. Allowed: a model "
             "created with keras.Input, called once on a batch, or built with model.build().")
     inputs = getattr(model, "inputs", None)
     if inputs is not None and len(inputs) != 1:
         raise ValueError(
             "variance_profile supports single-input models (its predictions start from the "
-            f"input's second moment). Received: {instrument.describe_model(model)} with {len(inputs)} "
-            "inputs. Allowed: a model with one input (`lsuv` and `LayerStatsLogger` take "
-            "several).")
+            f"input's second moment). Received: {instrument.describe_model(model)} with "
+            f"{len(inputs)} inputs. Allowed: a model with one input (`lsuv` and "
+            "`LayerStatsLogger` take several).")
     (x,) = batch_checks.as_arrays(x, "variance_profile", n_inputs=1)
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype("float32")

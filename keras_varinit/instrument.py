@@ -233,8 +233,8 @@ def check_interceptable(sites, model):
     for site in sites:
         if site.in_loop:
             raise UnsupportedLayerError(
-                f"Layer {site.path!r} ({type(site.layer).__name__}) of {describe_model(model)} runs "
-                "inside a recurrent layer's loop (once per time step), where its outputs "
+                f"Layer {site.path!r} ({type(site.layer).__name__}) of {describe_model(model)} "
+                "runs inside a recurrent layer's loop (once per time step), where its outputs "
                 "cannot be recorded. Allowed: layers outside RNNs, or the RNN layer itself.")
         if getattr(site.layer, "quantization_mode", None) is not None:
             raise UnsupportedLayerError(
