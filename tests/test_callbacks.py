@@ -325,6 +325,9 @@ def test_bad_arguments_raise_clear_errors():
         LayerStatsLogger(x)
     with pytest.raises(ValueError, match="same number"):
         LayerStatsLogger((x, y[:3]))
+    with pytest.raises(ValueError, match=r"`loss` must be a Keras loss name.*Received: "
+                                         r"loss='nope'"):
+        LayerStatsLogger((x, y), loss="nope")
 
 
 @bi
