@@ -37,9 +37,14 @@ Supported and not:
   the logger's default selection leave them out with a warning (`outside_loops`). Quantized
   layers (`layer.quantize(...)`) bypass `call` and are refused.
 
-Public names: `LayerSite`, `layer_sites`, `weight_sites`, `outside_loops`, `is_weight_layer`,
-`final_layer`, `check_interceptable`, `fused_activation`, `LayerCall`, `intercept`,
-`CallTensors`, `CallRecord`, `Recording`, `Recorder`, `default_loss`, `describe_model`,
+* custom layers that hold their weight matrix under another name (`self.w`) are not weight
+  layers: `weight_sites` and the logger's default selection name them in a warning
+  (`warn_kernel_less`).
+
+Public names: `LayerSite`, `layer_sites`, `weight_sites`, `outside_loops`,
+`kernel_less_weight_layers`, `warn_kernel_less`, `is_weight_layer`, `final_layer`,
+`check_interceptable`, `fused_activation`, `LayerCall`, `intercept`, `CallTensors`,
+`CallRecord`, `Recording`, `Recorder`, `default_loss`, `describe_model`,
 `UnsupportedLayerError`, `MultiOutputError`, `NoWeightLayerError`.
 
 >>> sites = [s for s in layer_sites(model) if s.is_leaf]
@@ -164,16 +169,40 @@ def weight_sites(model, caller="this function"):
     """The sites of `model`'s weight layers that can be recorded: those inside a recurrent
     layer's loop are left out with a warning (`outside_loops`). Raises `NoWeightLayerError`
     (no weight layer) or `UnsupportedLayerError` (all of them inside loops)."""
-    sites = [site for site in layer_sites(model) if is_weight_layer(site.layer)]
+    every = layer_sites(model)
+    sites = [site for site in every if is_weight_layer(site.layer)]
+    unnamed = kernel_less_weight_layers(every)
     if not sites:
-        names = [f"{s.path} ({type(s.layer).__name__})" for s in layer_sites(model)][:20]
+        names = [f"{s.path} ({type(s.layer).__name__})" for s in every][:20]
         raise NoWeightLayerError(
             f"{caller} found no layer with a kernel in {describe_model(model)}. Received: layers "
             f"{names}. Allowed: models with Dense, EinsumDense, Conv*, Conv*Transpose, "
-            "DepthwiseConv* or SeparableConv* layers (or custom layers with a `kernel`).")
+            "DepthwiseConv* or SeparableConv* layers (or custom layers with a `kernel`)."
+            + (f" {unnamed} hold a weight matrix under another name: call it `kernel`."
+               if unnamed else ""))
+    warn_kernel_less(unnamed, caller)
     if all(site.in_loop for site in sites):
         check_interceptable(sites, model)
     return outside_loops(sites, caller)
+
+
+def kernel_less_weight_layers(sites):
+    """Paths of leaf layers from outside Keras that own a trainable variable of rank >= 2 but
+    no `kernel` (the Keras guide's `Linear` with `self.w`): weight layers `is_weight_layer`
+    cannot see. Keras's own such layers (Embedding, PReLU) are not weight layers by design."""
+    return [site.path for site in sites
+            if site.is_leaf and not site.in_loop and not is_weight_layer(site.layer)
+            and not type(site.layer).__module__.startswith("keras.")
+            and any(len(v.shape) >= 2 for v in site.layer.trainable_variables)]
+
+
+def warn_kernel_less(paths, caller, hint=None):
+    """A UserWarning naming the `kernel_less_weight_layers` that `caller` leaves out."""
+    if paths:
+        hint = hint or ("Name the matrix `kernel` (`self.kernel = self.add_weight(shape=(fan_in, "
+                        "units))`, as Dense does) to include them.")
+        warnings.warn(f"{caller} leaves out {paths}: custom layers with a trainable weight "
+                      f"matrix but no `kernel` attribute. {hint}", UserWarning, stacklevel=3)
 
 
 def outside_loops(sites, caller, hint=""):

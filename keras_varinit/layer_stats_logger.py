@@ -269,6 +269,8 @@ class LayerStatsLogger(keras.callbacks.Callback):
         candidates = instrument.layer_sites(model)
         if self._layers_match is None:
             chosen = [s for s in candidates if _is_default_tracked(s.layer)]
+            instrument.warn_kernel_less(instrument.kernel_less_weight_layers(candidates),
+                                        "LayerStatsLogger", "Track them with `layers=`.")
         else:
             chosen = [s for s in candidates
                       if any(self._layers_match(s, spec) for spec in self._layers_specs)]

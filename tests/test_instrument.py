@@ -8,6 +8,7 @@ gradient of the loss with respect to e_l at e_l = 0, by `tf.GradientTape` or `ja
 """
 import pathlib
 import re
+import warnings
 
 import keras
 import numpy as np
@@ -301,6 +302,57 @@ def test_layers_inside_an_rnn_and_models_without_weights_are_refused():
         instrument.weight_sites(empty)
     with pytest.raises(ValueError, match=r"unbuilt model 'net' \(_Subclassed\)"):
         instrument.Recorder(_Subclassed(), [], _raw)
+
+
+class _Linear(keras.layers.Layer):
+    """The Keras guide's custom layer: its matrix is `self.w`, not `self.kernel`."""
+
+    def __init__(self, units, matrix_name="w", **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.matrix_name = units, matrix_name
+
+    def build(self, input_shape):
+        setattr(self, self.matrix_name, self.add_weight(shape=(input_shape[-1], self.units)))
+        self.b = self.add_weight(shape=(self.units,), initializer="zeros")
+
+    def call(self, x):
+        return keras.ops.matmul(x, getattr(self, self.matrix_name)) + self.b
+
+
+def test_custom_layers_with_a_matrix_not_called_kernel_are_named_not_skipped_silently():
+    from keras_varinit import diagnostics
+    from keras_varinit.callbacks import LayerStatsLogger
+    from keras_varinit.lsuv import lsuv
+
+    def model(matrix_name):
+        return keras.Sequential([keras.Input((N_IN,)), _Linear(8, matrix_name, name="linear"),
+                                 keras.layers.ReLU(name="relu"),
+                                 keras.layers.Embedding(3, 2, name="table"),
+                                 keras.layers.Flatten(), keras.layers.Dense(N_OUT, name="out")])
+
+    x = np.random.default_rng(0).normal(size=(BATCH, N_IN)).astype("float32")
+    y = np.arange(BATCH) % N_OUT
+    custom = model("w")
+    # Keras's own non-kernel matrices (the Embedding's table) are not flagged
+    assert instrument.kernel_less_weight_layers(instrument.layer_sites(custom)) == ["linear"]
+    match = r"leaves out \['linear'\]: custom layers with a trainable weight matrix but no `kernel`"
+    with pytest.warns(UserWarning, match=rf"variance_profile {match}.*Name the matrix `kernel`"):
+        assert list(diagnostics.variance_profile(custom, x)["layer"]) == ["out"]
+    with pytest.warns(UserWarning, match=rf"lsuv {match}"):
+        assert list(lsuv(custom, x)["layer"]) == ["out"]
+    with pytest.warns(UserWarning, match=rf"LayerStatsLogger {match}.*`layers=`"):
+        logger = LayerStatsLogger((x, y))
+        logger.set_model(custom)
+        logger.on_train_begin()
+    assert [r["layer"] for r in logger.history] == ["relu", "out"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        named = model("kernel")
+        assert list(diagnostics.variance_profile(named, x)["layer"]) == ["linear", "out"]
+    only_custom = keras.Sequential([keras.Input((N_IN,)), _Linear(3, name="linear")])
+    with pytest.raises(instrument.NoWeightLayerError,
+                       match=r"\['linear'\] hold a weight matrix under another name"):
+        instrument.weight_sites(only_custom)
 
 
 def test_weight_layers_cover_depthwise_separable_transposed_and_einsum():
