@@ -85,7 +85,7 @@ def cached_profile(key: tuple) -> dict:
             "activations": profile.activations, "layer_names": profile.layer_names,
             "synthetic": profile.synthetic, "seconds": profile.seconds,
             "lsuv": profile.lsuv_report, "explanation": profile.explanation,
-            "batch_norm_layers": profile.batch_norm_layers}
+            "batch_norm_layers": profile.batch_norm_layers, "notes": profile.notes}
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,6 +419,8 @@ def init_profile():
         return
     table = result["table"]
     show_verdict(result)
+    for note in result.get("notes", ()):
+        st.info(note, icon=":material/visibility_off:")
     init_diagnosis(table, result.get("batch_norm_layers", ()))
     show_profile_metrics(result, elapsed)
     st.altair_chart(charts.profile_chart(table, synthetic=result["synthetic"]),

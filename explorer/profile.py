@@ -100,6 +100,7 @@ class Profile:
     synthetic: bool = False
     seconds: float = 0.0
     lsuv_report: object = None
+    notes: tuple = ()                 # instrument.CoverageWarning texts: layers left out
     explanation: str | None = None   # profile_report.explain_drift: why it misses the recursion
     batch_norm_layers: tuple = ()     # the network's batch normalization layers (init_findings)
 
@@ -137,7 +138,7 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
     """Variance profile, verdict and activation samples for ``settings`` (see module doc)."""
     import keras
 
-    from keras_varinit import diagnostics, profile_report
+    from keras_varinit import diagnostics, instrument, profile_report
 
     problems = presets.blocking_problems(settings)
     if problems:
@@ -148,12 +149,13 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
     keras.utils.set_random_seed(int(settings.get("seed", 0)))
     model = build_model(settings, x.shape[1:])   # an MLP flattens the images itself
     x_in = x
-    report = None
-    if settings.get("init") == "lsuv":
-        from keras_varinit import initializers
+    with instrument.coverage_notes() as notes:
+        report = None
+        if settings.get("init") == "lsuv":
+            from keras_varinit import initializers
 
-        report = initializers.lsuv(model, x_in)
-    table = diagnostics.variance_profile(model, x_in, y)
+            report = initializers.lsuv(model, x_in)
+        table = diagnostics.variance_profile(model, x_in, y)
     verdict = profile_report.summarize_profile(table)
     explanation = profile_report.explain_drift(table)
     batch_norm = tuple(layer.name for layer in model.layers
@@ -180,7 +182,8 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
             activations[layer.name] = values
     return Profile(table=table, verdict=verdict, activations=activations, layer_names=names,
                    synthetic=synthetic, seconds=time.perf_counter() - start,
-                   lsuv_report=report, explanation=explanation, batch_norm_layers=batch_norm)
+                   lsuv_report=report, explanation=explanation, batch_norm_layers=batch_norm,
+                   notes=tuple(dict.fromkeys(notes)))
 
 
 def signal_summary(table: pd.DataFrame) -> dict:

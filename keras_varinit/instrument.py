@@ -39,13 +39,14 @@ Supported and not:
 
 * custom layers that hold their weight matrix under another name (`self.w`) are not weight
   layers: `weight_sites` and the logger's default selection name them in a warning
-  (`warn_kernel_less`).
+  (`warn_kernel_less`; both warnings are `CoverageWarning`s).
 
 Public names: `LayerSite`, `layer_sites`, `weight_sites`, `outside_loops`,
-`kernel_less_weight_layers`, `warn_kernel_less`, `is_weight_layer`, `final_layer`,
+`kernel_less_weight_layers`, `warn_kernel_less`, `coverage_notes`, `is_weight_layer`,
+`final_layer`,
 `check_interceptable`, `fused_activation`, `LayerCall`, `intercept`, `CallTensors`,
 `CallRecord`, `Recording`, `Recorder`, `default_loss`, `describe_model`,
-`UnsupportedLayerError`, `MultiOutputError`, `NoWeightLayerError`.
+`CoverageWarning`, `UnsupportedLayerError`, `MultiOutputError`, `NoWeightLayerError`.
 
 >>> sites = [s for s in layer_sites(model) if s.is_leaf]
 >>> recorder = Recorder(model, sites, lambda v: {"var": keras.ops.var(v.output)},
@@ -78,6 +79,11 @@ LOOP_LAYERS = (keras.layers.RNN,)
 
 class UnsupportedLayerError(ValueError):
     """A selected layer cannot be intercepted (inside an RNN loop, quantized)."""
+
+
+class CoverageWarning(UserWarning):
+    """Layers the diagnostics leave out: inside a recurrent layer's loop, or custom layers
+    with a weight matrix not called `kernel` (a typed category, for callers that show it)."""
 
 
 class MultiOutputError(ValueError):
@@ -202,7 +208,7 @@ def warn_kernel_less(paths, caller, hint=None):
         hint = hint or ("Name the matrix `kernel` (`self.kernel = self.add_weight(shape=(fan_in, "
                         "units))`, as Dense does) to include them.")
         warnings.warn(f"{caller} leaves out {paths}: custom layers with a trainable weight "
-                      f"matrix but no `kernel` attribute. {hint}", UserWarning, stacklevel=3)
+                      f"matrix but no `kernel` attribute. {hint}", CoverageWarning, stacklevel=3)
 
 
 def outside_loops(sites, caller, hint=""):
@@ -212,8 +218,24 @@ def outside_loops(sites, caller, hint=""):
     if looped:
         warnings.warn(f"{caller} leaves out {looped}: they run inside a recurrent layer's loop "
                       f"(once per time step), where their outputs cannot be recorded.{hint}",
-                      UserWarning, stacklevel=3)
+                      CoverageWarning, stacklevel=3)
     return [site for site in sites if not site.in_loop]
+
+
+@contextlib.contextmanager
+def coverage_notes():
+    """Collect the texts of the `CoverageWarning`s raised inside the block (layers a profile
+    or LSUV leaves out) into the yielded list, for a page or a CLI to show as notes; every
+    other warning goes on as usual."""
+    notes = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CoverageWarning)
+        yield notes
+    for item in caught:
+        if issubclass(item.category, CoverageWarning):
+            notes.append(str(item.message))
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
 def final_layer(model):

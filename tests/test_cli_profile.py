@@ -116,6 +116,21 @@ def test_profile_a_keras_file(tmp_path, capsys):
     assert list(pd.read_csv(csv)["layer"]) == ["c1", "dw", "head"]
 
 
+def test_profile_a_model_with_a_recurrent_layer_notes_what_it_leaves_out(tmp_path, capsys):
+    import keras
+
+    inputs = keras.Input((12, 5))
+    h = keras.layers.GRU(6, name="gru")(keras.layers.Dense(8, name="embed")(inputs))
+    path = tmp_path / "seq.keras"
+    keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name="seq").save(path)
+    csv = tmp_path / "seq.csv"
+    assert main(["profile", "--model", str(path), "--batch-size", "8", "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "note: variance_profile leaves out ['gru/gru_cell']: they run inside a recurrent " \
+           "layer's loop" in out
+    assert list(pd.read_csv(csv)["layer"]) == ["embed", "head"]
+
+
 def test_profile_a_keras_file_on_cifar10(tmp_path, capsys, cifar10_path, monkeypatch):
     monkeypatch.setenv("KERAS_VARINIT_CIFAR10", str(cifar10_path))
     path = tmp_path / "mine.keras"

@@ -409,6 +409,22 @@ def test_uploaded_keras_file_is_profiled_and_stored_under_a_generated_name(runs_
     assert f"--model file --model-file {stored}" in argv and "--depth 30" in argv
 
 
+def test_layers_the_profile_leaves_out_are_named_on_the_page(runs_dir, tmp_path):
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    h = keras.layers.LSTM(8, name="lstm")(keras.layers.Reshape((30, 120))(h))
+    path = tmp_path / "conv_lstm.keras"
+    keras.Model(inputs, keras.layers.Dense(10, name="head")(h)).save(path)
+    at = _upload(_app(data="synthetic", model="file").run(), "conv_lstm.keras",
+                 path.read_bytes())
+    assert any("leaves out ['lstm/lstm_cell']" in i.value for i in at.info), \
+        [i.value for i in at.info]
+    table = [df.value for df in at.dataframe if "forward_var" in df.value.columns]
+    assert list(table[0]["layer"]) == ["conv", "head"]
+
+
 def test_bad_uploads_get_clear_messages_and_are_not_stored(runs_dir, tmp_path, monkeypatch):
     import keras
 

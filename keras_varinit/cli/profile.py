@@ -285,10 +285,11 @@ def _default_data(shape):
 
 
 def _profile_user_model(args):
-    """`({name: profile}, header)` of the model `--model` names."""
+    """`({name: profile}, header, notes)` of the model `--model` names (notes: the layers the
+    profile leaves out, `instrument.coverage_notes`)."""
     import keras
 
-    from keras_varinit import diagnostics, user_models
+    from keras_varinit import diagnostics, instrument, user_models
 
     model = user_models.load_user_model(args.model)
     shape = user_models.model_input_shape(model)
@@ -296,12 +297,13 @@ def _profile_user_model(args):
         raise ValueError(user_models.cifar10_mismatch(model))
     data, why = (args.data, None) if args.data else _default_data(shape)
     x, description = make_batch(shape, data, args.batch_size, args.seed)
-    df = diagnostics.variance_profile(model, x, seed=args.seed)
+    with instrument.coverage_notes() as notes:
+        df = diagnostics.variance_profile(model, x, seed=args.seed)
     note = f" (gaussian: {why})" if why else ""
     header = (f"{model.name} ({type(model).__name__}) from {args.model}: {len(df)} weight "
               f"layer call(s); batch {args.batch_size} of {description}{note}; seed "
               f"{args.seed}; backend {keras.backend.backend()}")
-    return {model.name: df}, header
+    return {model.name: df}, header, notes
 
 
 def _profile_plain_nets(args):
@@ -366,12 +368,15 @@ def run(args):
     console = Console()
     if not console.is_terminal:  # piped / captured: do not squeeze the table into 80 columns
         console = Console(width=180)
+    notes, spreads = [], {}
     if _is_user_model(args):
-        (profiles, header), spreads = _profile_user_model(args), {}
+        profiles, header, notes = _profile_user_model(args)
     else:
         profiles, header, spreads = _profile_plain_nets(args)
     elapsed = time.perf_counter() - start
     console.print(header, markup=False, soft_wrap=True)
+    for note in notes:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
     if len(profiles) > 1 and not args.full:
         console.print(_comparison(profiles))
     else:
