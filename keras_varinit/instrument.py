@@ -43,9 +43,8 @@ Supported and not:
 
 Public names: `LayerSite`, `layer_sites`, `weight_sites`, `outside_loops`,
 `kernel_less_weight_layers`, `warn_kernel_less`, `coverage_notes`, `is_weight_layer`,
-`final_layer`,
-`check_interceptable`, `fused_activation`, `LayerCall`, `intercept`, `CallTensors`,
-`CallRecord`, `Recording`, `Recorder`, `default_loss`, `describe_model`,
+`final_layer`, `check_interceptable`, `fused_activation`, `LayerCall`, `intercept`,
+`CallTensors`, `CallRecord`, `Recording`, `Recorder`, `default_loss`, `describe_model`,
 `CoverageWarning`, `UnsupportedLayerError`, `MultiOutputError`, `NoWeightLayerError`.
 
 >>> sites = [s for s in layer_sites(model) if s.is_leaf]
