@@ -25,6 +25,7 @@ class Status(str, enum.Enum):
     MAX_ITER = "max_iter"            # rescaled max_iter times, still outside the tolerance
     ZERO_VARIANCE = "zero_variance"  # output variance 0 (dead input): not calibrated
     NON_FINITE = "non_finite"        # output variance NaN/Inf: not calibrated
+    FROZEN = "frozen"                # trainable=False (e.g. a pretrained backbone): left as is
 
 
 def _check_number(name, value, *, minimum, integer=False, strict=True):
@@ -85,7 +86,9 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
     A layer whose output variance is 0 (an all-zero batch, a dead input) or not finite cannot
     be rescaled: it keeps its (orthonormal) start, its report row says `status`
     "zero_variance" / "non_finite" and `converged` False, and a warning names the first such
-    layer.
+    layer. A layer with `trainable=False` (a frozen, e.g. pretrained, backbone) is left as it
+    is: its row says "frozen" (its measured variance, `converged` False), and a warning
+    counts them; the layers after it are calibrated on the signal it passes on.
 
     Args:
         model: a built `keras.Model` with at least one weight layer. Its kernels are changed in
@@ -106,7 +109,7 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
         `model.layers`, input layer left out), `iterations` (rescalings made),
         `initial_variance` (after the orthonormal start, before rescaling), `final_variance`,
         `converged` (bool), `status` (`Status` value: "converged", "max_iter",
-        "zero_variance", "non_finite").
+        "zero_variance", "non_finite", "frozen").
 
     Example:
 
@@ -135,8 +138,9 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
     arrays = batch_checks.as_arrays(x, "lsuv", n_inputs=len(inputs) if inputs else None)
     batch_checks.check_finite(arrays, "lsuv")
     orthogonal = keras.initializers.Orthogonal(seed=seed) if orthonormal else None
-    starts = {id(kernel): _start(kernel, orthogonal)
-              for kernel in (scaled_kernel(site.layer) for site in sites)}
+    starts = {id(kernel): _start(kernel, orthogonal) for kernel, frozen in
+              ((scaled_kernel(site.layer), _is_frozen(site.layer)) for site in sites)
+              if not frozen}
     calibrate = _Calibration(starts, float(target_variance), tol, max_iter, verbose)
     with instrument.intercept(sites, calibrate):
         model(arrays if len(arrays) > 1 else arrays[0], training=False)
@@ -151,7 +155,19 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
             "batch or a dead input gives 0), so its kernel cannot be rescaled; the report "
             "marks it (and any other) with status "
             f"{first['status']!r}, converged False.", UserWarning, stacklevel=2)
+    frozen = [row["layer"] for row in rows if row["status"] == Status.FROZEN.value]
+    if frozen:
+        warnings.warn(
+            f"lsuv leaves {len(frozen)} layer(s) with trainable=False as they are (the first: "
+            f"{frozen[0]!r}); the report marks them with status 'frozen'. Set "
+            "`layer.trainable = True` before lsuv to calibrate them.", UserWarning, stacklevel=2)
     return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+
+
+def _is_frozen(layer):
+    """True for a layer LSUV must not change: `trainable=False` (e.g. a pretrained backbone),
+    or its rescaled kernel is not trainable."""
+    return not layer.trainable or not scaled_kernel(layer).trainable
 
 
 def _start(kernel, orthogonal):
@@ -179,6 +195,18 @@ class _Calibration:
         if call.index > 1:  # a shared layer is calibrated once, at its first call
             return call.run()
         kernel = scaled_kernel(call.site.layer)
+        if id(kernel) in self.starts:
+            pre, activation, initial, var, iterations = self._calibrate(call, kernel)
+            status = _status(var, self.target, self.tol)
+        else:  # frozen: measured, left as it is
+            pre, activation = call.run_split()
+            initial = var = _variance(pre)
+            iterations, status = 0, Status.FROZEN
+        self._report(call, iterations, initial, var, status)
+        return activation(pre) if activation is not None else pre
+
+    def _calibrate(self, call, kernel):
+        """Set the kernel to `start * scale`, rescaling until the variance is on target."""
         start, scale = self.starts[id(kernel)], 1.0
         kernel.assign(start)
         pre, activation = call.run_split()
@@ -191,7 +219,9 @@ class _Calibration:
             iterations += 1
             pre, activation = call.run_split()
             var = _variance(pre)
-        status = _status(var, target, self.tol)
+        return pre, activation, initial, var, iterations
+
+    def _report(self, call, iterations, initial, var, status):
         self.rows.append({"layer": call.site.path, "index": call.site.position,
                           "order": len(self.rows), "iterations": iterations,
                           "initial_variance": initial, "final_variance": var,
@@ -200,4 +230,3 @@ class _Calibration:
             note = "" if status is Status.CONVERGED else f"  ({status.value})"
             print(f"lsuv {call.site.path:>20}: variance {initial:.4g} -> {var:.4g} in "
                   f"{iterations} step(s){note}")
-        return activation(pre) if activation is not None else pre

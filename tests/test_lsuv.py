@@ -285,3 +285,29 @@ def test_layers_inside_an_rnn_are_left_out_with_a_warning_and_the_rest_calibrate
     with pytest.raises(ValueError, match=r"'gru/gru_cell' \(GRUCell\).*inside a recurrent "
                                          r"layer's loop"):
         lsuv(only_rnn, x)
+
+
+def test_frozen_layers_are_left_as_they_are_and_the_rest_calibrated_after_them():
+    backbone = keras.Sequential([keras.Input((32,)), keras.layers.Dense(64, activation="relu",
+                                                                        name="b1"),
+                                 keras.layers.Dense(64, activation="relu", name="b2")],
+                                name="backbone")
+    backbone.trainable = False
+    inputs = keras.Input((32,))
+    model = keras.Model(inputs, keras.layers.Dense(10, name="head")(backbone(inputs)))
+    before = [keras.ops.convert_to_numpy(w) for w in backbone.weights]
+    x = np.random.default_rng(0).normal(size=(256, 32)).astype("float32")
+    with pytest.warns(UserWarning, match=r"lsuv leaves 2 layer\(s\) with trainable=False as "
+                                         r"they are \(the first: 'backbone/b1'\)"):
+        report = lsuv(model, x)
+    assert list(report["status"]) == ["frozen", "frozen", "converged"]
+    assert not report["converged"].iloc[:2].any() and (report["iterations"].iloc[:2] == 0).all()
+    for old, new in zip(before, backbone.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(new), old)
+    head = keras.ops.convert_to_numpy(model.get_layer("head").kernel)
+    features = np.asarray(keras.ops.convert_to_numpy(backbone(x)), np.float64)
+    assert np.var(features @ head) == pytest.approx(1.0, rel=0.03)
+    # frozen variances are measured where the model runs them
+    assert report["final_variance"].iloc[0] == pytest.approx(
+        np.var(x.astype(np.float64) @ keras.ops.convert_to_numpy(
+            model.get_layer("backbone").get_layer("b1").kernel)), rel=1e-4)
