@@ -78,6 +78,19 @@ def test_a_keras_file_is_probed_within_the_time_limit_json(tmp_path, capsys):
     assert "fix: init='kaiming_normal' in your model" in text
 
 
+def test_a_model_with_a_recurrent_layer_is_probed_and_the_report_notes_what_is_left_out(
+        tmp_path, capsys):
+    inputs = keras.Input((6, 4))
+    h = keras.layers.GRU(8, name="gru")(keras.layers.Dense(8, name="embed")(inputs))
+    path = tmp_path / "seq.keras"
+    keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name="seq").save(path)
+    code = main(["doctor", "--model", str(path), "--steps", "4", "--batch-size", "16"])
+    out = capsys.readouterr().out
+    assert code in (0, 1), out
+    assert "  note: variance_profile leaves out ['gru/gru_cell']" in out
+    assert "  note: LayerStatsLogger leaves out ['gru/gru_cell']" in out
+
+
 _FACTORY = """
 import keras
 

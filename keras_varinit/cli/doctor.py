@@ -188,6 +188,7 @@ class Probe:
     seconds: float
     run_dir: pathlib.Path | None
     title: str
+    notes: tuple = ()   # layers the diagnostics leave out (instrument.coverage_notes)
 
 
 def probe_builtin(config, steps, time_limit, log_dir, quiet):
@@ -262,23 +263,25 @@ def probe_user_model(spec, config, steps, time_limit, log_dir, quiet):
     keras.utils.set_random_seed(config.seed)
     n = min(steps * config.batch_size, PROBE_DATA_IMAGES)
     x, y, described = probe_data(model, config, max(n, config.batch_size))
-    profile, verdict = _init_profile(model, x, y)
-    loss, y = instrument.default_loss(model, y)
-    model.compile(optimizer=make_optimizer(config), loss=loss)
-    every = probe_config(config, steps).stats_every_n_steps
-    logger = LayerStatsLogger((x[:PROBE_IMAGES], y[:PROBE_IMAGES]), every_n_steps=every,
-                              jsonl_path=str(log_dir / rf.LAYER_STATS_FILE))
-    doctor = DiagnosisLogger(logger, profile=profile if profile is not None else True,
-                             context=Context(batch_size=config.batch_size), verbose=0,
-                             jsonl_path=str(log_dir / rf.FINDINGS_FILE))
-    progress = _Progress(steps, time_limit, quiet, lambda: setattr(model, "stop_training", True))
-    per_epoch = max(1, len(x) // config.batch_size)
-    model.fit(x, y, batch_size=config.batch_size, epochs=math.ceil(steps / per_epoch),
-              steps_per_epoch=min(per_epoch, steps), verbose=0, shuffle=True,
-              callbacks=[logger, doctor, _callback(progress)])
+    with instrument.coverage_notes() as notes:
+        profile, verdict = _init_profile(model, x, y)
+        loss, y = instrument.default_loss(model, y)
+        model.compile(optimizer=make_optimizer(config), loss=loss)
+        every = probe_config(config, steps).stats_every_n_steps
+        logger = LayerStatsLogger((x[:PROBE_IMAGES], y[:PROBE_IMAGES]), every_n_steps=every,
+                                  jsonl_path=str(log_dir / rf.LAYER_STATS_FILE))
+        doctor = DiagnosisLogger(logger, profile=profile if profile is not None else True,
+                                 context=Context(batch_size=config.batch_size), verbose=0,
+                                 jsonl_path=str(log_dir / rf.FINDINGS_FILE))
+        progress = _Progress(steps, time_limit, quiet,
+                             lambda: setattr(model, "stop_training", True))
+        per_epoch = max(1, len(x) // config.batch_size)
+        model.fit(x, y, batch_size=config.batch_size, epochs=math.ceil(steps / per_epoch),
+                  steps_per_epoch=min(per_epoch, steps), verbose=0, shuffle=True,
+                  callbacks=[logger, doctor, _callback(progress)])
     return Probe(doctor.findings, verdict, progress.state(), progress.done,
                  time.perf_counter() - progress.start, log_dir,
-                 f"{model.name} from {spec} ({described})")
+                 f"{model.name} from {spec} ({described})", tuple(dict.fromkeys(notes)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +308,7 @@ def report_lines(probe, schema, user_model):
     """The short report: header, init verdict, one block per finding."""
     lines = [f"keras-varinit doctor: {probe.title}",
              f"  at init: {probe.verdict}",
+             *(f"  note: {note}" for note in probe.notes),
              f"  probe: {probe.steps} step(s) in {probe.seconds:.1f} s, {probe.state}"
              + (f"; run files in {probe.run_dir}" if probe.run_dir else "")]
     if not probe.findings:
