@@ -183,7 +183,7 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
     return Profile(table=table, verdict=verdict, activations=activations, layer_names=names,
                    synthetic=synthetic, seconds=time.perf_counter() - start,
                    lsuv_report=report, explanation=explanation, batch_norm_layers=batch_norm,
-                   notes=tuple(dict.fromkeys(notes)))
+                   notes=tuple(notes))
 
 
 def signal_summary(table: pd.DataFrame) -> dict:

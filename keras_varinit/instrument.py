@@ -202,7 +202,7 @@ def kernel_less_weight_layers(sites):
 
 
 def warn_kernel_less(paths, caller, hint=None):
-    """A UserWarning naming the `kernel_less_weight_layers` that `caller` leaves out."""
+    """A `CoverageWarning` naming the `kernel_less_weight_layers` that `caller` leaves out."""
     if paths:
         hint = hint or ("Name the matrix `kernel` (`self.kernel = self.add_weight(shape=(fan_in, "
                         "units))`, as Dense does) to include them.")
@@ -212,7 +212,7 @@ def warn_kernel_less(paths, caller, hint=None):
 
 def outside_loops(sites, caller, hint=""):
     """`sites` less those inside a recurrent layer's loop (`LayerSite.in_loop`: run once per
-    time step, where no output can be recorded), with a UserWarning naming them."""
+    time step, where no output can be recorded), with a `CoverageWarning` naming them."""
     looped = [site.path for site in sites if site.in_loop]
     if looped:
         warnings.warn(f"{caller} leaves out {looped}: they run inside a recurrent layer's loop "
@@ -224,15 +224,16 @@ def outside_loops(sites, caller, hint=""):
 @contextlib.contextmanager
 def coverage_notes():
     """Collect the texts of the `CoverageWarning`s raised inside the block (layers a profile
-    or LSUV leaves out) into the yielded list, for a page or a CLI to show as notes; every
-    other warning goes on as usual."""
+    or LSUV leaves out), each once, into the yielded list, for a page or a CLI to show as
+    notes; every other warning goes on as usual."""
     notes = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CoverageWarning)
         yield notes
     for item in caught:
         if issubclass(item.category, CoverageWarning):
-            notes.append(str(item.message))
+            if str(item.message) not in notes:
+                notes.append(str(item.message))
         else:
             warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 

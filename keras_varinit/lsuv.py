@@ -10,7 +10,6 @@ import numbers
 import warnings
 
 import keras
-import numpy as np
 
 from keras_varinit import batch_checks, instrument
 
@@ -175,10 +174,9 @@ def _start(kernel, orthogonal):
     orthonormal draw, or the kernel's value. Under a mixed-precision policy a layer's call
     reads its variables cast to the compute dtype (float16): rescaling this float32 copy
     instead keeps the variables' full precision (and QR runs in float32 or wider)."""
-    value = keras.ops.convert_to_numpy(kernel)
     if orthogonal is None:
-        return value
-    dtype = np.promote_types(value.dtype, np.float32).name
+        return keras.ops.convert_to_numpy(kernel)
+    dtype = "float64" if kernel.dtype == "float64" else "float32"   # read outside autocast
     return keras.ops.convert_to_numpy(orthogonal(tuple(kernel.shape), dtype=dtype))
 
 

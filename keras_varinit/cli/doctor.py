@@ -281,7 +281,7 @@ def probe_user_model(spec, config, steps, time_limit, log_dir, quiet):
                   callbacks=[logger, doctor, _callback(progress)])
     return Probe(doctor.findings, verdict, progress.state(), progress.done,
                  time.perf_counter() - progress.start, log_dir,
-                 f"{model.name} from {spec} ({described})", tuple(dict.fromkeys(notes)))
+                 f"{model.name} from {spec} ({described})", tuple(notes))
 
 
 # --------------------------------------------------------------------------------------------
