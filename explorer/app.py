@@ -101,6 +101,7 @@ if "_settings_loaded" not in st.session_state:
 
 
 def _on_model_change():
+    st.session_state["upload_error"] = None
     model = st.session_state["model"]
     other = "mlp" if model == "cnn" else "cnn"
     if model in presets.DEFAULT_WIDTH and \
@@ -113,7 +114,11 @@ def _use_synthetic():
 
 
 def _preset(init=None, activation=None, depth=None, normalization=None):
+    """A quick preset: the plain CNN with these settings (from any model choice)."""
     def apply():
+        if st.session_state.get("model") != "cnn":
+            st.session_state["model"] = "cnn"
+            _on_model_change()
         for key, value in (("init", init), ("activation", activation), ("depth", depth),
                            ("normalization", normalization)):
             if value is not None:
@@ -161,9 +166,14 @@ def your_model_file():
     uploaded = st.file_uploader(
         f"Upload a .keras model (at most {limit} MB)", type=["keras"], key="upload",
         max_upload_size=limit,
-        help="Saved with model.save('net.keras'), taking 32x32x3 images, 10 outputs. Loaded in "
-             "safe mode (no Lambda layers); stored under the runs directory.")
-    if uploaded is not None and st.session_state.get("_upload_id") != uploaded.file_id:
+        help="Saved with model.save('net.keras'), taking 32x32x3 images, 10 outputs. The "
+             "images arrive standardized per channel (mean 0, std 1 over the training set), "
+             "as the built-in nets get them: leave out your own Rescaling or Normalization "
+             "layer. Loaded in safe mode (no Lambda layers); stored under the runs directory.")
+    if uploaded is None:
+        st.session_state["_upload_id"] = None
+        st.session_state["upload_error"] = None
+    elif st.session_state.get("_upload_id") != uploaded.file_id:
         st.session_state["_upload_id"] = uploaded.file_id
         try:
             with st.spinner("Checking the model (safe-mode load)..."):
@@ -172,15 +182,19 @@ def your_model_file():
             st.session_state["upload_error"] = None
         except (UploadError, OSError) as error:
             st.session_state["upload_error"] = str(error)
+            st.session_state["_stored_model"] = None   # not the model stored before it
     if st.session_state.get("upload_error"):
         st.error(st.session_state["upload_error"], icon=":material/block:")
     stored = {str(m.path): m for m in uploads.models()}
-    if stored and st.session_state.get("_stored_model") not in stored:
-        st.session_state["_stored_model"] = next(iter(stored))
+    if st.session_state.get("_stored_model") not in stored:
+        # the newest at first; none after a refused upload (the page then says to pick one)
+        first = "_stored_model" not in st.session_state and stored
+        st.session_state["_stored_model"] = next(iter(stored)) if first else None
     if stored:
-        st.selectbox("Stored models (newest first)", list(stored), key="_stored_model",
-                     format_func=lambda path: stored[path].label)
-    st.session_state["model_file"] = st.session_state.get("_stored_model") if stored else None
+        st.selectbox("Stored models (newest first)", [None, *stored], key="_stored_model",
+                     format_func=lambda path: (stored[path].label if path else
+                                               "(none: upload a file or pick one)"))
+    st.session_state["model_file"] = st.session_state.get("_stored_model")
     st.caption(FACTORIES_NOTE)
 
 
@@ -257,7 +271,10 @@ with banners:
     problems = presets.problems(settings)
     blocking = [problem for problem in problems if problem.blocking]
     for problem in problems:
-        (st.error if problem.blocking else st.warning)(problem.text)
+        if presets.awaiting_upload(settings):
+            st.info(problem.text, icon=":material/upload_file:")
+        else:
+            (st.error if problem.blocking else st.warning)(problem.text)
 
 store = get_store(str(runs_dir()))
 jobs = get_jobs(str(runs_dir()))
@@ -283,17 +300,43 @@ def finding_box(finding, key=None, config=None):
         icon=":material/stethoscope:")
     with st.expander("Evidence"):
         st.json(finding.evidence)
-    if not finding.suggestion.changes:
+    changes = finding.suggestion.changes
+    if not changes:
         return
     if config is not None:
         st.button("Apply and re-run", key=key, icon=":material/build:",
                   on_click=_apply_fix, args=(config, finding),
                   help=f"Queue this run's configuration with {fix} as a new run beside this "
                        "one; compare the two in the Compare tab.")
-    elif all(name in presets.CONTROLS for name in finding.suggestion.changes):
+    elif _already_set(changes):
+        st.caption(f"{fix} is already set: the cause is in the network itself (for your own "
+                   "model, e.g. its preprocessing layers), not in a setting of this page.")
+    elif _adjustable(changes):
         st.button("Apply to the settings", key=key, icon=":material/build:",
-                  on_click=_apply_to_settings, args=(finding.suggestion.changes,),
+                  on_click=_apply_to_settings, args=(changes,),
                   help=f"Set {fix} in the sidebar: the profile is measured again with the fix.")
+    else:
+        st.caption("Not a setting of this page for this model: apply it in the code that "
+                   "builds the model.")
+
+
+def _already_set(changes):
+    """Every change of a fix already holds in the page's configuration."""
+    config = presets.to_config(settings)
+    return all(getattr(config, name, object()) == value for name, value in changes.items())
+
+
+def _adjustable(changes):
+    """Every change of a fix is a sidebar control that is enabled for the chosen model."""
+    for name in changes:
+        spec = presets.CONTROLS.get(name)
+        if spec is None:
+            return False
+        if spec.widget.used_with:
+            field, values = spec.widget.used_with
+            if settings.get(field) not in values:
+                return False
+    return True
 
 
 def init_diagnosis(table, batch_norm_layers):
@@ -320,6 +363,7 @@ def _apply_fix(config, finding):
     except (ValueError, RuntimeError, OSError) as error:
         st.session_state["apply_message"] = ("error", str(error))
         return
+    _compare_later([run_id])
     st.session_state["apply_message"] = (
         "info", f"Queued `{run_id}` with the fix applied; compare it with this run in the "
                 "Compare tab.")
@@ -356,6 +400,8 @@ def show_verdict(result):
         st.error(verdict.text, icon=":material/warning:")
     elif verdict.level is VerdictLevel.WARNING:
         st.warning(verdict.text, icon=":material/trending_down:")
+    elif verdict.level is VerdictLevel.UNDETERMINED:
+        st.info(verdict.text, icon=":material/info:")
     else:
         st.success(verdict.text, icon=":material/check_circle:")
     if result.get("explanation"):
@@ -391,10 +437,12 @@ def show_histograms(result):
     from explorer.profile import histogram_layers
 
     names = result["layer_names"]
-    defaults = [names[i - 1] for i in histogram_layers(settings["depth"])
-                if 0 < i <= len(names)]
-    chosen = st.multiselect("Activation histograms for layers", names,
-                            default=defaults, max_selections=5, key="hist_layers")
+    if not names:   # a user's model: no act_* layers of the built-in nets
+        return
+    defaults = [names[i - 1] for i in histogram_layers(len(names) + 1)]
+    # keyed by the layer count: a new depth starts from its own first/middle/last layers
+    chosen = st.multiselect("Activation histograms for layers", names, default=defaults,
+                            max_selections=5, key=f"hist_layers_{len(names)}")
     if chosen:
         acts = {n: result["activations"][n] for n in chosen if n in result["activations"]}
         st.altair_chart(charts.histogram_chart(acts, synthetic=result["synthetic"]),
@@ -405,8 +453,9 @@ def init_profile():
     """The "At initialization" profile of the page's settings (computed after the rest of
     the page is drawn: see the end of this script)."""
     if blocking:
-        st.info("Change the settings above to see the profile: this combination cannot be "
-                "built.")
+        if not presets.awaiting_upload(settings):
+            st.info("Change the settings above to see the profile: this combination cannot "
+                    "be built.")
         return
     try:
         with st.spinner("Building the network and measuring one batch..."):
@@ -472,6 +521,12 @@ def _submit(settings_list):
     st.session_state["submit_error"] = None
     st.session_state["view_run"] = ids[0]
     st.session_state["view_select"] = ids[0]  # show the new run
+    _compare_later(ids)
+
+
+def _compare_later(run_ids):
+    """New runs join the Compare tab's overlay (its multiselect keeps what it holds)."""
+    st.session_state["compare_add"] = [*st.session_state.get("compare_add", []), *run_ids]
 
 
 def _stop(run_id):
@@ -527,8 +582,9 @@ def run_summary(info):
         if tail:
             st.code(tail, language=None)
     elif info.state == RunState.STOPPED:
-        st.info(f"Stopped at step {status.get('step')}."
-                + (f" {status['error']}" if status.get("error") else ""))
+        step = status.get("step")
+        st.info((f"Stopped at step {step}." if step is not None else "Cancelled before it "
+                 "started.") + (f" {status['error']}" if status.get("error") else ""))
     elif info.state == RunState.INTERRUPTED:
         st.warning(f"Interrupted at step {status.get('step')}: its training process ended "
                    "without finishing (killed, out of memory, or the explorer or the machine "
@@ -575,13 +631,21 @@ def device_choice():
     return True
 
 
+def _steps_per_epoch(total, epochs):
+    """total_steps // epochs, or None when either is missing or not a positive number (a
+    hand-edited or foreign status.json)."""
+    try:
+        return int(total) // int(epochs) if int(epochs) > 0 else None
+    except (TypeError, ValueError):
+        return None
+
+
 def run_charts(info):
     """Loss and accuracy, the per-layer heatmaps and fractions, the epoch table."""
     run_id, synthetic = info.run_id, info.synthetic
     steps = store.steps(run_id)
     metrics = store.metrics(run_id)
-    total, epochs = info.status.get("total_steps"), info.config.get("epochs")
-    spe = int(total) // int(epochs) if total and epochs else None
+    spe = _steps_per_epoch(info.status.get("total_steps"), info.config.get("epochs"))
     diverged = info.state == RunState.DIVERGED
     c1, c2 = st.columns(2)
     c1.altair_chart(charts.training_chart(steps, metrics, spe, "loss", synthetic=synthetic,
@@ -646,8 +710,12 @@ with tab_train:
         run_id = st.selectbox("Show run", ids, key="view_select",
                               format_func=lambda r: f"{by_id[r].label} \u2014 "
                                                     f"{by_id[r].state}")
-        run_summary(by_id[run_id])
-        run_charts(by_id[run_id])
+        try:
+            run_summary(by_id[run_id])
+            run_charts(by_id[run_id])
+        except Exception as error:  # noqa: BLE001 -- one damaged run must not break the tab
+            st.error(f"Cannot show run {run_id} ({by_id[run_id].path}): its files are damaged "
+                     f"or from another tool ({type(error).__name__}: {error}).")
 
     training_panel()
 
@@ -666,6 +734,7 @@ def compare_panel():
         for info in runs:
             label = info.label if info.label not in labels else f"{info.label} ({info.run_id})"
             labels[label] = info
+        _add_pending(labels)
         selected = st.multiselect("Runs to overlay", list(labels), default=list(labels)[:4],
                                   key="compare_runs",
                                   help="The four newest runs are selected at first; runs in "
@@ -705,6 +774,18 @@ def compare_panel():
             spec = ",".join(f"{i.run_id}:{i.path / 'tensorboard'}" for i in chosen)
             st.code(f"tensorboard --logdir_spec {spec}", language="bash")
         st.code(f"tensorboard --logdir {store.root}", language="bash")
+
+
+def _add_pending(labels):
+    """Put the runs queued from this page since the last look (``_compare_later``) into the
+    overlay, beside what the user picked."""
+    pending = set(st.session_state.pop("compare_add", []))
+    if not pending or "compare_runs" not in st.session_state:
+        return
+    chosen = list(st.session_state["compare_runs"])
+    chosen += [label for label, info in labels.items()
+               if info.run_id in pending and label not in chosen]
+    st.session_state["compare_runs"] = chosen
 
 
 with tab_compare:

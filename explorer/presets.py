@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 
 from keras_varinit.checks import check_number
 from keras_varinit.cli.train import config_argv
@@ -20,12 +19,16 @@ from keras_varinit.training.config import (NETWORK, TRAINING, USER_MODELS, Probl
                                            TrainConfig, WidgetKind)
 from keras_varinit.training.config import fields as schema_fields
 
+from explorer.your_model import display_name
+
 SECTIONS = (NETWORK, TRAINING)
 # The width a model starts with on the page (plain_cnn's and plain_mlp's own defaults).
 DEFAULT_WIDTH = {"cnn": 16, "mlp": 256}
 # Fields the page sets itself rather than through a generic control, and keeps out of the URL:
 # the stored upload a "file" model trains (explorer.your_model; a path under the runs dir).
 PAGE_FIELDS = ("model_file",)
+NO_UPLOAD = ("No model yet: upload a .keras file (in the sidebar, under Model) or pick a "
+             "stored one; its profile and its training appear here.")
 
 
 def controls(schema=TrainConfig) -> dict:
@@ -100,9 +103,12 @@ def _from_text(spec, raw, current):
     where = f"URL parameter {spec.name}={raw!r}"
     try:
         value = _parse(spec, raw)
-    except ValueError:
-        return current, f"{where} is not a number; using {current!r}."
+    except ValueError as error:
+        return current, f"{where} is not {error}; using {current!r}."
     kind = spec.widget.kind
+    if kind is WidgetKind.NUMBER and spec.normalize(value) is None:
+        high = bounds(spec)[1]   # an optional count's 0 means "all", as on the command line
+        return high, f"{where} means all; using {high!r}, the most the page offers."
     if kind in (WidgetKind.RADIO, WidgetKind.SELECT) and value not in offered(spec):
         return current, f"{where} is not one of {offered(spec)}; using {current!r}."
     if kind in (WidgetKind.SLIDER, WidgetKind.NUMBER):
@@ -111,22 +117,29 @@ def _from_text(spec, raw, current):
             clipped = min(max(value, low), high)
             return clipped, f"{where} is outside [{low}, {high}]; using {clipped!r}."
     if kind == WidgetKind.SELECT_SLIDER and value not in offered(spec):
-        nearest = min(offered(spec),
-                      key=lambda o: abs(math.log(o) - math.log(max(value, 1e-12))))
+        if value <= 0:
+            return current, f"{where} is not positive; using {current!r}."
+        nearest = min(offered(spec), key=lambda o: abs(math.log(o) - math.log(value)))
         return nearest, (f"{where} is not one of the offered values; using the nearest, "
                          f"{nearest!r}.")
     return value, None
 
 
 def _parse(spec, raw):
-    if spec.type is int:
-        return int(float(raw))
-    if spec.type is float:
+    """The URL text as the field's type; ValueError("a number" / "a whole number")."""
+    if spec.type not in (int, float):
+        return raw
+    try:
         value = float(raw)
-        if not math.isfinite(value):
-            raise ValueError(raw)
-        return value
-    return raw
+    except ValueError:
+        raise ValueError("a number") from None
+    if not math.isfinite(value):
+        raise ValueError("a finite number")
+    if spec.type is int:
+        if not value.is_integer():
+            raise ValueError("a whole number")
+        return int(value)
+    return value
 
 
 def to_query(settings: dict, schema=TrainConfig) -> dict[str, str]:
@@ -183,11 +196,19 @@ def problems(settings: dict, schema=TrainConfig) -> list[Problem]:
     (``TrainConfig.problems``), then the page's (a value outside a control's range, and
     combinations the explorer does not train because they teach nothing)."""
     settings = for_model({**defaults(schema), **settings}, schema)
+    if awaiting_upload(settings):
+        return [Problem(blocking=True, text=NO_UPLOAD)]
     found = to_config(settings, schema).problems()
     found += list(_outside_controls(settings, schema))
     if not any(p.blocking for p in found):
         found += [Problem(blocking=True, text=text) for text in _page_rules(settings) if text]
     return sorted(found, key=lambda p: not p.blocking)
+
+
+def awaiting_upload(settings: dict) -> bool:
+    """"Your .keras file" is chosen but no stored model is picked yet (not an error: the
+    page asks for a file, ``NO_UPLOAD``)."""
+    return settings.get("model") == "file" and not settings.get("model_file")
 
 
 def blocking_problems(settings: dict, schema=TrainConfig) -> list[Problem]:
@@ -235,7 +256,7 @@ def describe(settings: dict) -> str:
                 "inputs, 10 classes), as Keras initializes it")
     if settings.get("model") == "file":
         path = settings.get("model_file")
-        return (f"Your model {pathlib.PurePath(path).name}, with its saved weights" if path
+        return (f"Your model {display_name(path)}, with its saved weights" if path
                 else "Your model: upload a .keras file")
     model = "CNN" if settings.get("model") == "cnn" else "MLP"
     init = label(CONTROLS["init"], settings.get("init"))

@@ -187,13 +187,16 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
 
 
 def signal_summary(table: pd.DataFrame) -> dict:
-    """Measured variance ratios across the hidden layers (the classifier is left out: after
-    global pooling its scale says nothing about propagation through depth).
+    """Measured variance ratios across the hidden layers (the output layer is left out, as
+    in the verdict: ``profile_report.last_hidden_row``).
 
     ``forward``: Var[y] of the last hidden layer / the first's; ``backward``: Var[dL/dy] at the
-    first layer / at the last hidden layer; ``hidden_layers``: how many layers that spans.
+    first layer / at the last hidden layer (absent with a single hidden layer);
+    ``hidden_layers``: how many layers that spans.
     """
-    hidden = table.iloc[:-1] if len(table) > 2 else table
+    from keras_varinit.profile_report import last_hidden_row
+
+    hidden = table.iloc[:last_hidden_row(len(table)) + 1]
     out = {"hidden_layers": len(hidden)}
     for direction, column in (("forward", "forward_var"), ("backward", "backward_var")):
         if column not in hidden or len(hidden) < 2:

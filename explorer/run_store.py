@@ -33,10 +33,15 @@ from keras_varinit.run_files import (
     METRICS_COLUMNS, METRICS_FILE, STATUS_FILE, STEP_FIELDS, STEPS_FILE, JsonlTail, MetricsCsv,
     RunState, lock_held, new_run_dir, read_json, run_state, upgrade_config,
 )
+from keras_varinit.training.config import USER_MODELS
+
+from explorer.your_model import display_name
 
 JOB_FILE = "explorer_job.json"
 LOG_FILE = "explorer.log"
 ENV_RUNS_DIR = "KERAS_VARINIT_RUNS_DIR"
+# The Compare table's columns that describe a built-in net (empty for a user's model).
+BUILTIN_COLUMNS = ("depth", "width", "init", "activation", "normalization")
 
 
 def default_runs_dir() -> pathlib.Path:
@@ -145,8 +150,10 @@ class RunInfo:
 
     @property
     def device(self) -> str:
-        return (self.status.get("device") or self.config.get("device")
-                or self.job.get("device") or "")
+        """The device's name: the explorer's own (its job file) while and after it runs,
+        else the trainer's."""
+        return (self.job.get("device") or self.status.get("device")
+                or self.config.get("device") or "")
 
     @property
     def resumable(self) -> bool:
@@ -244,7 +251,7 @@ class RunStore:
         if model == "application":     # a user's model: its architecture or file, not depth
             text = f"{config.get('application')}"
         elif model == "file":
-            text = f"file {pathlib.PurePath(str(config.get('model_file'))).name}"
+            text = f"file {display_name(config.get('model_file'))}"
         else:
             text = (f"{model} d{config.get('depth', '?')} {config.get('init', '?')} "
                     f"{config.get('activation', '')}")
@@ -336,11 +343,10 @@ class RunStore:
                 "run": info.run_id,
                 "state": info.state.value,
                 "data": "synthetic" if info.synthetic else "CIFAR-10",
-                "model": c.get("model"), "depth": c.get("depth"), "width": c.get("width"),
-                "init": c.get("init"), "activation": c.get("activation"),
-                "normalization": c.get("normalization"), "optimizer": c.get("optimizer"),
+                **_network_columns(c),
+                "optimizer": c.get("optimizer"),
                 "lr": c.get("lr"), "batch_size": c.get("batch_size"),
-                "epochs": _get(last, "epoch"),
+                "epochs": c.get("epochs"), "epochs_done": _epochs_done(last),
                 "train_loss": _get(last, "loss", last_loss),
                 "train_acc": _get(last, "accuracy"),
                 "val_loss": _get(last, "val_loss"),
@@ -366,6 +372,27 @@ def _upgraded(config: dict) -> dict:
         return upgrade_config(config)
     except ValueError:
         return config
+
+
+def _network_columns(config: dict) -> dict:
+    """The table's network columns: a built-in net's settings, or for a user's model what it
+    is (its file or architecture) and nothing of the built-in nets' options, which it does
+    not use (``Option.builtin``)."""
+    model = config.get("model")
+    if model in USER_MODELS:
+        name = (display_name(config.get("model_file")) if model == "file"
+                else config.get("application"))
+        return {"model": f"{model}: {name}", **{key: None for key in BUILTIN_COLUMNS}}
+    return {"model": model, **{key: config.get(key) for key in BUILTIN_COLUMNS}}
+
+
+def _epochs_done(last) -> int | None:
+    """The last logged epoch (metrics.csv counts from 1), or None before the first."""
+    epoch = _get(last, "epoch", None)
+    try:
+        return int(epoch)
+    except (TypeError, ValueError):
+        return None
 
 
 def _get(row, key, default=float("nan")):

@@ -31,6 +31,8 @@ UPLOADS_DIR = "uploads"
 ENV_MAX_UPLOAD_MB = "KERAS_VARINIT_MAX_UPLOAD_MB"
 DEFAULT_MAX_UPLOAD_MB = 200
 DIGEST_CHARS = 16
+UPLOAD_ALLOWED = ("Allowed: a .keras file saved with model.save(\"net.keras\") (Keras 3), "
+                  "taking 32x32x3 images and giving 10 outputs.")
 FACTORIES_NOTE = (
     "Python factories (`module:function`) are CLI-only: `keras-varinit profile --model "
     "my_project.nets:build` and `keras-varinit train --model file --model-file net.keras`. "
@@ -93,7 +95,9 @@ class UploadStore:
                               f"(${ENV_MAX_UPLOAD_MB}).")
         digest = hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
         target = self.root / f"{digest}.keras"
-        if target.exists():
+        if target.exists():   # the same bytes again: shown under the name given last
+            meta = _read_meta(target)
+            _write_meta(target, {**meta, "name": filename, "size": len(data)})
             return self._stored(target)
         self.root.mkdir(parents=True, exist_ok=True)
         incoming = self.root / f".incoming-{digest}.keras"
@@ -103,26 +107,54 @@ class UploadStore:
         except BaseException as error:
             incoming.unlink(missing_ok=True)
             if isinstance(error, ValueError):
-                message = str(error).replace(str(incoming), repr(filename))
-                raise UploadError(message) from None
+                raise UploadError(_upload_message(error, incoming, filename)) from None
             raise
         os.replace(incoming, target)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        target.with_suffix(".json").write_text(json.dumps(
-            {"name": filename, "size": len(data), "uploaded_at": now}))
+        _write_meta(target, {"name": filename, "size": len(data), "uploaded_at": now})
         return self._stored(target)
 
     def _stored(self, path: pathlib.Path) -> StoredModel:
-        try:
-            meta = json.loads(path.with_suffix(".json").read_text())
-        except (OSError, ValueError):
-            meta = {}
+        meta = _read_meta(path)
         stat = path.stat()
         when = datetime.datetime.fromtimestamp(stat.st_mtime, datetime.timezone.utc)
         return StoredModel(path=path, name=str(meta.get("name") or path.name),
                            size=int(meta.get("size") or stat.st_size),
                            uploaded_at=str(meta.get("uploaded_at") or
                                            when.isoformat(timespec="seconds")))
+
+
+def _upload_message(error: ValueError, stored: pathlib.Path, filename: str) -> str:
+    """The refusal as the page says it: the user's file name for the stored path, and what an
+    upload may be (``UPLOAD_ALLOWED``) where the loader's own would offer a factory."""
+    from keras_varinit.user_models import ModelLoadError
+
+    if isinstance(error, ModelLoadError):
+        text = f"{error.reason} {UPLOAD_ALLOWED if error.generic else error.allowed}"
+    else:
+        text = str(error)
+    text = text.replace(str(stored), repr(filename))
+    return text if repr(filename) in text else f"{filename!r}: {text}"
+
+
+def _read_meta(path: pathlib.Path) -> dict:
+    """The sidecar ``<hash>.json`` of a stored model ({} when missing or unreadable)."""
+    try:
+        meta = json.loads(pathlib.Path(path).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _write_meta(path: pathlib.Path, meta: dict):
+    pathlib.Path(path).with_suffix(".json").write_text(json.dumps(meta))
+
+
+def display_name(model_file) -> str:
+    """How the page names a stored model: the file name the user uploaded it under (its
+    sidecar), else the stored file's own name."""
+    path = pathlib.Path(str(model_file))
+    return str(_read_meta(path).get("name") or path.name)
 
 
 def _check_trainable(path: pathlib.Path):

@@ -312,8 +312,7 @@ class DiagnosisLogger(keras.callbacks.Callback):
 
         x = keras.tree.map_structure(lambda t: t[:PROFILE_IMAGES], self.logger.probe_x)
         try:
-            return variance_profile(self.model, x, self.logger.probe_y[:PROFILE_IMAGES],
-                                    gradients=False)
+            return variance_profile(self.model, x, gradients=False)   # forward: no labels
         except (ValueError, RuntimeError) as error:  # a model the profile does not support
             LOG.warning(f"DiagnosisLogger: no init profile ({type(error).__name__}: {error}); "
                         "the findings will carry no predicted values.")

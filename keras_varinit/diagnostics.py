@@ -309,9 +309,13 @@ def _pooling_backward_factor(record):
     layer = record.layer
     if isinstance(layer, (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
                           keras.layers.GlobalAveragePooling3D)):
-        if record.input_shape is None or None in record.input_shape[1:-1]:
+        if record.input_shape is None:
             return float("nan")
-        spatial = float(np.prod(record.input_shape[1:-1]))
+        channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
+        axes = record.input_shape[2:] if channels_first else record.input_shape[1:-1]
+        if None in axes:
+            return float("nan")
+        spatial = float(np.prod(axes))
         return 1.0 / spatial ** 2  # each input gets dL/dout / (H W); mean over (H W) copies
     if isinstance(layer, (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D,
                           keras.layers.MaxPooling3D)):
@@ -403,9 +407,7 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
     (x,) = batch_checks.as_arrays(x, "variance_profile", n_inputs=1)
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype("float32")
-    if x.shape[0] < 2:
-        raise ValueError("variance_profile needs a batch of at least 2 examples. "
-                         f"Received: x with shape {x.shape}")
+    batch_checks.check_examples(x, "variance_profile")
     batch_checks.check_finite(x, "variance_profile")
     loss_fn = None
     if gradients:

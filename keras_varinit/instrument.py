@@ -247,25 +247,45 @@ def final_layer(model):
 def default_loss(model, y):
     """`(loss, y)`: softmax cross-entropy for labels `y` (sparse for integer labels,
     categorical for one-hot), from logits unless the model's final layer applies a softmax.
-    The loss refuses a model with several outputs (`MultiOutputError`): which output the
-    labels belong to is the user's choice."""
+    The labels are checked on the host (whole numbers >= 0; one-hot rows) and against the
+    model's output when the loss first sees it: a model with several outputs
+    (`MultiOutputError`), one output unit (softmax over one logit has no gradient), or fewer
+    units than labels is refused with a message that says to pass `loss=`."""
     last = final_layer(model)
     activation = getattr(last, "activation", None)
     from_logits = not (isinstance(last, keras.layers.Softmax) or
                        getattr(activation, "__name__", activation) == "softmax")
     y = np.asarray(y)
     if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
+        y = _sparse_labels(y.reshape(-1))
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-        y = y.reshape(-1).astype("int32")
+        classes_needed = int(y.max()) + 1 if y.size else 1
     else:
         loss, y = keras.losses.CategoricalCrossentropy(from_logits=from_logits), y.astype("float32")
-    return _single_output(loss, model), y
+        classes_needed = y.shape[-1]
+    return _checked_cross_entropy(loss, model, classes_needed, one_hot=y.ndim > 1), y
 
 
-def _single_output(loss, model):
-    """`loss`, raising `MultiOutputError` when the model returns several tensors."""
+def _sparse_labels(y):
+    """Integer class labels as int32, or ValueError for labels that are not whole numbers >= 0."""
+    if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(np.isfinite(y))
+                                         and np.all(y == np.round(y))):
+        raise ValueError(
+            "The default loss (softmax cross-entropy) needs class labels. Received: y of dtype "
+            f"{y.dtype} with values like {y[:3].tolist()}. Allowed: integer labels in [0, "
+            "classes), one-hot rows, or `loss=` (e.g. 'mean_squared_error' for regression "
+            "targets).")
+    if y.size and y.min() < 0:
+        raise ValueError(f"Class labels must be >= 0. Received: y with minimum {y.min()}. "
+                         "Allowed: integer labels in [0, classes), or `loss=`.")
+    return y.astype("int32")
 
-    def single_output_loss(y_true, y_pred):
+
+def _checked_cross_entropy(loss, model, classes_needed, one_hot):
+    """`loss`, refusing (when it sees the output) a model with several outputs, one unit, or
+    fewer units than the labels need."""
+
+    def cross_entropy(y_true, y_pred):
         if keras.tree.is_nested(y_pred):
             outputs = keras.tree.flatten(y_pred)
             raise MultiOutputError(
@@ -274,9 +294,20 @@ def _single_output(loss, model):
                 f"{[tuple(t.shape) for t in outputs]}. Allowed: pass `loss=`, a function "
                 "`loss(y_true, y_pred)` of the model's output structure, e.g. `lambda y, out: "
                 "keras.losses.sparse_categorical_crossentropy(y, out[0], from_logits=True)`.")
+        units = y_pred.shape[-1]
+        if units == 1 or (units is not None and (units != classes_needed if one_hot
+                                                 else units < classes_needed)):
+            raise ValueError(
+                f"The default loss (softmax cross-entropy) cannot score {describe_model(model)}: "
+                f"its output has {units} unit{'s' if units != 1 else ''} (shape "
+                f"{tuple(y_pred.shape)}) and the labels need "
+                f"{'exactly' if one_hot else 'at least'} {classes_needed}"
+                + (" (softmax over one logit is constant: no gradient)" if units == 1 else "")
+                + ". Allowed: `loss=` for this output (e.g. 'binary_crossentropy' or "
+                "'mean_squared_error'), or labels that match the output.")
         return loss(y_true, y_pred)
 
-    return single_output_loss
+    return cross_entropy
 
 
 def check_interceptable(sites, model):

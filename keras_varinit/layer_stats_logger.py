@@ -218,14 +218,14 @@ class LayerStatsLogger(keras.callbacks.Callback):
                 + (f" of length {len(probe)}" if isinstance(probe, (tuple, list)) else "") + "."
             )
         x, y = probe
+        batch_checks.as_arrays(keras.tree.flatten(x), "LayerStatsLogger's probe")
         y = keras.tree.map_structure(np.asarray, y)
-        n_x = {len(t) for t in keras.tree.flatten(x)}
-        n_y = {len(t) for t in keras.tree.flatten(y)}
-        if len(n_x) != 1 or n_y != n_x:
+        n_x = [len(t) for t in keras.tree.map_structure(np.asarray, keras.tree.flatten(x))]
+        n_y = [np.shape(t)[0] if np.ndim(t) else None for t in keras.tree.flatten(y)]
+        if len(set(n_x)) != 1 or set(n_y) != set(n_x):
             raise ValueError(
-                "`probe` x and y must hold the same number of samples. Received: x with "
-                f"{[len(t) for t in keras.tree.flatten(x)]} samples, y with "
-                f"{[len(t) for t in keras.tree.flatten(y)]}."
+                "`probe` x and y must hold the same number of samples, each array with a batch "
+                f"axis. Received: x with {n_x} samples, y with {n_y} (None: a scalar)."
             )
         if every_n_steps is not None and (
                 isinstance(every_n_steps, bool) or not isinstance(every_n_steps, (int, np.integer))
@@ -295,7 +295,13 @@ class LayerStatsLogger(keras.callbacks.Callback):
         return chosen
 
     def _compiled_loss(self, model):
+        """The model's compiled loss when there is one (a one-entry list or dict, as
+        `compile(loss=["mse"])` writes it, is that entry), else None."""
         loss = getattr(model, "loss", None)
+        if isinstance(loss, (list, tuple)) and len(loss) == 1:
+            loss = loss[0]
+        elif isinstance(loss, dict) and len(loss) == 1:
+            (loss,) = loss.values()
         if loss is None or isinstance(loss, (dict, list, tuple)):
             return None
         if isinstance(loss, str):
@@ -445,6 +451,8 @@ class LayerStatsLogger(keras.callbacks.Callback):
             self._step = start
         if self._probe is None or self._probe_model is not self.model:
             self._prepare_inputs()
+            if not self.model.built:   # a subclassed model on TF: fit builds it later
+                self.model(self._x, training=False)
             self._build()
         if self.jsonl_path is not None:
             parent = os.path.dirname(os.path.abspath(self.jsonl_path))

@@ -170,6 +170,16 @@ class BatchNormalization(keras.layers.BatchNormalization):
                     f"batch axis 0. Received: axis={self.axis} for input_shape="
                     f"{tuple(input_shape)}."
                 )
+            spatial = [input_shape[a] for a in range(1, ndim) if a != self._axis_pos]
+            if all(d == 1 for d in spatial):
+                raise ValueError(
+                    "variance_estimator='per_sample' needs more than one spatial position: a "
+                    "sample's standard deviation over a single position is 0, and dividing by "
+                    f"it would multiply the signal by 1/sqrt(epsilon). Received: input_shape="
+                    f"{tuple(input_shape)} (1 position per sample). Use "
+                    "variance_estimator='pooled' on 1x1 maps (the last stage of a CIFAR-sized "
+                    "net, squeeze-and-excitation blocks)."
+                )
         super().build(input_shape)
         self._spatial_axes = [a for a in range(ndim) if a not in (0, self._axis_pos)]
 

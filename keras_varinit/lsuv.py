@@ -135,6 +135,7 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
     instrument.check_interceptable(sites, model)   # quantized layers
     inputs = getattr(model, "inputs", None)
     arrays = batch_checks.as_arrays(x, "lsuv", n_inputs=len(inputs) if inputs else None)
+    batch_checks.check_examples(arrays, "lsuv")
     batch_checks.check_finite(arrays, "lsuv")
     orthogonal = keras.initializers.Orthogonal(seed=seed) if orthonormal else None
     starts = {id(kernel): _start(kernel, orthogonal) for kernel, frozen in

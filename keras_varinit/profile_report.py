@@ -22,11 +22,13 @@ from keras_varinit import propagation
 
 class VerdictLevel(enum.Enum):
     """How a profile reads: the signal propagates (OK), trainable but the scale drifts
-    (WARNING), or expect training to stall or diverge, overflow, vanishing (FAILURE)."""
+    (WARNING), expect training to stall or diverge, overflow, vanishing (FAILURE), or too few
+    hidden weight layers to judge propagation through depth (UNDETERMINED)."""
 
     OK = "ok"
     WARNING = "warning"
     FAILURE = "failure"
+    UNDETERMINED = "undetermined"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,20 +47,25 @@ def _power_of_ten(ratio):
     return f"10^{math.log10(ratio):+.0f}".replace("+", "") if ratio > 0 else "0"
 
 
+def last_hidden_row(n_rows):
+    """Row of the last hidden weight layer in a profile of `n_rows` weight layers (0 for one or
+    two). The last weight layer is the model's output layer, only a reference: in the reference
+    nets a classifier after global pooling, whose effect on the second moment the recursion
+    does not model, with few units (a noisy estimate). The verdict, the diagnosis and the
+    explorer's ratios all compare the hidden layers this leaves."""
+    return max(int(n_rows) - 2, 0)
+
+
 def compared_rows(df):
-    """(first row, last row) the verdict compares: the last hidden weight layer, leaving out a
-    final linear classifier (it follows global pooling, whose effect on the second moment the
-    recursion does not model, and its few units make a noisy estimate)."""
-    last = len(df) - 1
-    if len(df) >= 3 and df["activation"].iloc[-1] == "linear" and \
-            df["activation"].iloc[-2] != "linear":
-        last -= 1
-    return 0, last
+    """(first row, last row) the verdict compares: the first and the last hidden weight layer
+    (`last_hidden_row`); equal when the model has a single hidden weight layer."""
+    return 0, last_hidden_row(len(df))
 
 
 def summarize_profile(df, within=4.0, stall=1e-3, explode=1e3):
     """The one-line `Verdict` on the forward variance, last hidden weight layer against the
-    first, and on float32 overflow or underflow of the gradient.
+    first (`compared_rows`), and on float32 overflow or underflow of the gradient; UNDETERMINED
+    for a model with a single hidden weight layer.
 
     Below `stall` (10^-3): "forward variance falls 10^-11x from conv_01 to conv_29 (30 weight
     layers): expect training to stall"; above `explode`: "... grows 10^5x ...: expect
@@ -85,6 +92,11 @@ def summarize_profile(df, within=4.0, stall=1e-3, explode=1e3):
     gradient = _gradient_out_of_range(df)
     if gradient is not None:
         return failure(gradient)
+    if i == j:
+        return Verdict(VerdictLevel.UNDETERMINED,
+                       f"only {len(df)} weight layer{'s' if len(df) > 1 else ''}, the output "
+                       "layer included: too few to judge how the signal propagates through "
+                       "depth")
     if 1.0 / within <= ratio <= within:
         return Verdict(VerdictLevel.OK, f"forward variance stays within {within:g}x {span} "
                                         f"(x{ratio:.2g}): the signal propagates")

@@ -31,7 +31,17 @@ _ALLOWED = ("Allowed: a .keras file saved with model.save(...) (Keras 3), or a f
 
 
 class ModelLoadError(ValueError):
-    """A model file or factory that cannot be loaded; the message says why and what works."""
+    """A model file or factory that cannot be loaded; the message says why and what works.
+
+    `reason`: what is wrong with what was received; `allowed`: what works (`generic`: the
+    usual sources, a .keras file or a factory, which a caller that offers other sources, such
+    as the explorer's upload, says in its own words); `str()` is both.
+    """
+
+    def __init__(self, reason, allowed=None):
+        self.reason, self.generic = reason, allowed is None
+        self.allowed = _ALLOWED if allowed is None else allowed
+        super().__init__(f"{reason} {self.allowed}")
 
 
 def file_sha256(path):
@@ -51,7 +61,7 @@ def load_user_model(spec):
         return load_model_file(spec)
     if ":" in spec and not spec.endswith(":"):
         return load_factory(spec)
-    raise ModelLoadError(f"Cannot tell how to load this model. Received: {spec!r}. {_ALLOWED}")
+    raise ModelLoadError(f"Cannot tell how to load this model. Received: {spec!r}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,18 +82,18 @@ def _read_config(path):
     else:
         kind = None
     if kind is not None:
-        raise ModelLoadError(f"{path} is not a Keras model archive: it is {kind}. {_ALLOWED}")
+        raise ModelLoadError(f"{path} is not a Keras model archive: it is {kind}.")
     try:
         with zipfile.ZipFile(path) as archive:
             if "config.json" not in archive.namelist():
                 raise ModelLoadError(f"{path} is a zip archive without config.json: not a "
-                                     f"Keras model. {_ALLOWED}")
+                                     "Keras model.")
             return json.loads(archive.read("config.json"))
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
         if isinstance(err, ModelLoadError):
             raise
         raise ModelLoadError(f"{path} is a truncated or corrupt .keras archive "
-                             f"({type(err).__name__}: {err}). {_ALLOWED}") from None
+                             f"({type(err).__name__}: {err}).") from None
 
 
 def _nodes(config):
@@ -119,14 +129,14 @@ def inspect_model_file(path):
     truncated zip...) or holds a Lambda layer. Cheap (reads `config.json` only)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ModelLoadError(f"No such model file. Received: {path!r}. {_ALLOWED}")
+        raise ModelLoadError(f"No such model file. Received: {path!r}.")
     config = _read_config(path)
     lambdas = sorted({n.get("config", {}).get("name", "?") for n in _nodes(config)
                       if n.get("class_name") == "Lambda"})
     if lambdas:
         raise ModelLoadError(
             f"{path} holds Lambda layer(s) {lambdas}: their Python code is not loaded in safe "
-            "mode (it could run anything). Allowed: models without Lambda layers; replace a "
+            "mode (it could run anything).", "Allowed: models without Lambda layers; replace a "
             "Lambda by a custom layer registered with keras.saving.register_keras_serializable "
             "(and import its module before loading).")
     return config
@@ -144,16 +154,15 @@ def load_model_file(path):
     unknown = unknown_classes(config)
     if unknown:
         raise ModelLoadError(
-            f"{path} uses custom classes this process does not know: {unknown}. Allowed: "
-            "Keras's own layers, keras_varinit's, or custom classes registered with "
-            "keras.saving.register_keras_serializable in a module imported before loading "
-            "(or use a 'module:function' factory that builds the model).")
+            f"{path} uses custom classes this process does not know: {unknown} (Keras's own "
+            "layers and keras_varinit's are known; others must be registered with "
+            "keras.saving.register_keras_serializable in a module imported before loading).")
     try:
         model = keras.models.load_model(path, safe_mode=True, compile=False)
     except Exception as err:  # noqa: BLE001 -- any failure is the file's: say so in one line
         message = " ".join(str(err).split())[:500]
-        raise ModelLoadError(f"Keras could not load {path}: {type(err).__name__}: {message}. "
-                             f"{_ALLOWED}") from None
+        raise ModelLoadError(f"Keras could not load {path}: {type(err).__name__}: "
+                             f"{message}.") from None
     return _checked(model, path)
 
 
@@ -178,7 +187,7 @@ def _import(module_part, spec):
     if module_part.endswith(".py"):
         path = pathlib.Path(module_part)
         if not path.is_file():
-            raise ModelLoadError(f"No such Python file. Received: {spec!r}. {_ALLOWED}")
+            raise ModelLoadError(f"No such Python file. Received: {spec!r}.")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
@@ -188,7 +197,7 @@ def _import(module_part, spec):
             return importlib.import_module(module_part)
     except ModuleNotFoundError as err:
         raise ModelLoadError(f"Cannot import module {module_part!r} ({err}). Received: "
-                             f"{spec!r}. {_ALLOWED}") from None
+                             f"{spec!r}.") from None
 
 
 def load_factory(spec):
@@ -197,11 +206,10 @@ def load_factory(spec):
     The factory is the user's own code: exceptions it raises propagate as they are."""
     module_part, _, name = spec.rpartition(":")
     if not module_part or not name.isidentifier():
-        raise ModelLoadError(f"A factory is 'module:function'. Received: {spec!r}. {_ALLOWED}")
+        raise ModelLoadError(f"A factory is 'module:function'. Received: {spec!r}.")
     factory = getattr(_import(module_part, spec), name, None)
     if not callable(factory):
-        raise ModelLoadError(f"{module_part!r} has no function {name!r}. Received: {spec!r}. "
-                             f"{_ALLOWED}")
+        raise ModelLoadError(f"{module_part!r} has no function {name!r}. Received: {spec!r}.")
     return _checked(factory(), spec)
 
 
@@ -209,18 +217,17 @@ def _checked(model, source):
     import keras
 
     if not isinstance(model, keras.Model):
-        raise ModelLoadError(f"{source} gave a {type(model).__name__}, not a keras.Model. "
-                             f"{_ALLOWED}")
+        raise ModelLoadError(f"{source} gave a {type(model).__name__}, not a keras.Model.")
     if not model.built:
         raise ModelLoadError(
-            f"{source} gave an unbuilt model {model.name!r} ({type(model).__name__}). Allowed: "
-            "a model created with keras.Input, or built with model.build(input_shape) or one "
+            f"{source} gave an unbuilt model {model.name!r} ({type(model).__name__}).",
+            "Allowed: a model created with keras.Input, or built with model.build(input_shape) or one "
             "call on a batch.")
     outputs = getattr(model, "outputs", None) or ()
     if len(outputs) > 1:
         raise ModelLoadError(
             f"{source} gave model {model.name!r} ({type(model).__name__}) with {len(outputs)} "
-            f"outputs {[tuple(t.shape) for t in outputs]}. Allowed: a model with one output "
+            f"outputs {[tuple(t.shape) for t in outputs]}.", "Allowed: a model with one output "
             "(the profile and training score it with cross-entropy on class labels); in "
             "Python, `variance_profile(model, x, loss=...)` and `LayerStatsLogger(probe, "
             "loss=...)` take a loss of several outputs.")
@@ -252,8 +259,7 @@ def cifar10_shape_mismatch(shape):
         return None
     return (f"The model's input shape is {shape} (one example), CIFAR-10 images are "
             f"{CIFAR10_INPUT_SHAPE}. Allowed: a model taking (32, 32, 3) images (or "
-            "(None, None, 3)); other models can be profiled on synthetic inputs of their own "
-            "shape.")
+            "(None, None, 3)).")
 
 
 def cifar10_mismatch(model):

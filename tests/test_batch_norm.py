@@ -541,6 +541,11 @@ def test_per_sample_without_spatial_axes_fails_at_build():
                           BatchNormalization(variance_estimator="per_sample")])
     with pytest.raises(ValueError, match="batch axis"):
         BatchNormalization(variance_estimator="per_sample", axis=0).build((4, 5, 3))
+    # one position per sample (a 1x1 map): its std is 0, the output would be x/sqrt(eps)
+    with pytest.raises(ValueError, match=r"more than one spatial position.*\(None, 1, 1, 8\)"):
+        BatchNormalization(variance_estimator="per_sample").build((None, 1, 1, 8))
+    BatchNormalization(variance_estimator="per_sample").build((None, 1, 2, 8))
+    BatchNormalization(variance_estimator="per_sample").build((None, None, None, 8))
 
 
 @backend_independent

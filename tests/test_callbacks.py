@@ -328,6 +328,45 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match=r"`loss` must be a Keras loss name.*Received: "
                                          r"loss='nope'"):
         LayerStatsLogger((x, y), loss="nope")
+    # an empty or non-numeric probe was accepted, then logged NaN or failed inside fit
+    with pytest.raises(ValueError, match=r"non-empty batch. Received: x with shape \(0, 8\)"):
+        LayerStatsLogger((x[:0], y[:0]))
+    with pytest.raises(ValueError, match="numeric batch"):
+        LayerStatsLogger((x.astype(str), y))
+    with pytest.raises(ValueError, match=r"batch axis.*y with \[None\]"):
+        LayerStatsLogger((x, 3))
+
+
+def test_a_one_entry_compiled_loss_list_is_the_compiled_loss():
+    """`compile(loss=["mse"])` on a regression model fell back to cross-entropy, which
+    crashed the fit on TF and logged zero gradients on JAX."""
+    x, _ = _data(32)
+    y = np.random.default_rng(3).normal(size=(32, 3)).astype("float32")
+    model = _mlp()
+    model.compile("sgd", ["mean_squared_error"])
+    cb = _probe_now(model, (x, y))
+    assert cb.loss_source == "compiled"
+    assert all(r["activation_grad_std"] > 0 for r in cb.history)
+
+
+def test_an_unbuilt_subclassed_model_is_built_from_the_probe():
+    """On TF, fit builds a subclassed model only in its first step, after train begin: the
+    logger found no layer with a kernel and said it tracks none."""
+
+    class Tiny(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.head = keras.layers.Dense(8), keras.layers.Dense(3)
+
+        def call(self, t):
+            return self.head(self.hidden(t))
+
+    x, y = _data(32)
+    model = Tiny()
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cb = LayerStatsLogger((x[:8], y[:8]), every_n_steps=2)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb])
+    assert {r["layer"] for r in cb.history} == {"dense", "dense_1"}
 
 
 @bi

@@ -231,6 +231,13 @@ def test_vanishing_severity_edge(ratio, severity):
     assert f.severity == severity
 
 
+def test_a_single_hidden_layer_is_never_vanishing():
+    """A conv and the classifier after it: their gradient variances differ by 10^-7 (per
+    pixel against after global pooling), which once read as severe vanishing on the page."""
+    records = chain(fwd=(1.0, 1.0), grad=(std_for(1e-7), 1.0))
+    assert kinds(diagnose(records)) == []
+
+
 def test_vanishing_is_judged_at_initialization_only():
     """A healthy start whose deep activations shrink during training (measured on the
     30-layer Kaiming CNN: x1e-4 after 10 SGD steps while it learns) is not vanishing."""
@@ -255,6 +262,11 @@ def test_the_suggestion_follows_the_recursion_factor():
     assert math.isclose(xavier.evidence["predicted_forward_ratio"], 0.25)
     matched = one(diagnose(records, profile=profile_frame(1.0), context=ctx), "vanishing")
     assert matched.suggestion.changes == suggestions.normalization("batch")
+    # ... unless the network has batch normalization already (ResNet50 was told to add it)
+    with_bn = Context(activation="relu", batch_norm_layers=("bn_01",))
+    has_bn = one(diagnose(records, profile=profile_frame(1.0), context=with_bn), "vanishing")
+    assert has_bn.suggestion.changes == {}
+    assert "already has batch normalization" in has_bn.suggestion.text
     # without a profile, the measured factor (1e-4 over 2 layers: 0.01 per layer) decides
     alone = one(diagnose(records, context=ctx), "vanishing")
     assert alone.suggestion.changes == {"init": "kaiming_normal"}

@@ -201,3 +201,23 @@ def test_bench_diagnosis_runs_and_prints_every_ratio(capsys, load_script):
     for kind in bench.KINDS:
         line = next(line for line in out.splitlines() if line.startswith(kind + " "))
         assert float(line.split()[-2]) > 0
+
+
+@bi
+def test_a_probe_with_dict_labels_runs_with_the_diagnosis():
+    """`LayerStatsLogger` takes any structure of labels with `loss=`; the diagnosis's init
+    profile sliced them as an array and ended the fit (TypeError: unhashable type: 'slice')."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 3, 32)
+    inputs = keras.Input((6,))
+    trunk = keras.layers.Dense(8, activation="relu", name="trunk")(inputs)
+    model = keras.Model(inputs, {"a": keras.layers.Dense(3, name="a")(trunk),
+                                 "b": keras.layers.Dense(3, name="b")(trunk)})
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile("sgd", {"a": ce, "b": ce})
+    logger = LayerStatsLogger((x[:16], {"a": y[:16], "b": y[:16]}), every_n_steps=None,
+                              loss=lambda t, p: ce(t["a"], p["a"]) + ce(t["b"], p["b"]))
+    doctor = DiagnosisLogger(logger, verbose=0)
+    model.fit(x, {"a": y, "b": y}, batch_size=16, epochs=1, verbose=0,
+              callbacks=[logger, doctor])
+    assert doctor.engine.view.profile is not None and len(logger.history) == 2 * 3

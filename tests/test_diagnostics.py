@@ -584,3 +584,52 @@ def test_save_and_load_after_a_profile_round_trip(tmp_path):
     loaded = keras.models.load_model(tmp_path / "cnn.keras")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), expected, rtol=1e-5)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), expected, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- labels the default
+# loss cannot score (found by a user-style review): refused, not a silent zero gradient
+
+def _mlp(units):
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(units)(hidden))
+
+
+def test_one_output_unit_is_refused_by_the_default_loss_and_works_with_loss():
+    """Softmax over one logit is constant: every backward_var came out exactly 0 (read
+    downstream as a vanished gradient)."""
+    x = np.random.default_rng(0).standard_normal((16, 6)).astype("float32")
+    with pytest.raises(ValueError, match="output has 1 unit .* no gradient.*loss="):
+        diagnostics.variance_profile(_mlp(1), x)
+    y = np.random.default_rng(1).standard_normal((16, 1)).astype("float32")
+    df = diagnostics.variance_profile(_mlp(1), x, y=y, loss="mean_squared_error")
+    assert (df["backward_var"] > 0).all()
+
+
+@pytest.mark.parametrize("labels, match", [
+    (np.full(8, 7), "labels need at least 8"),          # out of range for 3 units
+    (np.linspace(-1, 1, 8), "needs class labels"),      # regression targets
+    (-np.ones(8, dtype=int), "must be >= 0"),
+    (np.eye(4, dtype="float32")[np.arange(8) % 4], "labels need exactly 4"),   # one-hot width
+])
+def test_labels_that_do_not_fit_the_output_are_refused(labels, match):
+    """Once a deep TensorFlow error, and on JAX a silent zero or wrong gradient."""
+    x = np.random.default_rng(0).standard_normal((8, 6)).astype("float32")
+    with pytest.raises(ValueError, match=match):
+        diagnostics.variance_profile(_mlp(3), x, y=labels)
+
+
+def test_global_pooling_prediction_is_the_same_in_both_data_formats():
+    """The backward factor of a global average pooling divides by its spatial size: read
+    from the last axes of a channels_first input, it was 16x off on (32, 8, 8)."""
+    x = np.random.default_rng(0).standard_normal((16, 8, 8, 4)).astype("float32")
+    predicted = {}
+    for fmt, data in (("channels_last", x), ("channels_first", x.transpose(0, 3, 1, 2))):
+        inputs = keras.Input(data.shape[1:])
+        h = keras.layers.Conv2D(8, 3, padding="same", data_format=fmt,
+                                kernel_initializer=keras.initializers.HeNormal(1))(inputs)
+        h = keras.layers.GlobalAveragePooling2D(data_format=fmt)(h)
+        out = keras.layers.Dense(10, kernel_initializer=keras.initializers.HeNormal(2))(h)
+        df = diagnostics.variance_profile(keras.Model(inputs, out), data)
+        predicted[fmt] = df["predicted_backward_var"].iloc[0] / df["backward_var"].iloc[0]
+    assert predicted["channels_first"] == pytest.approx(predicted["channels_last"], rel=1e-3)

@@ -202,6 +202,39 @@ def test_diverged_and_failed_runs_are_shown_not_crashed(runs_dir):
     assert sorted(states) == ["diverged", "failed"]
 
 
+def test_a_damaged_run_is_an_error_for_that_run_only(runs_dir):
+    """A status.json whose total_steps is not a number (hand-edited, another tool's) once
+    raised in the Training tab and left the init tab waiting for ever."""
+    from tests.test_explorer_store import _write_run
+
+    run = _write_run(runs_dir, "20260101-000000-odd")
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps(dict(status, total_steps="abc")))
+    at = _app(data="synthetic", depth=3).run()
+    _no_exceptions(at)
+    assert _metric(at, "State") == "finished"
+    assert _verdict(at)                       # the init tab is filled in
+
+
+def test_a_single_hidden_layer_gets_no_verdict_and_no_finding(runs_dir):
+    """Depth 2 (a conv and the classifier): a green "propagates" over a red "vanishing
+    (severe)" once stood side by side; there is nothing to compare."""
+    at = _app(data="synthetic", depth=2, normalization="batch").run()
+    _no_exceptions(at)
+    assert any("too few to judge" in i.value for i in at.info)
+    assert not any("**vanishing**" in b.value for b in [*at.error, *at.warning])
+    assert _metric(at, "Gradient variance") == "n/a"
+
+
+def test_quick_presets_switch_to_the_plain_cnn(runs_dir):
+    at = _app(data="synthetic", model="file").run()
+    (button,) = [b for b in at.button if b.label == "ReLU Kaiming"]
+    button.click().run()
+    _no_exceptions(at)
+    assert at.radio(key="model").value == "cnn" and at.slider(key="depth").value == 30
+    assert at.selectbox(key="init").value == "kaiming_normal"
+
+
 # --------------------------------------------------------------------------- restart and resume
 
 # The explorer's side of a run, as the server holds it: a JobManager that launches
@@ -394,7 +427,7 @@ def test_uploaded_keras_file_is_profiled_and_stored_under_a_generated_name(runs_
     (stored,) = (runs_dir / "uploads").glob("*.keras")
     assert re.fullmatch(r"[0-9a-f]{16}\.keras", stored.name)      # no name from the user
     assert any("my net.keras" in o for o in at.selectbox(key="_stored_model").options)
-    assert any(f"Your model {stored.name}" in s.value for s in at.subheader)
+    assert any("Your model my net.keras" in s.value for s in at.subheader)   # not the hash
     assert _verdict(at) and _metric(at, "Forward variance")
     table = [df.value for df in at.dataframe if "forward_var" in df.value.columns]
     assert table and {"conv1", "conv2", "head"} <= set(table[0]["layer"])
@@ -447,6 +480,8 @@ def test_bad_uploads_get_clear_messages_and_are_not_stored(runs_dir, tmp_path, m
     for name, data, message in cases:
         _upload(at, name, data)
         assert message in _errors(at), (name, _errors(at))
+        # what an upload may be, in the page's words: no factory, no CLI flag
+        assert "factory" not in _errors(at) and "--" not in _errors(at), _errors(at)
     monkeypatch.setenv("KERAS_VARINIT_MAX_UPLOAD_MB", "1")
     at.run()      # the uploader now says (and the browser enforces) 1 MB; the page checks too
     assert "at most 1 MB" in at.file_uploader(key="upload").label
@@ -455,6 +490,25 @@ def test_bad_uploads_get_clear_messages_and_are_not_stored(runs_dir, tmp_path, m
     assert not list((runs_dir / "uploads").glob("*.keras"))
     assert at.button(key="train").disabled        # nothing to train: no model file
     assert "Traceback" not in _errors(at)
+
+
+def test_a_refused_upload_does_not_leave_the_model_stored_before_it_on_show(runs_dir,
+                                                                          tmp_path):
+    """After a good upload, a refused one used to leave the page profiling (and Train
+    training) the earlier model, under the heading a user reads as their new file's."""
+    from explorer import presets
+    from tests.test_training_user_model import two_conv
+
+    at = _upload(_app(data="synthetic", model="file").run(), "good.keras",
+                 pathlib.Path(two_conv(tmp_path / "good.keras")).read_bytes())
+    assert any("Your model good.keras" in s.value for s in at.subheader)
+    _upload(at, "bad.keras", b"not a zip at all" * 10)
+    assert "'bad.keras'" in _errors(at)
+    assert at.selectbox(key="_stored_model").value is None
+    assert any("upload a .keras file" in s.value for s in at.subheader)
+    assert any(presets.NO_UPLOAD == i.value for i in at.info)
+    assert at.button(key="train").disabled
+    assert not [df for df in at.dataframe if "forward_var" in df.value.columns]
 
 
 def test_keras_application_choice_is_profiled(runs_dir):

@@ -38,6 +38,25 @@ def test_query_bad_values_fall_back_with_notes():
     assert len(notes) == 4 and any("depth" in n for n in notes)
 
 
+def test_query_non_finite_fractional_and_zero_values_never_crash():
+    """inf in an integer field once raised OverflowError (a traceback instead of the page);
+    2.7 layers was truncated in silence; lr=0 has no "nearest" offered value; subset=0 is
+    the command line's "all"."""
+    settings, notes = presets.from_query({"width": "inf", "depth": "2.7", "seed": "-inf",
+                                          "lr": "0", "subset": "0"})
+    assert settings["width"] == presets.DEFAULTS["width"]
+    assert settings["depth"] == presets.DEFAULTS["depth"]
+    assert settings["seed"] == presets.DEFAULTS["seed"]
+    assert settings["lr"] == presets.DEFAULTS["lr"]
+    assert settings["subset"] == presets.bounds(presets.CONTROLS["subset"])[1]
+    text = " ".join(notes)
+    assert "width='inf' is not a finite number" in text
+    assert "depth='2.7' is not a whole number" in text
+    assert "lr='0' is not positive" in text
+    assert "subset='0' means all" in text
+    assert len(notes) == 5
+
+
 def test_every_initializer_is_known_to_the_package():
     from keras_varinit import initializers
 

@@ -311,3 +311,12 @@ def test_frozen_layers_are_left_as_they_are_and_the_rest_calibrated_after_them()
     assert report["final_variance"].iloc[0] == pytest.approx(
         np.var(x.astype(np.float64) @ keras.ops.convert_to_numpy(
             model.get_layer("backbone").get_layer("b1").kernel)), rel=1e-4)
+
+
+def test_a_batch_of_one_is_refused():
+    """A variance over one example: the last layer used to come out 'zero_variance', blamed
+    on a dead input."""
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(8)(inputs)))
+    with pytest.raises(ValueError, match="at least 2 examples. Received: x with shape \\(1, 6\\)"):
+        lsuv(model, np.ones((1, 6), "float32"))

@@ -71,10 +71,27 @@ def test_plot_profile_writes_png(small30, tmp_path):
         profile_report.plot_profile({}, tmp_path / "none.png")
 
 
-def test_compared_rows_leave_out_a_final_linear_classifier():
+def test_compared_rows_leave_out_the_output_layer():
+    """One rule (`last_hidden_row`) for the verdict, the diagnosis and the explorer: the last
+    weight layer is the output layer, whatever the activations (a linear net's classifier
+    once counted as hidden, so the verdict and the page's ratio named different layers)."""
     assert profile_report.compared_rows(_fake([1.0, 2.0, 3.0, 4.0])) == (0, 2)
-    assert profile_report.compared_rows(_fake([1.0, 2.0, 3.0, 4.0], activation="linear")) == (0, 3)
-    assert profile_report.compared_rows(_fake([1.0, 2.0])) == (0, 1)
+    assert profile_report.compared_rows(_fake([1.0, 2.0, 3.0, 4.0], activation="linear")) == (0, 2)
+    assert profile_report.compared_rows(_fake([1.0, 2.0])) == (0, 0)
+    assert [profile_report.last_hidden_row(n) for n in (1, 2, 3, 30)] == [0, 0, 1, 28]
+
+
+def test_a_single_hidden_layer_is_undetermined_not_ok():
+    """A conv and its classifier (or an LSTM model's one profiled Dense) once got a green
+    "stays within 4x from dense_5 to dense_5": with one hidden layer there is nothing to
+    compare. A float32 overflow is still a failure."""
+    for values in ([1.0], [1.0, 1e-7]):
+        verdict = _verdict(values)
+        assert verdict.level is profile_report.VerdictLevel.UNDETERMINED, verdict
+        assert "too few to judge" in verdict.text
+        assert f"only {len(values)} weight layer" in verdict.text
+    assert _verdict([1.0, 1.0], backward=[np.inf, 1.0]).level is \
+        profile_report.VerdictLevel.FAILURE
 
 
 def test_forward_ratios_hand_values():

@@ -24,6 +24,7 @@ import pandas as pd
 from keras_varinit import propagation
 from keras_varinit.diagnosis import suggestions as sg
 from keras_varinit.diagnosis.findings import Context, Finding, Kind, Severity, Suggestion
+from keras_varinit.profile_report import last_hidden_row
 
 #: Vanishing: a weight layer's forward variance below this fraction of the first weight
 #: layer's, or its gradient variance below this fraction of the last hidden weight layer's
@@ -174,12 +175,6 @@ def weight_table_from_profile(profile):
                          "backward_var": profile["backward_var"].to_numpy(float)})
 
 
-def last_hidden(n):
-    """Index of the last hidden weight layer: the final classifier (last of >= 3 weight layers)
-    follows global pooling and is only a reference, as in `profile_report.compared_rows`."""
-    return n - 2 if n >= 3 else n - 1
-
-
 def signal_ratios(table):
     """(forward, backward) ratio arrays over the table's rows (NaN where not compared):
     forward_l = Var[y_l] / Var[y_first] for the hidden layers after the first; backward_l =
@@ -188,7 +183,7 @@ def signal_ratios(table):
     fwd, bwd = np.full(n, np.nan), np.full(n, np.nan)
     if n < 2:
         return fwd, bwd
-    last = last_hidden(n)
+    last = last_hidden_row(n)
     f = table["forward_var"].to_numpy(float)
     b = table["backward_var"].to_numpy(float)
     if math.isfinite(f[0]) and f[0] > 0:
@@ -228,7 +223,7 @@ def predicted_layer_factor(profile):
     1/2 for Xavier under ReLU. None without a profile."""
     if profile is None or len(profile) < 2:
         return None
-    last = last_hidden(len(profile))
+    last = last_hidden_row(len(profile))
     acts = list(profile["activation"])
     factors = []
     for i in range(1, last + 1):
@@ -264,7 +259,7 @@ def scale_rule(kind, table, step, at_init, view, reported):
     flag_f, flag_b = flag_f & fresh, flag_b & fresh
     if not (flag_f | flag_b).any():
         return None
-    last = last_hidden(len(table))
+    last = last_hidden_row(len(table))
     ev_f, factor_f = _direction_evidence(table, fwd, flag_f, vanishing, 0, True)
     ev_b, factor_b = _direction_evidence(table, bwd, flag_b, vanishing, last, False)
     threshold = VANISHING_RATIO if vanishing else EXPLODING_RATIO
@@ -321,6 +316,12 @@ def _scale_suggestion(kind, at_init, factor, view):
         return Suggestion({"activation": "tanh", **changes},
                           "A sigmoid passes back at most 1/16 of the gradient variance per layer "
                           f"(sigmoid'(0)^2 = 1/16): use tanh with {text}.")
+    if _finite(factor) and low <= factor <= high and view.context.batch_norm_layers:
+        return Suggestion({}, f"The initializer already keeps fan_in Var[W] c_f = {_g(factor)} "
+                              "per layer and the network already has batch normalization: what "
+                              "is lost comes from the architecture between them (zero padding, "
+                              "pooling, unnormalized branches). No setting fixes it; check how "
+                              "the signal changes with fewer layers.")
     if _finite(factor) and low <= factor <= high:
         return Suggestion(sg.normalization("batch"),
                           f"The initializer already keeps fan_in Var[W] c_f = {_g(factor)} per "
