@@ -194,8 +194,18 @@ def your_model_file():
         st.selectbox("Stored models (newest first)", [None, *stored], key="_stored_model",
                      format_func=lambda path: (stored[path].label if path else
                                                "(none: upload a file or pick one)"))
+    if st.session_state.get("_stored_model"):
+        st.button("Remove this stored model", key="remove_upload", icon=":material/delete:",
+                  on_click=_remove_upload, args=(uploads, st.session_state["_stored_model"]),
+                  help="Deletes the stored copy; runs that trained it keep their logs but can "
+                       "no longer be resumed.")
     st.session_state["model_file"] = st.session_state.get("_stored_model")
     st.caption(FACTORIES_NOTE)
+
+
+def _remove_upload(uploads, path):
+    uploads.remove(path)
+    st.session_state["_stored_model"] = None
 
 
 def normalization_note(method):
@@ -594,8 +604,25 @@ def run_summary(info):
             st.code(tail, language=None)
     if info.resumable:
         resume_button(info)
+    if not info.state.active:
+        delete_button(info)
     if info.synthetic:
         st.caption(":material/science: This run uses SYNTHETIC data (not CIFAR-10).")
+
+
+def delete_button(info):
+    """Delete a run that is not queued or running, after a second click."""
+    with st.popover("Delete this run", icon=":material/delete:"):
+        st.caption(f"Deletes `{info.path}`: its logs, backups and TensorBoard files.")
+        st.button("Delete for good", key=f"delete_{info.run_id}", type="primary",
+                  on_click=_delete, args=(info.run_id,))
+
+
+def _delete(run_id):
+    store.delete(run_id)
+    for key in ("view_run", "view_select"):
+        if st.session_state.get(key) == run_id:
+            st.session_state[key] = None
 
 
 def resume_button(info):

@@ -114,6 +114,14 @@ class UploadStore:
         _write_meta(target, {"name": filename, "size": len(data), "uploaded_at": now})
         return self._stored(target)
 
+    def remove(self, path) -> None:
+        """Delete a stored model and its sidecar (a path outside the store is refused)."""
+        path = pathlib.Path(path)
+        if path.resolve().parent != self.root.resolve() or path.suffix != ".keras":
+            raise ValueError(f"Not a model of this store. Received: {str(path)!r}")
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+
     def _stored(self, path: pathlib.Path) -> StoredModel:
         meta = _read_meta(path)
         stat = path.stat()

@@ -140,7 +140,8 @@ def format_table(pooled: ChannelStats, per_sample: ChannelStats, names=None,
 # Public functions
 # --------------------------------------------------------------------------------------------
 def channel_stats(data, estimator: str = "pooled", axis: int = -1, batch_size: int = 1024, *,
-                  scale: float | None = None, ignore_nan: bool = False) -> ChannelStats:
+                  scale: float | None = None, ignore_nan: bool = False,
+                  batched: bool | None = None) -> ChannelStats:
     """Per-channel mean and standard deviation of a data set, in one streaming pass.
 
     ``mean_c = E[x_c]`` over all samples and spatial positions; ``"pooled"``:
@@ -149,15 +150,20 @@ def channel_stats(data, estimator: str = "pooled", axis: int = -1, batch_size: i
 
     Args:
         data: a numpy array ``(N, H, W, C)`` / ``(N, d)`` (anything with ``__array__``, e.g. a
-            tf or jax tensor, is converted), a ``tf.data.Dataset`` of ``x`` or ``(x, y)``
-            (batched, or unbatched single samples of rank 1 or 3, which are batched here), or any
-            iterable of batches (``x``, ``(x, y, ...)`` or a dict with key ``"x"``/``"image"``).
+            tf or jax tensor, is converted; so is a nested list of numbers), a
+            ``tf.data.Dataset`` of ``x`` or ``(x, y)``, or any iterable of batches (``x``,
+            ``(x, y, ...)`` or a dict with key ``"x"``/``"image"``).
         estimator: ``"pooled"`` or ``"per_sample"``.
         axis: the channel (feature) axis, counting the sample axis as 0 (``-1``: channels last;
             ``1`` for NCHW).
         batch_size: rows per step for numpy input (memory is O(batch_size), not O(N)).
         scale: divide the data by this first (e.g. ``255`` for pixels on [0, 1]).
         ignore_nan: skip NaN/Inf values instead of raising.
+        batched: whether a dataset or an iterable yields batches (True) or single samples
+            (False: they are batched here). None: an iterable yields batches; a dataset
+            whose elements have an unknown first size is batched, one of flat samples
+            ``(d,)`` or images ``(H, W, 1|3|4)`` is not, and any other (a ``(B, T, F)``
+            batch from ``.batch(B, drop_remainder=True)`` looks like one sample) must say.
 
     Accumulation is float64 with Chan et al.'s pairwise merge of (count, mean, M2) per batch;
     integer inputs of 8 or 16 bits (e.g. uint8 images) are accumulated exactly in integers
@@ -173,21 +179,21 @@ def channel_stats(data, estimator: str = "pooled", axis: int = -1, batch_size: i
         raise ValueError(f"Unknown estimator. Received: estimator={estimator!r}. "
                          f"Allowed: {', '.join(repr(e) for e in ESTIMATORS)}")
     pooled, per_sample = _run(data, axis, batch_size, scale, ignore_nan,
-                              per_sample=estimator == "per_sample")
+                              per_sample=estimator == "per_sample", batched=batched)
     return pooled if estimator == "pooled" else per_sample
 
 
 def channel_stats_both(data, axis: int = -1, batch_size: int = 1024, *,
-                       scale: float | None = None,
-                       ignore_nan: bool = False) -> tuple[ChannelStats, ChannelStats]:
+                       scale: float | None = None, ignore_nan: bool = False,
+                       batched: bool | None = None) -> tuple[ChannelStats, ChannelStats]:
     """``(pooled, per_sample)`` :class:`ChannelStats` from one pass (see :func:`channel_stats`)."""
-    return _run(data, axis, batch_size, scale, ignore_nan, per_sample=True)
+    return _run(data, axis, batch_size, scale, ignore_nan, per_sample=True, batched=batched)
 
 
 # --------------------------------------------------------------------------------------------
 # Implementation
 # --------------------------------------------------------------------------------------------
-def _run(data, axis, batch_size, scale, ignore_nan, per_sample):
+def _run(data, axis, batch_size, scale, ignore_nan, per_sample, batched=None):
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int. Received: batch_size={batch_size!r}")
@@ -197,8 +203,10 @@ def _run(data, axis, batch_size, scale, ignore_nan, per_sample):
             raise ValueError(f"scale must be a positive finite number. Received: scale={scale!r}")
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise ValueError(f"axis must be an int. Received: axis={axis!r}")
+    if batched not in (None, True, False):
+        raise ValueError(f"batched must be True, False or None. Received: batched={batched!r}")
     acc = _Accumulator(int(axis), per_sample, ignore_nan)
-    for batch in _batches(data, batch_size):
+    for batch in _batches(data, batch_size, batched):
         acc.update(batch)
     return acc.result(float(scale) if scale is not None else 1.0)
 
@@ -226,19 +234,19 @@ def _first(element):
     return element
 
 
-def _batches(data, batch_size):
-    """Yield numpy batches (B, ...) from any supported input."""
+def _batches(data, batch_size, batched=None):
+    """Yield numpy batches (B, ...) from any supported input (``batched``: see
+    :func:`channel_stats`)."""
     if data is None:
         raise ValueError("channel_stats needs data. Received: data=None")
     if _is_tf_dataset(data):
-        spec = data.element_spec
-        spec = _first(spec)
-        shape = spec.shape
-        if shape.rank is not None and shape.rank in (1, 3) and shape[0] is not None:
-            data = data.batch(batch_size)  # single samples: flat (d,) or images (H, W, C)
+        if not _dataset_is_batched(data, batched):
+            data = data.batch(batch_size)
         for element in data.as_numpy_iterator():
             yield np.asarray(_first(element))
         return
+    if isinstance(data, (list, tuple)) and _all_numbers(data):
+        data = np.asarray(data, dtype=np.float64)   # a nested list of numbers is the data
     if isinstance(data, np.ndarray) or (hasattr(data, "__array__") and hasattr(data, "shape")):
         array = np.asarray(data)
         if array.ndim == 0:
@@ -250,8 +258,45 @@ def _batches(data, batch_size):
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise ValueError("data must be a numpy array, a tf.data.Dataset or an iterable of "
                          f"batches. Received: {type(data).__name__}")
+    if batched is False:
+        yield from _stacked((np.asarray(_first(e)) for e in data), batch_size)
+        return
     for element in data:
         yield np.asarray(_first(element))
+
+
+def _dataset_is_batched(data, batched):
+    """Whether a tf.data dataset yields batches: ``batched``, else read off its elements."""
+    if batched is not None:
+        return batched
+    shape = _first(data.element_spec).shape
+    if shape.rank is None or shape[0] is None:
+        return True
+    if shape.rank == 1 or (shape.rank == 3 and shape[-1] in (1, 3, 4)):
+        return False   # flat samples (d,) or images (H, W, C)
+    raise ValueError(
+        f"Cannot tell whether this dataset yields batches or single samples: its elements "
+        f"have shape {tuple(shape)}. Allowed: batched=True (e.g. after .batch(B, "
+        "drop_remainder=True)) or batched=False (single samples, batched here).")
+
+
+def _all_numbers(items):
+    """A (nested) list or tuple of Python numbers only, no arrays."""
+    return all(_all_numbers(i) if isinstance(i, (list, tuple)) else
+               isinstance(i, (int, float, np.number)) and not isinstance(i, bool)
+               for i in items) and len(items) > 0
+
+
+def _stacked(samples, batch_size):
+    """Single samples grouped into batches of ``batch_size``."""
+    chunk = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == batch_size:
+            yield np.stack(chunk)
+            chunk = []
+    if chunk:
+        yield np.stack(chunk)
 
 
 class _Accumulator:
@@ -323,6 +368,9 @@ class _Accumulator:
     # ---------------------------------------------------------------- update
     def update(self, batch):
         batch = np.asarray(batch)
+        if batch.ndim >= 2 and 0 in batch.shape[1:]:
+            raise ValueError(f"channel_stats needs samples with at least one value. Received: "
+                             f"a batch of shape {batch.shape}")
         if self.shape is None:
             self._setup(batch)
         elif batch.shape[1:] != self.shape or batch.ndim != len(self.shape) + 1:

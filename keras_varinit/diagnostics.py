@@ -410,9 +410,11 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
     batch_checks.check_examples(x, "variance_profile")
     batch_checks.check_finite(x, "variance_profile")
     loss_fn = None
+    if not isinstance(training, (bool, np.bool_)):
+        raise ValueError(f"`training` must be True or False. Received: training={training!r}")
     if gradients:
         y = _labels(model, x, y, seed)
-        loss_fn, y = (keras.losses.get(loss), y) if loss is not None else \
+        loss_fn, y = (instrument.get_loss(loss), y) if loss is not None else \
             instrument.default_loss(model, y)
     recording = _record(model, x, y if gradients else None, loss_fn, training)
     weight_records = [r for r in recording.records if instrument.is_weight_layer(r.layer)]
@@ -421,6 +423,8 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
 
 def _labels(model, x, y, seed):
     """`y` as an array, or random labels over the model's output units drawn with `seed`."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative integer. Received: seed={seed!r}")
     if y is None:
         spec = model.compute_output_spec(keras.KerasTensor(x.shape, dtype=str(x.dtype)))
         num_classes = int(keras.tree.flatten(spec)[0].shape[-1])

@@ -44,8 +44,9 @@ Supported and not:
 Public names: `LayerSite`, `layer_sites`, `weight_sites`, `outside_loops`,
 `kernel_less_weight_layers`, `warn_kernel_less`, `coverage_notes`, `is_weight_layer`,
 `final_layer`, `check_interceptable`, `fused_activation`, `LayerCall`, `intercept`,
-`CallTensors`, `CallRecord`, `Recording`, `Recorder`, `default_loss`, `describe_model`,
-`CoverageWarning`, `UnsupportedLayerError`, `MultiOutputError`, `NoWeightLayerError`.
+`CallTensors`, `CallRecord`, `Recording`, `Recorder`, `get_loss`, `default_loss`,
+`describe_model`, `CoverageWarning`, `UnsupportedLayerError`, `MultiOutputError`,
+`NoWeightLayerError`.
 
 >>> sites = [s for s in layer_sites(model) if s.is_leaf]
 >>> recorder = Recorder(model, sites, lambda v: {"var": keras.ops.var(v.output)},
@@ -242,6 +243,16 @@ def final_layer(model):
     """The last leaf layer of the tree (for Sequential/Functional models, the output layer)."""
     leaves = [site.layer for site in layer_sites(model) if site.is_leaf]
     return leaves[-1] if leaves else None
+
+
+def get_loss(identifier):
+    """`keras.losses.get(identifier)`, with an error that says what is allowed."""
+    try:
+        return keras.losses.get(identifier)
+    except ValueError:
+        raise ValueError(
+            "`loss` must be a Keras loss name (e.g. 'mean_squared_error'), a keras.losses.Loss "
+            f"or a function loss(y_true, y_pred). Received: loss={identifier!r}.") from None
 
 
 def default_loss(model, y):

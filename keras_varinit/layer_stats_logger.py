@@ -62,16 +62,6 @@ def _matcher(specs, argname):
     return match, specs
 
 
-def _loss_from(identifier):
-    """`keras.losses.get(identifier)`, with an error that says what is allowed."""
-    try:
-        return keras.losses.get(identifier)
-    except ValueError:
-        raise ValueError(
-            "`loss` must be a Keras loss name (e.g. 'mean_squared_error'), a keras.losses.Loss "
-            f"or a function loss(y_true, y_pred). Received: loss={identifier!r}.") from None
-
-
 def _variable_to_numpy(variable):
     """A float64 host copy of a Keras variable (TF, TF-distributed or JAX)."""
     value = variable.value
@@ -245,7 +235,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
         self.jsonl_path = None if jsonl_path is None else os.fspath(jsonl_path)
         self.training = bool(training)
         self.log_on_epoch_end = bool(log_on_epoch_end)
-        self.loss = None if loss is None else _loss_from(loss)
+        self.loss = None if loss is None else instrument.get_loss(loss)
 
         self.history = []
         self.tracked_layers = []

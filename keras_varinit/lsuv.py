@@ -131,6 +131,8 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
     _check_number("target_variance", target_variance, minimum=0)
     _check_number("tol", tol, minimum=0)
     _check_number("max_iter", max_iter, minimum=1, integer=True, strict=False)
+    if verbose not in (0, 1) or isinstance(verbose, float):
+        raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
     sites = instrument.weight_sites(model, "lsuv")
     instrument.check_interceptable(sites, model)   # quantized layers
     inputs = getattr(model, "inputs", None)

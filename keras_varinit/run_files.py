@@ -286,10 +286,14 @@ def write_json_atomic(path, data):
     """Write ``data`` as JSON to ``path`` through a temporary file and ``os.replace``."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(json_safe(data), f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(json_safe(data), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:   # a full disk: no stray temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path, default=None):

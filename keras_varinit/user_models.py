@@ -190,7 +190,8 @@ def _import(module_part, spec):
             raise ModelLoadError(f"No such Python file. Received: {spec!r}.")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        with _users_code(f"Importing {module_part}"):
+            module_spec.loader.exec_module(module)
         return module
     try:
         with _cwd_importable():
@@ -200,17 +201,33 @@ def _import(module_part, spec):
                              f"{spec!r}.") from None
 
 
+@contextlib.contextmanager
+def _users_code(what):
+    """An exception raised by the user's own code (a factory, a module it imports) as one
+    `ModelLoadError` naming where it came from, whatever its type (the original is chained)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 -- the user's code may raise anything
+        raise ModelLoadError(
+            f"{what} raised {type(err).__name__}: {err}.",
+            "Allowed: a factory that returns a built keras.Model (call it in Python to see "
+            "the traceback).") from err
+
+
 def load_factory(spec):
     """Import `module:function` (or `file.py:function`), call it, return its built model.
 
-    The factory is the user's own code: exceptions it raises propagate as they are."""
+    The factory is the user's own code: an exception it (or its module, on import) raises
+    becomes a `ModelLoadError` naming the factory."""
     module_part, _, name = spec.rpartition(":")
     if not module_part or not name.isidentifier():
         raise ModelLoadError(f"A factory is 'module:function'. Received: {spec!r}.")
     factory = getattr(_import(module_part, spec), name, None)
     if not callable(factory):
         raise ModelLoadError(f"{module_part!r} has no function {name!r}. Received: {spec!r}.")
-    return _checked(factory(), spec)
+    with _users_code(f"The factory {spec!r}"):
+        model = factory()
+    return _checked(model, spec)
 
 
 def _checked(model, source):

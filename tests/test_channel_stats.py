@@ -158,6 +158,27 @@ def test_tf_dataset_batched_and_unbatched(rng):
     flat = rng.normal(size=(40, 6))
     _assert_matches(tf.data.Dataset.from_tensor_slices((flat, y[:40])), flat)  # single vectors
     _assert_matches(tf.convert_to_tensor(x), x)  # a tensor is an array, not a batch iterable
+    # batches of a static size (drop_remainder) look like samples: say which, or be asked
+    seq = rng.normal(size=(48, 10, 5)) * rng.uniform(0.5, 3, (48, 1, 1))
+    fixed = tf.data.Dataset.from_tensor_slices(seq).batch(8, drop_remainder=True)
+    _assert_matches(fixed, seq, batched=True)
+    with pytest.raises(ValueError, match=r"batches or single samples.*\(8, 10, 5\).*batched="):
+        channel_stats(fixed)
+    gray = rng.normal(size=(20, 6, 6))
+    _assert_matches(tf.data.Dataset.from_tensor_slices(gray), gray, batched=False)
+    with pytest.raises(ValueError, match=r"shape \(6, 6\)"):
+        channel_stats(tf.data.Dataset.from_tensor_slices(gray))
+
+
+def test_single_samples_and_lists_of_numbers(rng):
+    """A list of images read as a list of batches gave per-row 'samples' (4x n_samples, a
+    wrong per-sample std); batched=False says they are samples. A nested list of numbers is
+    the data."""
+    x = rng.normal(size=(20, 4, 4, 3)) * rng.uniform(0.5, 3, (20, 1, 1, 1))
+    _assert_matches(list(x), x, batched=False)
+    _assert_matches(tuple(x), x, batched=False, batch_size=7)
+    rows = [[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]]
+    _assert_matches(rows, np.array(rows))
 
 
 @pytest.mark.backend_independent
@@ -198,6 +219,10 @@ def test_bad_input_errors(rng):
         channel_stats(None)
     with pytest.raises(ValueError, match="Cannot tell which entry"):
         channel_stats([{"a": x, "b": x}])
+    with pytest.raises(ValueError, match=r"at least one value.*\(5, 0, 3\)"):
+        channel_stats(np.zeros((5, 0, 3)))
+    with pytest.raises(ValueError, match="batched must be True, False or None"):
+        channel_stats(x, batched="yes")
 
 
 @pytest.mark.backend_independent

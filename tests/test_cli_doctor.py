@@ -114,12 +114,24 @@ def test_a_cifar_shaped_factory_is_probed_on_the_train_data_option(tmp_path, cap
     assert "probe: 2 step(s)" in out and "at init: " in out
 
 
+def test_model_file_and_model_file_option_is_the_same_as_a_path(tmp_path, capsys):
+    """`--model file --model-file X` (offered by --help, as for train) failed with an error
+    whose "Allowed:" was the command typed."""
+    path = _saved_model(tmp_path / "mine.keras", "he_normal")
+    code = main(["doctor", "--model", "file", "--model-file", str(path), "--steps", "2",
+                 "--batch-size", "16", "--quiet"])
+    out = capsys.readouterr().out
+    assert code in (0, 1), out
+    assert "probe: 2 step(s)" in out and "mine" in out
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--steps", "0"], "--steps must be a positive integer. Received: --steps 0"),
     (["--time-limit", "-1"], "Received: --time-limit -1"),
     (["--model", "missing.keras"], "missing.keras"),
     (["--model", "mine.keras", "--depth", "5"], "--depth describe(s) a built-in net"),
     (["--init", "no_such_init"], "Received: init='no_such_init'"),
+    (["--model", "file"], "--model file needs --model-file PATH"),
 ])
 def test_bad_usage_exits_2_with_one_line(argv, match, capsys):
     code = main(["doctor", *argv])

@@ -56,6 +56,11 @@ def test_profile_synthetic_data(capsys):
      "instance"),
     (["--norm", "group", "--groups", "3", "--width", "4", "--depth", "3", "--batch-size", "4"],
      "Received: groups=3. Allowed: 1, 2, 4"),
+    # checked before any work (they once failed after the whole profile, with a bare message)
+    (["--seed", "-1"], "--seed must be >= 0. Received: --seed -1"),
+    (["--plot", "no_such_dir/p.png"], "--plot: no such directory 'no_such_dir'"),
+    (["--plot", "p.txt"], "--plot must end in .png, .pdf, .svg. Received: --plot p.txt"),
+    (["--csv", "no_such_dir/p.csv"], "--csv: no such directory 'no_such_dir'"),
 ])
 def test_profile_errors_exit_2(argv, match, capsys):
     assert main(["profile", *argv]) == 2
@@ -173,6 +178,24 @@ def test_profile_bad_model_files_are_one_line_errors(tmp_path, capsys):
     assert "Traceback" not in err
     assert main(["profile", "--model", "nonsense"]) == 2
     assert "Cannot tell how to load this model. Received: 'nonsense'" in capsys.readouterr().err
+
+
+def test_a_factory_that_raises_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """Whatever the user's code raises (a NameError once printed a traceback, a RuntimeError
+    a bare line), on import or when called: one line that names the factory."""
+    (tmp_path / "broken_nets.py").write_text(
+        "def typo():\n    return undefined_name\n\n"
+        "def boom():\n    raise RuntimeError('boom in my factory')\n")
+    (tmp_path / "bad_import.py").write_text("import no_such_module_anywhere\n")
+    monkeypatch.chdir(tmp_path)
+    for spec, words in (("broken_nets:typo", "raised NameError: name 'undefined_name'"),
+                        ("broken_nets:boom", "raised RuntimeError: boom in my factory"),
+                        ("bad_import.py:build", "Importing bad_import.py raised "
+                                                "ModuleNotFoundError")):
+        assert main(["profile", "--model", spec]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("keras-varinit profile: error:") and words in err, err
+        assert "Traceback" not in err
 
 
 def test_overflowing_plain_net_prints_no_nan_ratios(capsys):

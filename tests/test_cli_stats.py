@@ -107,6 +107,11 @@ def test_errors(tmp_path):
         _run(["--data", str(tmp_path / "missing")])
     with pytest.raises(ValueError, match="--scale must be positive"):
         _run(["--data", "synthetic", "--scale", "0"])
+    with pytest.raises(ValueError, match="--digits must be >= 0. Received: --digits=-1"):
+        _run(["--data", "synthetic", "--digits", "-1"])
+    (tmp_path / "bad.npy").write_bytes(b"xx")   # numpy calls any unreadable file "pickled"
+    with pytest.raises(ValueError, match="is not a readable .npy array"):
+        _run(["--data", str(tmp_path / "bad.npy")])
     with pytest.raises(SystemExit):
         _parse(["--estimator", "median"])
 

@@ -106,9 +106,13 @@ def test_every_config_field_is_an_option_and_argv_round_trips():
     assert train.config_from_args(parse(train.config_argv(TrainConfig()))) == TrainConfig()
 
 
-def test_resume_needs_a_log_dir():
+def test_resume_needs_a_log_dir(tmp_path):
     with pytest.raises(ValueError, match="--log-dir"):
         train.run(parse([*TINY, "--resume"]))
+    # a mistyped --log-dir once started the run over without a word
+    with pytest.raises(ValueError, match="Nothing to resume: .*holds no run"):
+        train.run(parse([*TINY, "--resume", "--log-dir", str(tmp_path / "typo")]))
+    assert not (tmp_path / "typo").exists()
 
 
 def test_run_in_process_prints_device_metrics_and_tensorboard(tmp_path, capsys):

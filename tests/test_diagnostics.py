@@ -633,3 +633,13 @@ def test_global_pooling_prediction_is_the_same_in_both_data_formats():
         df = diagnostics.variance_profile(keras.Model(inputs, out), data)
         predicted[fmt] = df["predicted_backward_var"].iloc[0] / df["backward_var"].iloc[0]
     assert predicted["channels_first"] == pytest.approx(predicted["channels_last"], rel=1e-3)
+
+
+def test_loss_seed_and_training_arguments_are_checked():
+    x = np.random.default_rng(0).standard_normal((8, 6)).astype("float32")
+    with pytest.raises(ValueError, match="`loss` must be a Keras loss name.*loss='nope'"):
+        diagnostics.variance_profile(_mlp(3), x, loss="nope")
+    with pytest.raises(ValueError, match="`seed` must be a non-negative integer.*seed=-1"):
+        diagnostics.variance_profile(_mlp(3), x, seed=-1)
+    with pytest.raises(ValueError, match="`training` must be True or False.*'no'"):
+        diagnostics.variance_profile(_mlp(3), x, training="no")

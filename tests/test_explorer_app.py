@@ -216,6 +216,25 @@ def test_a_damaged_run_is_an_error_for_that_run_only(runs_dir):
     assert _verdict(at)                       # the init tab is filled in
 
 
+def test_a_finished_run_and_a_stored_model_can_be_deleted(runs_dir, tmp_path):
+    from tests.test_explorer_store import _write_run
+    from tests.test_training_user_model import two_conv
+
+    run = _write_run(runs_dir, "20260101-000000-done")
+    at = _app(data="synthetic", depth=3).run()
+    at.button(key="delete_20260101-000000-done").click().run()
+    _no_exceptions(at)
+    assert not run.exists()
+    assert any("No runs yet" in i.value for i in at.info)
+    at = _upload(_app(data="synthetic", model="file").run(), "mine.keras",
+                 pathlib.Path(two_conv(tmp_path / "mine.keras")).read_bytes())
+    assert list((runs_dir / "uploads").glob("*.keras"))
+    at.button(key="remove_upload").click().run()
+    _no_exceptions(at)
+    assert not list((runs_dir / "uploads").glob("*"))
+    assert any("upload a .keras file" in s.value for s in at.subheader)
+
+
 def test_a_single_hidden_layer_gets_no_verdict_and_no_finding(runs_dir):
     """Depth 2 (a conv and the classifier): a green "propagates" over a red "vanishing
     (severe)" once stood side by side; there is nothing to compare."""

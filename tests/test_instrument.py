@@ -326,7 +326,8 @@ def test_custom_layers_with_a_matrix_not_called_kernel_are_named_not_skipped_sil
 
     def model(matrix_name):
         return keras.Sequential([keras.Input((N_IN,)), _Linear(8, matrix_name, name="linear"),
-                                 keras.layers.ReLU(name="relu"),
+                                 # (0, 1), read as index 0: valid whatever the draw
+                                 keras.layers.Activation("sigmoid", name="squash"),
                                  keras.layers.Embedding(3, 2, name="table"),
                                  keras.layers.Flatten(), keras.layers.Dense(N_OUT, name="out")])
 
@@ -344,7 +345,7 @@ def test_custom_layers_with_a_matrix_not_called_kernel_are_named_not_skipped_sil
         logger = LayerStatsLogger((x, y))
         logger.set_model(custom)
         logger.on_train_begin()
-    assert [r["layer"] for r in logger.history] == ["relu", "out"]
+    assert [r["layer"] for r in logger.history] == ["squash", "out"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         named = model("kernel")

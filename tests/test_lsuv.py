@@ -320,3 +320,5 @@ def test_a_batch_of_one_is_refused():
     model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(8)(inputs)))
     with pytest.raises(ValueError, match="at least 2 examples. Received: x with shape \\(1, 6\\)"):
         lsuv(model, np.ones((1, 6), "float32"))
+    with pytest.raises(ValueError, match="`verbose` must be 0 or 1. Received: verbose='x'"):
+        lsuv(model, np.ones((4, 6), "float32"), verbose="x")

@@ -307,6 +307,30 @@ def test_stop_event_then_resume_continues_after_the_last_batch(tmp_path):
     assert latest_backup(run_dir / "backup").step == 12
 
 
+@pytest.mark.backend_independent
+def test_a_stop_mid_epoch_then_resume_reports_the_epoch_an_uninterrupted_run_reports(tmp_path):
+    """After a stop, fit still validates, which resets the metrics; the stop's backup was
+    written after that, so the resumed epoch's running loss and accuracy started from one
+    validation batch (epoch 1: loss 2.2235 instead of 2.2495). SIGKILL was not affected."""
+    config = tiny(epochs=2)
+    reference = run_training(config, tmp_path / "reference", verbose=0)
+    event = threading.Event()
+    stopped = run_training(config, tmp_path / "run", stop_event=event,
+                           callbacks=[StopAfter(event, 1)], verbose=0)
+    assert stopped.state == "stopped" and stopped.step == 2   # in the middle of epoch 1
+    run_training(config, tmp_path / "run", resume=True, verbose=0)
+    for name in ("reference", "run"):
+        assert len(read_metrics(tmp_path / name)[1]) == 2
+    for a, b in zip(read_metrics(tmp_path / "reference")[1], read_metrics(tmp_path / "run")[1],
+                    strict=True):
+        for column in ("loss", "accuracy"):
+            assert float(b[column]) == pytest.approx(float(a[column]), rel=1e-4), (column, a, b)
+    steps = [rf.read_jsonl(tmp_path / name / "steps.jsonl") for name in ("reference", "run")]
+    for a, b in zip(*steps, strict=True):
+        assert (b["loss"], b["accuracy"]) == pytest.approx((a["loss"], a["accuracy"]), rel=1e-4)
+    assert reference.state == "finished"
+
+
 def test_resume_refuses_only_a_run_whose_process_holds_the_lock(tmp_path):
     run_dir = tmp_path / "run"
     config = tiny(epochs=1, stats_every_n_steps=0)

@@ -33,9 +33,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:  # OSError: an unwritable path
         print(f"keras-varinit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C outside a training run (which stops itself cleanly)
+        print(f"keras-varinit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

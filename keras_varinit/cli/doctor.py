@@ -82,13 +82,23 @@ def _check_bounds(args):
 
 
 def user_model_spec(args):
-    """The ``--model`` value when it names your own model (not a built-in net), else None;
-    refuses the options that describe a built-in net with it."""
+    """Your own model as ``load_user_model`` takes it: the ``--model`` value when it is a path
+    or a factory, the ``--model-file`` of ``--model file``; None for a built-in net and for
+    ``--model application`` (trained as ``keras-varinit train`` would). Refuses the options
+    that describe a built-in net with your model."""
     from keras_varinit import models
     from keras_varinit.training.config import fields
 
-    if args.model in models.KINDS:
+    if args.model in models.KINDS or args.model == "application":
         return None
+    if args.model == "file":
+        if not args.model_file:
+            raise ValueError("--model file needs --model-file PATH. Received: --model file "
+                             "without --model-file. Allowed: --model file --model-file "
+                             "net.keras, or --model net.keras")
+        spec, args.model_file = args.model_file, None
+    else:
+        spec = args.model
     given = [spec.cli_flag for spec in fields(args.schema)
              if spec.name in NET_FIELDS and getattr(args, spec.name) != spec.default]
     if given:
@@ -96,7 +106,7 @@ def user_model_spec(args):
                          f"as it is. Received: {' '.join(given)} with --model {args.model}. "
                          "Allowed with your model: --optimizer, --lr, --momentum, --batch-size, "
                          "--data, --seed, --stats-every and the doctor's own options")
-    return args.model
+    return spec
 
 
 def probe_config(config, steps):

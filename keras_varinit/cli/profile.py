@@ -127,6 +127,28 @@ def _check_args(args):
             raise ValueError(f"--draws must be >= 1. Received: --draws {args.draws}")
     if args.batch_size < 2:
         raise ValueError(f"--batch-size must be >= 2. Received: --batch-size {args.batch_size}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0. Received: --seed {args.seed}")
+    _check_output("--plot", args.plot, PLOT_SUFFIXES)
+    _check_output("--csv", args.csv, (".csv",))
+
+
+#: What `profile_report.plot_profile` (matplotlib) is asked to write.
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _check_output(flag, path, suffixes):
+    """Before any work: an output path in an existing directory, with a known suffix."""
+    if path is None:
+        return
+    import pathlib
+
+    path = pathlib.Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag} must end in {', '.join(suffixes)}. Received: {flag} {path}")
+    if not path.parent.resolve().is_dir():
+        raise ValueError(f"{flag}: no such directory {str(path.parent)!r}. Received: {flag} "
+                         f"{path}. Allowed: a file in an existing directory")
 
 
 def make_batch(shape, data, batch_size, seed):

@@ -68,7 +68,11 @@ def _load(data, split):
                                 "synthetic, a <split>/<class>/<file> directory or .tar.gz, "
                                 "or a .npy file")
     if path.suffix == ".npy":
-        return np.load(path, mmap_mode="r"), f"{path.name} (numpy array)"
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False), f"{path.name} (numpy array)"
+        except ValueError as error:   # numpy says "pickled data" of any file it cannot read
+            raise ValueError(f"--data {data!r} is not a readable .npy array of numbers "
+                             f"({error}). Allowed: a file written by np.save") from None
     x = datasets.load_cifar10("dir", path)[index][0]
     return x, f"{path.name}, {split}"
 
@@ -83,6 +87,8 @@ def run(args):
 
     if args.scale <= 0:
         raise ValueError(f"--scale must be positive. Received: --scale={args.scale}")
+    if args.digits < 0:
+        raise ValueError(f"--digits must be >= 0. Received: --digits={args.digits}")
     x, description = _load(args.data, args.split)
     kwargs = dict(axis=args.axis, batch_size=args.batch_size, scale=args.scale,
                   ignore_nan=args.ignore_nan)

@@ -224,6 +224,11 @@ class RunBackup(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.progress.step
+        if self.progress.state == RunState.STOPPED:
+            # now, while the metrics hold the epoch's running means: fit still validates
+            # after a stop, which resets them (a resumed epoch then reported other numbers)
+            self._back_up(step)
+            return
         if not self.every or step - self.last_step < self.every:
             return
         if self.aligned_to and step % self.aligned_to:
@@ -231,7 +236,8 @@ class RunBackup(keras.callbacks.Callback):
         self._back_up(step)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._back_up(self.progress.step)  # the epoch's end, or where a stop ended it
+        if self.last_step != self.progress.step:
+            self._back_up(self.progress.step)  # the epoch's end (a stop is backed up already)
 
     def _back_up(self, step):
         if self.progress.state == RunState.DIVERGED or step == 0:

@@ -147,6 +147,11 @@ def prepare_run_dir(config, run_dir, resume, overwrite, lock):
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"Run directory is a file. Received: run_dir={str(run_dir)!r}. "
                          "Allowed: a new or existing directory.")
+    if resume and not overwrite and not (run_dir / rf.CONFIG_FILE).exists():
+        # a mistyped --log-dir would otherwise start a long run over without a word
+        raise ValueError(f"Nothing to resume: {str(run_dir)!r} holds no run (no "
+                         f"{rf.CONFIG_FILE}). Received: resume=True (--resume). Allowed: the "
+                         "directory of an earlier run, or no --resume to start a new one.")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
