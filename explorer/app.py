@@ -427,6 +427,7 @@ def show_profile_metrics(result, elapsed):
     fwd, bwd = ratios.get("forward"), ratios.get("backward")
     hidden = ratios.get("hidden_layers", len(result["table"]))
     m1, m2, m3 = st.columns(3)
+    hidden = hidden if hidden > 1 else "n"   # one hidden layer: nothing to compare
     m1.metric(f"Forward variance, layer {hidden} / layer 1",
               "n/a" if fwd is None or fwd != fwd else f"{fwd:.2g}\u00d7",
               help="Measured variance of the pre-activations of the last hidden layer "

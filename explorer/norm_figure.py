@@ -94,12 +94,16 @@ def norm_figure(methods=("batch", "layer", "instance", "group"), *, samples=4, c
     import altair as alt
 
     panels = [_panel(m, samples, channels, positions, groups) for m in methods]
-    subtitle = (f"N = {samples} samples (depth) x C = {channels} channels (across) x "
-                f"H, W = {positions} positions (down); shaded: the values that share one mean "
-                "and variance")
+    parts = [f"N = {samples} samples (depth)", f"C = {channels} channels (across)",
+             f"H, W = {positions} positions (down)",
+             "shaded: the values that share one mean and variance"]
+    if len(methods) > 1:
+        title, subtitle = "What each normalization averages over", [" x ".join(parts[:3]),
+                                                                    parts[3]]
+    else:   # one narrow panel (the sidebar): one short line each
+        title, subtitle = "What it averages over", parts
     return alt.hconcat(*panels, spacing=24).properties(
-        title=alt.TitleParams("What each normalization averages over", subtitle=subtitle,
-                              anchor="start"))
+        title=alt.TitleParams(title, subtitle=subtitle, anchor="start"))
 
 
 def _panel(method, samples, channels, positions, groups):

@@ -122,3 +122,16 @@ def test_files_that_cannot_be_trained_get_clear_errors(tmp_path):
                        **TINY)
     with pytest.raises(ValueError, match=r"Received: outputs of shape \[\(None, 5\)\]"):
         build_model(five.validate(), (32, 32, 3))
+
+
+def test_a_run_refused_before_its_first_step_can_be_run_again_in_its_directory(tmp_path):
+    """A model refused inside run_training left a 'failed' run directory that refused the
+    same (or the corrected) command without --overwrite."""
+    run_dir = tmp_path / "run"
+    gray = TrainConfig(model="file", model_file=two_conv(tmp_path / "gray.keras", (28, 28, 1)),
+                       **TINY)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"input shape is \(28, 28, 1\)"):
+            run_training(gray, run_dir, verbose=0)
+    good = TrainConfig(model="file", model_file=two_conv(tmp_path / "good.keras"), **TINY)
+    assert run_training(good, run_dir, verbose=0).state == "finished"

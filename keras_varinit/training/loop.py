@@ -176,9 +176,15 @@ def _check_run_dir(config, run_dir, resume, overwrite):
         return False
     if existing is None:
         return False
+    status = rf.read_json(run_dir / rf.STATUS_FILE) or {}
+    state = RunState.parse(status.get("state"))
+    if state == RunState.FAILED and not status.get("step"):
+        # failed before its first step (a model or batch size refused): nothing to keep, so
+        # the command, corrected or not, may run in the same directory without --overwrite
+        _remove_run_files(run_dir)
+        return False
     _check_same_run(existing, config, run_dir)
     _check_same_model_file(existing, config, run_dir)
-    state = RunState.parse((rf.read_json(run_dir / rf.STATUS_FILE) or {}).get("state"))
     started = state not in (RunState.UNKNOWN, RunState.QUEUED)
     if started and not resume:
         shown = RunState.INTERRUPTED if state == RunState.RUNNING else state
