@@ -122,6 +122,12 @@ def test_files_that_cannot_be_trained_get_clear_errors(tmp_path):
                        **TINY)
     with pytest.raises(ValueError, match=r"Received: outputs of shape \[\(None, 5\)\]"):
         build_model(five.validate(), (32, 32, 3))
+    frozen = keras.models.load_model(good)
+    frozen.trainable = False
+    frozen.save(tmp_path / "frozen.keras")
+    with pytest.raises(ValueError, match="no trainable weights .* training would change nothing"):
+        build_model(TrainConfig(model="file", model_file=str(tmp_path / "frozen.keras"),
+                                **TINY).validate(), (32, 32, 3))
 
 
 def test_a_run_refused_before_its_first_step_can_be_run_again_in_its_directory(tmp_path):

@@ -27,8 +27,8 @@ def build_model(config, input_shape):
 def user_model(config, input_shape):
     """The ``.keras`` file ``config.model_file`` loaded as saved (safe mode, no compile state:
     ``user_models.load_model_file``) or ``config.application`` built with ``weights=None``;
-    ValueError if it does not take ``input_shape`` images or does not give ``NUM_CLASSES``
-    outputs."""
+    ValueError if it does not take ``input_shape`` images, does not give ``NUM_CLASSES``
+    outputs or has nothing to train."""
     if config.model == "application":
         return build_application(config.application, NUM_CLASSES, input_shape)
     model = user_models.load_model_file(config.model_file)
@@ -40,6 +40,11 @@ def user_model(config, input_shape):
             f"{config.model_file} does not end in one output of {NUM_CLASSES} classes. "
             f"Received: outputs of shape {[tuple(o.shape) for o in outputs] or 'unknown'}. "
             f"Allowed: a single (batch, {NUM_CLASSES}) output (logits or softmax) for CIFAR-10.")
+    if not model.trainable_weights:
+        raise ValueError(
+            f"{config.model_file} has no trainable weights (every layer was saved with "
+            "trainable=False): training would change nothing. Allowed: a model with trainable "
+            "layers (set layer.trainable = True before model.save).")
     return model
 
 
