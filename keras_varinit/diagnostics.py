@@ -51,8 +51,12 @@ COLUMNS = (
 _ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
                       keras.layers.ELU, keras.layers.PReLU, keras.layers.Softmax)
 # Layers that pass the signal on unchanged in scale (backward factor 1).
-_NEUTRAL_LAYERS = (keras.layers.Flatten, keras.layers.Reshape, keras.layers.Dropout,
-                   keras.layers.Identity, keras.layers.InputLayer, keras.layers.Permute)
+_NEUTRAL_LAYERS = (keras.layers.Flatten, keras.layers.Reshape, keras.layers.Identity,
+                   keras.layers.InputLayer, keras.layers.Permute)
+# Multiplicative noise of mean 1 (active in training mode only): E[(m x)^2] = E[x^2] / (1 - rate),
+# and the same factor on the way back (Srivastava et al. 2014; GaussianDropout's variance
+# rate / (1 - rate) gives 1 / (1 - rate) too).
+_DROPOUT_LAYERS = (keras.layers.Dropout, keras.layers.GaussianDropout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +153,9 @@ def kernel_terms(layer):
     if isinstance(layer, keras.layers.EinsumDense):
         return (*_einsum_fans(layer), _mean_square(layer.kernel), 1.0)
     fan_in, fan_out = fans.compute_fans(shape)
+    # a grouped convolution's kernel is (..., in / groups, out): each input channel reaches
+    # only the out / groups outputs of its group
+    fan_out //= int(getattr(layer, "groups", 1) or 1)
     return fan_in, fan_out, _mean_square(layer.kernel), _strides(layer)
 
 
@@ -202,7 +209,7 @@ def _profile_statistics(view):
             stats.update(_scaled_second_moment("grad", view.output_grad))
     elif isinstance(layer, _ACTIVATION_LAYERS):
         stats["out_var"] = _variance(view.output)
-    elif not isinstance(layer, _NEUTRAL_LAYERS):
+    elif not isinstance(layer, _NEUTRAL_LAYERS + _DROPOUT_LAYERS):
         if view.inputs is not None:
             stats.update(_scaled_second_moment("in", view.inputs))
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -247,25 +254,45 @@ def _spatial_input(record):
     return tuple(shape[1:-1] if channels_last else shape[2:])
 
 
+def _conv_axis(layer, axis, n):
+    """`(kernel, stride, dilation, zeros before, output size)` of a convolution along one
+    spatial axis of input size `n` (Keras's "same", "causal" and "valid" padding)."""
+    k = tuple(layer.kernel_size)[axis]
+    s = tuple(getattr(layer, "strides", (1,) * len(layer.kernel_size)))[axis]
+    d = tuple(getattr(layer, "dilation_rate", (1,) * len(layer.kernel_size)))[axis]
+    padding = getattr(layer, "padding", "valid")
+    if padding == "same":
+        return k, s, d, propagation.same_padding_before(n, k, s, d), -(-n // s)
+    if padding == "causal":
+        return k, s, d, (k - 1) * d, -(-n // s)
+    return k, s, d, 0, (n - (k - 1) * d - 1) // s + 1
+
+
 def _conv_energy(layer, profiles):
     """(output profiles, padding factor) of a convolution on per-axis input energy profiles."""
-    kernel = tuple(layer.kernel_size)
-    strides = tuple(getattr(layer, "strides", (1,) * len(kernel)))
-    dilation = tuple(getattr(layer, "dilation_rate", (1,) * len(kernel)))
-    padding = getattr(layer, "padding", "valid")
     out = []
     for axis, prof in enumerate(profiles):
-        n, k, s, d = len(prof), kernel[axis], strides[axis], dilation[axis]
-        if padding == "same":
-            before = propagation.same_padding_before(n, k, s, d)
-            size = -(-n // s)
-        elif padding == "causal":
-            before, size = (k - 1) * d, -(-n // s)
-        else:
-            before, size = 0, (n - (k - 1) * d - 1) // s + 1
+        k, s, d, before, size = _conv_axis(layer, axis, len(prof))
         out.append(propagation.padded_energy(prof, k, s, before, d, out_size=size))
     factor = propagation.padding_factor(profiles, out)
     return [p / max(float(np.mean(p)), 1e-30) for p in out], factor
+
+
+def _backward_padding(record):
+    """Var[dL/dx] of a convolution call over the textbook fan_out Var[W] Var[dL/dy] / stride:
+    per axis, the (output, tap) pairs that land inside the input, times the stride, over the
+    input size (a uniform gradient energy per output position). 1 for Dense and transposed
+    layers; "valid" 3x3 on 8x8 gives (6/8)^2 = 0.5625, "same" 3x3 on 8x8 (22/24)^2."""
+    layer = record.layer
+    sizes = _spatial_input(record) if hasattr(layer, "kernel_size") else None
+    if sizes is None or isinstance(layer, _TRANSPOSED):
+        return 1.0
+    factor = 1.0
+    for axis, n in enumerate(sizes):
+        k, s, d, before, size = _conv_axis(layer, axis, n)
+        inside = propagation.padded_energy(np.ones(n), k, s, before, d, out_size=size)
+        factor *= float(inside.sum()) * s / n
+    return factor
 
 
 def _padding_factors(weight_records, bridges):
@@ -418,7 +445,7 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
             instrument.default_loss(model, y)
     recording = _record(model, x, y if gradients else None, loss_fn, training)
     weight_records = [r for r in recording.records if instrument.is_weight_layer(r.layer)]
-    return _assemble(weight_records, _bridges(recording, weight_records))
+    return _assemble(weight_records, _bridges(recording, weight_records), training)
 
 
 def _labels(model, x, y, seed):
@@ -436,7 +463,7 @@ def _labels(model, x, y, seed):
     return y
 
 
-def _bridge_factors(record, bridge):
+def _bridge_factors(record, bridge, training):
     """(activation name, post var, forward transfer, BN reset, backward factor) for one link."""
     own = activation_of(record.layer) if instrument.fused_activation(record.layer) else None
     act_name, post_var = None, None
@@ -459,11 +486,14 @@ def _bridge_factors(record, bridge):
             forward *= propagation.forward_factor(*act)
             backward *= propagation.backward_factor(*act)
         elif isinstance(layer, keras.layers.BatchNormalization):
-            # re-normalizes: the forward recursion restarts from its measured output; the
-            # gradient is scaled like the signal (gamma / sigma per channel).
-            reset = _second_moment_from(stats, "out") / max(forward, 1e-30) \
-                if act_name is None else float("nan")
+            # re-normalizes: the forward recursion restarts from its measured output (before
+            # or after the activation: the factors after it still apply); the gradient is
+            # scaled like the signal (gamma / sigma per channel).
+            reset = _second_moment_from(stats, "out") / max(forward, 1e-30)
             backward *= float(stats.get("bn_scale2", float("nan")))
+        elif isinstance(layer, _DROPOUT_LAYERS):
+            noise = 1.0 / (1.0 - float(layer.rate)) if training else 1.0
+            forward, backward = forward * noise, backward * noise
         elif isinstance(layer, _NEUTRAL_LAYERS):
             continue
         else:
@@ -473,13 +503,13 @@ def _bridge_factors(record, bridge):
     return act_name, post_var, forward, reset, backward
 
 
-def _assemble(weight_records, bridges):
+def _assemble(weight_records, bridges, training):
     rows = []
     transfer, resets, back = [], [], []
     for i, (record, bridge) in enumerate(zip(weight_records, bridges)):
         layer = record.layer
         fan_in, fan_out, weight_var, stride = kernel_terms(layer)
-        act_name, post_var, forward, reset, backward = _bridge_factors(record, bridge)
+        act_name, post_var, forward, reset, backward = _bridge_factors(record, bridge, training)
         transfer.append(forward)
         resets.append(reset)
         back.append(backward)
@@ -507,12 +537,14 @@ def _add_predictions(df, weight_records, bridges, transfer, resets, back):
         df["fan_in"], df["weight_var"], df["input_second_moment"].iloc[0], transfer, resets,
         df["padding_factor"])
     n = len(df)
+    # what reaches layer l's output from layer l+1 loses the border taps of l+1, as forward
+    back = np.asarray(back, dtype=float)
+    back[:-1] *= [_backward_padding(record) for record in weight_records[1:]]
     one_step = np.full(n, np.nan)
     if n > 1:
         one_step[:-1] = propagation.one_step_backward(
             df["fan_out"].to_numpy()[1:], df["weight_var"].to_numpy()[1:],
-            df["backward_var"].to_numpy()[1:], np.asarray(back[:-1]),
-            df["stride"].to_numpy()[1:])
+            df["backward_var"].to_numpy()[1:], back[:-1], df["stride"].to_numpy()[1:])
     df["predicted_backward_var"] = one_step
     df["predicted_backward_var_cumulative"] = propagation.cumulative_backward(
         df["fan_out"], df["weight_var"], df["backward_var"].iloc[-1], back, df["stride"])

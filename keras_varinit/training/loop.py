@@ -178,7 +178,9 @@ def _check_run_dir(config, run_dir, resume, overwrite):
         return False
     status = rf.read_json(run_dir / rf.STATUS_FILE) or {}
     state = RunState.parse(status.get("state"))
-    if state == RunState.FAILED and not status.get("step"):
+    if (state == RunState.FAILED and not resume and not status.get("step")
+            and not (run_dir / rf.BACKUP_DIR).exists()
+            and not (run_dir / rf.STEPS_FILE).exists()):
         # failed before its first step (a model or batch size refused): nothing to keep, so
         # the command, corrected or not, may run in the same directory without --overwrite
         _remove_run_files(run_dir)
