@@ -1,8 +1,9 @@
 """Checks on a user's input batch, shared by the variance profile, the callback's probe and lsuv.
 
 One rule each: a batch is numpy-convertible, non-empty and numeric (`as_arrays`), holds enough
-examples for a variance (`check_examples`), and is finite (`check_finite`): a NaN or Inf in the batch would turn every statistic downstream into NaN and
-a verdict built on them, so it is refused with the count, before anything runs.
+examples for a variance (`check_examples`), and is finite (`check_finite`): a NaN or Inf in the
+batch would turn every statistic downstream into NaN and a verdict built on them, so it is
+refused with the count, before anything runs.
 """
 import numpy as np
 
@@ -42,12 +43,11 @@ def as_arrays(x, caller, n_inputs=None):
 
 
 def check_examples(arrays, caller, minimum=2):
-    """Raise ValueError unless the batch holds at least `minimum` examples: a variance over
-    the batch (per unit, as the profile and LSUV measure it) needs two."""
-    n = np.shape(arrays[0])[0] if isinstance(arrays, (list, tuple)) else np.shape(arrays)[0]
-    if n < minimum:
-        shapes = [tuple(np.shape(a)) for a in arrays] if isinstance(arrays, (list, tuple)) \
-            else tuple(np.shape(arrays))
+    """Raise ValueError unless the batch (`as_arrays`'s list, one array per input) holds at
+    least `minimum` examples: a variance over the batch (per unit, as the profile and LSUV
+    measure it) needs two."""
+    if len(arrays[0]) < minimum:
+        shapes = [tuple(np.shape(a)) for a in arrays]
         raise ValueError(f"{caller} needs a batch of at least {minimum} examples. Received: x "
                          f"with shape {shapes[0] if len(shapes) == 1 else shapes}")
 

@@ -434,7 +434,7 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
     (x,) = batch_checks.as_arrays(x, "variance_profile", n_inputs=1)
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype("float32")
-    batch_checks.check_examples(x, "variance_profile")
+    batch_checks.check_examples([x], "variance_profile")
     batch_checks.check_finite(x, "variance_profile")
     loss_fn = None
     if not isinstance(training, (bool, np.bool_)):

@@ -208,9 +208,9 @@ class LayerStatsLogger(keras.callbacks.Callback):
                 + (f" of length {len(probe)}" if isinstance(probe, (tuple, list)) else "") + "."
             )
         x, y = probe
-        batch_checks.as_arrays(keras.tree.flatten(x), "LayerStatsLogger's probe")
+        x_arrays = batch_checks.as_arrays(keras.tree.flatten(x), "LayerStatsLogger's probe")
         y = keras.tree.map_structure(np.asarray, y)
-        n_x = [len(t) for t in keras.tree.map_structure(np.asarray, keras.tree.flatten(x))]
+        n_x = [len(a) for a in x_arrays]
         n_y = [np.shape(t)[0] if np.ndim(t) else None for t in keras.tree.flatten(y)]
         if len(set(n_x)) != 1 or set(n_y) != set(n_x):
             raise ValueError(

@@ -238,8 +238,8 @@ def _checked(model, source):
     if not model.built:
         raise ModelLoadError(
             f"{source} gave an unbuilt model {model.name!r} ({type(model).__name__}).",
-            "Allowed: a model created with keras.Input, or built with model.build(input_shape) or one "
-            "call on a batch.")
+            "Allowed: a model created with keras.Input, or built with "
+            "model.build(input_shape) or one call on a batch.")
     outputs = getattr(model, "outputs", None) or ()
     if len(outputs) > 1:
         raise ModelLoadError(

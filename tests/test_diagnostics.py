@@ -668,7 +668,8 @@ def test_a_grouped_convolution_reaches_out_over_groups_outputs():
                             kernel_initializer=_kaiming(1)),
         keras.layers.Conv2D(32, 3, padding="same", groups=8, activation="relu",
                             kernel_initializer=_kaiming(2)),
-        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, kernel_initializer=_kaiming(3))])
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(10, kernel_initializer=_kaiming(3))])
     x = np.random.default_rng(0).standard_normal((128, 12, 12, 32)).astype("float32")
     df = diagnostics.variance_profile(model, x)
     assert df["fan_out"].iloc[1] == 9 * 32 // 8
