@@ -69,23 +69,45 @@ class _Package(types.ModuleType):
 
 
 class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
-    """A one-shot import hook: right after ``import keras`` runs, ``register()``, so that
-    ``import keras_varinit`` before Keras still registers everything with it."""
+    """An import hook that runs ``register()`` once Keras is imported and no module of this
+    package is half-way through its own import, so that ``import keras_varinit`` before Keras
+    still registers everything with it, and ``import keras_varinit.layers`` (whose ``import
+    keras`` fires the hook) does not import ``models`` while ``layers`` is half-built.
+
+    It wraps the loader of ``keras`` and of this package's submodules; it removes itself
+    before registering."""
+
+    def __init__(self):
+        self._importing = 0   # package submodules whose code is running now
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "keras":
+        if fullname != "keras" and not fullname.startswith(__name__ + "."):
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        sys.meta_path.remove(self)   # the real finders locate it (no recursion into this one)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
-            exec_module = spec.loader.exec_module
-
-            def exec_then_register(module):
-                exec_module(module)
-                register()
-
-            spec.loader.exec_module = exec_then_register
+            spec.loader.exec_module = self._wrapped(spec.loader.exec_module,
+                                                    fullname != "keras")
         return spec
+
+    def _wrapped(self, exec_module, is_submodule):
+        def exec_then_register(module):
+            self._importing += is_submodule
+            try:
+                exec_module(module)
+            finally:
+                self._importing -= is_submodule
+            self._register_when_ready()
+
+        return exec_then_register
+
+    def _register_when_ready(self):
+        if "keras" in sys.modules and not self._importing and self in sys.meta_path:
+            sys.meta_path.remove(self)
+            register()
 
 
 sys.modules[__name__].__class__ = _Package

@@ -49,3 +49,34 @@ def test_the_schemas_initializer_names_are_the_factories():
     assert net_options.is_own_initializer("normal:0.5")
     assert not net_options.is_own_initializer("normal:-1")
     assert not net_options.is_own_initializer("he_normal")    # Keras's: asked to Keras
+
+
+
+# The modules a user imports on their own (they failed as a circular import before the hook
+# waited for them), plus the core every diagnostic goes through.
+FIRST_IMPORTS = ("layers", "lsuv", "probe", "layer_stats_logger", "diagnosis_logger",
+                 "instrument", "diagnostics", "initializers")
+
+
+def test_each_module_imports_first_in_a_fresh_process():
+    """`import keras_varinit.layers` (or another module) first: its own `import keras` fires
+    the registration hook, which must wait until that module is built. One process each, run
+    side by side."""
+    check = textwrap.dedent("""
+        import keras_varinit.{module}
+        import keras, sys
+        assert keras.saving.get_registered_object("keras_varinit>KaimingNormal")
+        assert keras.saving.get_registered_object("keras_varinit>BatchNormalization")
+        assert not [f for f in sys.meta_path if type(f).__name__ == "_RegisterAfterKeras"]
+        """)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    runs = {m: subprocess.Popen([sys.executable, "-c", check.format(module=m)], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+            for m in FIRST_IMPORTS}
+    failed = {}
+    for module, run in runs.items():
+        _, err = run.communicate(timeout=300)
+        if run.returncode:
+            failed[module] = err[-1500:]
+    assert not failed, failed
