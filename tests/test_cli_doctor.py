@@ -130,6 +130,11 @@ def test_model_file_and_model_file_option_is_the_same_as_a_path(tmp_path, capsys
     (["--time-limit", "-1"], "Received: --time-limit -1"),
     (["--model", "missing.keras"], "missing.keras"),
     (["--model", "mine.keras", "--depth", "5"], "--depth describe(s) a built-in net"),
+    # were accepted and ignored: the probe ran on one device in float32
+    (["--model", "mine.keras", "--distribute", "mirrored"],
+     "Received: --distribute with --model mine.keras"),
+    (["--model", "mine.keras", "--mixed-precision"],
+     "Received: --mixed-precision with --model mine.keras"),
     (["--init", "no_such_init"], "Received: init='no_such_init'"),
     (["--model", "file"], "--model file needs --model-file PATH"),
 ])

@@ -22,7 +22,7 @@ PYTHON = sys.executable
 # --------------------------------------------------------------------------- JAX data parallel
 
 _DATA_PARALLEL = r'''
-import contextlib, json, os, sys
+import contextlib, io, json, os, sys, threading
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 import jax
@@ -30,6 +30,7 @@ import keras
 import numpy as np
 import keras_varinit as kv
 from keras_varinit import run_files as rf
+from keras_varinit.cli.train import config_argv
 from keras_varinit.training import TrainConfig, run_training
 
 out = {"devices": jax.device_count()}
@@ -109,6 +110,27 @@ try:  # a batch that does not split over the two devices
                  f"{sys.argv[1]}/odd", verbose=0)
 except ValueError as error:
     out["odd_batch_error"] = str(error)
+
+# A run stopped after its first steps: its 113 = 7 x 16 + 1 training images give 7 batches per
+# epoch on 2 devices (8 on one), its 31 validation images are cut to 30. The test resumes it
+# on one device.
+stop = threading.Event()
+
+
+class StopNow(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        stop.set()
+
+
+config = TrainConfig(**dict(base, subset=113, val_subset=31), distribute="data_parallel")
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    result = run_training(config, f"{sys.argv[1]}/stopped", stop_event=stop,
+                          callbacks=[StopNow()], verbose=1)
+out["stopped"] = {"state": result.state.value, "argv": config_argv(config),
+                  "run_dir": f"{sys.argv[1]}/stopped",
+                  "said": [l for l in printed.getvalue().splitlines()
+                           if l.startswith("keras-varinit:")]}
 print("RESULT " + json.dumps(out))
 '''
 
@@ -188,6 +210,158 @@ def test_layer_stats_logger_under_data_parallel_equals_one_device(data_parallel)
 def test_data_parallel_batch_size_must_split_over_the_devices(data_parallel):
     message = data_parallel["odd_batch_error"]
     assert "batch_size=15" in message and "multiple of 2" in message
+
+
+def test_data_parallel_says_the_validation_images_it_leaves_out(data_parallel):
+    """31 validation images over 2 devices: 30 are evaluated, and the run says so once."""
+    said = data_parallel["stopped"]["said"]
+    assert said.count(
+        "keras-varinit: validation: 30 of 31 images (a multiple of 2 devices)") == 1
+
+
+def test_resuming_on_another_number_of_devices_says_so(data_parallel):
+    """A backup made on 2 devices (7 batches per epoch) resumed on 1 (8): the error blamed "the
+    same data, subset and batch size"; it names the numbers of devices."""
+    stopped = data_parallel["stopped"]
+    assert stopped["state"] == "stopped"
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="jax")
+    env.pop("XLA_FLAGS", None)   # one host device
+    proc = subprocess.run([PYTHON, "-m", "keras_varinit.cli", "train", *stopped["argv"],
+                           "--log-dir", stopped["run_dir"], "--resume", "--quiet"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "it was made on 2 devices, whose batches gave 7 steps per epoch (8 on 1)" in \
+        proc.stderr
+    assert "Received: 1 device(s). Allowed: 2 devices, as when the backup was made." in \
+        proc.stderr
+    assert "the same data, subset and batch size" not in proc.stderr
+
+
+def test_every_distribute_needs_a_batch_that_splits_over_the_replicas():
+    """Batches are cut to a multiple of the replicas under a tf.distribute strategy too (a
+    replica without samples crashed the step): a batch size that does not split is refused."""
+    from keras_varinit.training.device import Placement
+
+    Placement("mirrored", replicas=2).check_batch_size(16)
+    Placement().check_batch_size(15)
+    with pytest.raises(ValueError, match=r"distribute='mirrored' splits each batch over 2 "
+                                         r"devices. Received: batch_size=15. Allowed: a "
+                                         r"multiple of 2."):
+        Placement("mirrored", replicas=2).check_batch_size(15)
+
+
+# --------------------------------------------------------------------------- TF mirrored
+
+_MIRRORED = r'''
+import contextlib, io, json, os, sys, threading
+os.environ["KERAS_BACKEND"] = "tensorflow"
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+from keras_varinit import run_files as rf
+from keras_varinit.training import TrainConfig, run_training
+from keras_varinit.training.backup import latest_backup
+
+root = sys.argv[1]
+base = dict(model="cnn", depth=3, width=4, data="synthetic", subset=96, val_subset=32,
+            epochs=2, batch_size=16, stats_every_n_steps=2, normalization="batch",
+            distribute="mirrored")
+out = {}
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Sets ``event`` after batch ``batch`` (the run stops at the end of a following step)."""
+
+    def __init__(self, event, batch):
+        super().__init__()
+        self.event, self.batch = event, batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.batch:
+            self.event.set()
+
+
+def said(call):
+    """``call()``'s result and the keras-varinit lines it printed."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        result = call()
+    return result, [l for l in buffer.getvalue().splitlines() if l.startswith("keras-varinit:")]
+
+
+def stopped_then_resumed():
+    config, run_dir, stop = TrainConfig(**base), f"{root}/resumed", threading.Event()
+    first = run_training(config, run_dir, stop_event=stop, callbacks=[StopAfter(stop, 2)],
+                         verbose=0)
+    backup = latest_backup(f"{run_dir}/backup")
+    second, lines = said(lambda: run_training(config, run_dir, resume=True, verbose=1))
+    whole = run_training(config, f"{root}/whole", verbose=0)
+    return {"first": [first.state.value, first.step], "backup": backup.step,
+            "backup_replicas": backup.replicas, "said": lines,
+            "second": [second.state.value, second.step, second.total_steps],
+            "steps": [r["step"] for r in rf.read_jsonl(f"{run_dir}/steps.jsonl")],
+            "close": all(np.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in
+                         zip(second.model.get_weights(), whole.model.get_weights()))}
+
+
+def odd_last_batches():
+    # 97 = 6 x 16 + 1 training images, 33 = 2 x 16 + 1 validation images
+    config = TrainConfig(**dict(base, subset=97, val_subset=33))
+    result, lines = said(lambda: run_training(config, f"{root}/odd", verbose=1))
+    return {"run": [result.state.value, result.step, result.total_steps], "said": lines}
+
+
+for name, part in (("resume", stopped_then_resumed), ("odd", odd_last_batches)):
+    try:
+        out[name] = part()
+    except Exception as error:  # noqa: BLE001 - each part is reported on its own
+        out[name] = {"error": f"{type(error).__name__}: {error}"[-3000:]}
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory):
+    """One subprocess on two logical TensorFlow CPU devices (tf.distribute.MirroredStrategy);
+    its measurements as a dict. TensorFlow's pass of the tests only."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.distribute: run in the TensorFlow pass of the tests")
+    root = tmp_path_factory.mktemp("mirrored")
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([PYTHON, "-c", _MIRRORED, str(root)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_mirrored_run_resumes_from_its_backup(mirrored):
+    """--resume restored the backup outside the strategy's scope: "Need to be inside
+    `with strategy.scope()`" when building the optimizer's variables."""
+    result = mirrored["resume"]
+    assert "error" not in result, result.get("error")
+    state, step = result["first"]
+    assert state == "stopped" and 0 < step < 6 and result["backup"] == step
+    assert result["backup_replicas"] == 2
+    assert f"keras-varinit: resuming from the backup at step {step} (epoch 1/2)" in \
+        result["said"]
+    assert result["second"] == ["finished", 12, 12]
+    assert result["steps"] == list(range(1, 13))       # every step once
+    assert result["close"]   # the weights of an uninterrupted run
+
+
+def test_mirrored_last_batches_of_one_sample_are_left_out(mirrored):
+    """A last batch of 1 sample left one replica without data: the run crashed (training
+    and validation alike). Now each batch holds a multiple of the 2 replicas."""
+    result = mirrored["odd"]
+    assert "error" not in result, result.get("error")
+    assert result["run"] == ["finished", 12, 12]     # 6 batches of 16 per epoch
+    assert result["said"].count(
+        "keras-varinit: validation: 32 of 33 images (a multiple of 2 devices)") == 1
 
 
 # --------------------------------------------------------------------------- TF multi-worker

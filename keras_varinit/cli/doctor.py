@@ -43,6 +43,9 @@ PROBE_DATA_IMAGES = 2048  # the most examples a user model's probe fits on
 #: The configuration fields that describe a built-in net: refused with your own model.
 NET_FIELDS = ("depth", "width", "init", "activation", "normalization", "groups",
               "input_normalization")
+#: The fields that place a built-in net (devices, dtype policy): refused with your own model,
+#: which the probe runs on one device in the dtype policy it was built with.
+PLACEMENT_FIELDS = ("distribute", "mixed_precision")
 
 
 def add_parser(subparsers):
@@ -106,6 +109,14 @@ def user_model_spec(args):
                          f"as it is. Received: {' '.join(given)} with --model {args.model}. "
                          "Allowed with your model: --optimizer, --lr, --momentum, --batch-size, "
                          "--data, --seed, --stats-every and the doctor's own options")
+    placed = [spec.cli_flag for spec in fields(args.schema)
+              if spec.name in PLACEMENT_FIELDS and getattr(args, spec.name) != spec.default]
+    if placed:
+        raise ValueError(f"The doctor probes your model on one device, in the dtype policy it "
+                         f"was built with. Received: {' '.join(placed)} with --model "
+                         f"{args.model}. Allowed: build the model under the mixed_float16 "
+                         "policy yourself (keras.mixed_precision.set_dtype_policy before "
+                         "creating it), and no --distribute")
     return spec
 
 

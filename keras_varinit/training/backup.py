@@ -23,6 +23,10 @@ in place (a kill during the weights, or between the two, leaves a broken or mism
 ``double_checkpoint`` copies the previous pair first, in place too), its restore starts the
 interrupted epoch over instead of continuing after the last batch saved, and it does not keep
 the metrics' state, so a resumed run would differ from an uninterrupted one.
+
+The metadata also records the replicas the batches were split over (``replicas``; absent from
+backups of older versions, read as None), so that a run resumed on another number of devices
+is told so.
 """
 import dataclasses
 import io
@@ -45,11 +49,13 @@ GROUPS = ("model", "optimizer", "metrics")
 @dataclasses.dataclass(frozen=True)
 class Backup:
     """A backup read back: the global step it was taken after, the run's steps per epoch,
-    and the arrays of each group (``GROUPS``)."""
+    the arrays of each group (``GROUPS``) and the replicas each batch was split over (None:
+    a backup of an older version, which did not record them)."""
 
     step: int
     steps_per_epoch: int
     arrays: dict
+    replicas: int | None = None
 
     @property
     def epochs_done(self):
@@ -84,8 +90,9 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def write_backup(backup_dir, model, step, steps_per_epoch, keep=KEEP):
-    """Write the state of ``model`` after global step ``step`` atomically; return its path."""
+def write_backup(backup_dir, model, step, steps_per_epoch, keep=KEEP, replicas=1):
+    """Write the state of ``model`` after global step ``step`` (of a run whose batches are
+    split over ``replicas`` devices) atomically; return its path."""
     backup_dir = pathlib.Path(backup_dir)
     backup_dir.mkdir(parents=True, exist_ok=True)
     # np.asarray(variable): the value a reader sees (metric variables are sync-on-read under
@@ -93,7 +100,8 @@ def write_backup(backup_dir, model, step, steps_per_epoch, keep=KEEP):
     arrays = {f"{group}/{i:05d}": np.asarray(v)
               for group, variables in _variables(model).items()
               for i, v in enumerate(variables)}
-    meta = {"step": int(step), "steps_per_epoch": int(steps_per_epoch)}
+    meta = {"step": int(step), "steps_per_epoch": int(steps_per_epoch),
+            "replicas": int(replicas)}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path = backup_dir / f"step-{int(step):09d}.npz"
     tmp = backup_dir / f".{path.name}.{os.getpid()}.tmp"
@@ -146,8 +154,9 @@ def read_backup(path):
             json.JSONDecodeError, io.UnsupportedOperation) as error:
         raise ValueError(f"Unreadable backup. Received: {str(path)!r} "
                          f"({type(error).__name__}: {error}).") from error
+    replicas = meta.get("replicas")
     return Backup(step=int(meta["step"]), steps_per_epoch=int(meta["steps_per_epoch"]),
-                  arrays=arrays)
+                  arrays=arrays, replicas=int(replicas) if replicas is not None else None)
 
 
 def latest_backup(backup_dir):
@@ -203,16 +212,18 @@ class RunBackup(keras.callbacks.Callback):
             periodic backup waits for the next such step.
         resumed: the ``Backup`` the run was restored from (its metrics go back into the
             interrupted epoch), or None.
+        replicas: the devices each batch is split over (recorded with each backup).
     """
 
     def __init__(self, backup_dir, progress, steps_per_epoch, every, aligned_to=0,
-                 resumed=None):
+                 resumed=None, replicas=1):
         super().__init__()
         self.backup_dir = pathlib.Path(backup_dir)
         self.progress = progress
         self.steps_per_epoch = steps_per_epoch
         self.every = every
         self.aligned_to = aligned_to
+        self.replicas = replicas
         self.resumed = resumed if resumed is not None and resumed.batch_in_epoch else None
         self.last_step = resumed.step if resumed is not None else 0
 
@@ -243,5 +254,6 @@ class RunBackup(keras.callbacks.Callback):
         if self.progress.state == RunState.DIVERGED or step == 0:
             return
         sync_state(self.model)
-        write_backup(self.backup_dir, self.model, step, self.steps_per_epoch)
+        write_backup(self.backup_dir, self.model, step, self.steps_per_epoch,
+                     replicas=self.replicas)
         self.last_step = step

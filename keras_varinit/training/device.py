@@ -65,8 +65,9 @@ class Placement:
         return self.distribution.scope()
 
     def check_batch_size(self, batch_size):
-        if self.distribution is not None:
-            check_data_parallel_batch(batch_size, self.replicas)
+        """Every ``distribute`` splits each batch evenly over the replicas."""
+        if self.distribute is not None:
+            check_data_parallel_batch(batch_size, self.replicas, self.distribute)
 
     def describe(self):
         if self.distribute is None:
@@ -75,11 +76,11 @@ class Placement:
         return f"distribute={self.distribute} over {self.replicas} replicas{role}"
 
 
-def check_data_parallel_batch(batch_size, devices):
-    """Data parallelism splits each batch evenly over the devices."""
+def check_data_parallel_batch(batch_size, devices, distribute="data_parallel"):
+    """Data parallelism (``distribute``) splits each batch evenly over the devices."""
     if batch_size % devices:
         raise ValueError(
-            f"distribute='data_parallel' splits each batch over {devices} devices. "
+            f"distribute={distribute!r} splits each batch over {devices} devices. "
             f"Received: batch_size={batch_size}. Allowed: a multiple of {devices}.")
 
 

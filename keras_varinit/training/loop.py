@@ -400,20 +400,21 @@ class _Run:
         self.progress.total_steps = spe * config.epochs
         self.status.update(total_steps=self.progress.total_steps, phase="building model")
         keras.utils.set_random_seed(config.seed)
-        with placement.build_scope():
+        with placement.build_scope():  # the restore too: the optimizer variables it builds
             model = compile_model(config, x_train, synchronized=placement.strategy is not None)
-        backup = self._restore(model, spe, (x_train[:2], y_train[:2]))
+            backup = self._restore(model, spe, (x_train[:2], y_train[:2]))
         start = backup.step if backup is not None else 0
         if self.stop():
             self.progress.state = RunState.STOPPED  # asked to stop before training started
         else:
             fit_callbacks = self._callbacks(x_train, y_train, spe, backup) + list(callbacks)
+            validation = self._validation(x_val, y_val)
             for first, stop_step, initial, epochs, fit_spe in segments(start, spe,
                                                                         config.epochs):
                 model.fit(RunBatches(x_train, y_train, config.batch_size, config.seed, first,
                                      stop_step, multiple=self._multiple),
                           epochs=epochs, initial_epoch=initial, steps_per_epoch=fit_spe,
-                          validation_data=self._validation(x_val, y_val),
+                          validation_data=validation,
                           validation_batch_size=config.batch_size, shuffle=False,
                           callbacks=fit_callbacks, verbose=self.verbose)
                 if self.progress.state is not None:
@@ -423,12 +424,34 @@ class _Run:
 
     @property
     def _multiple(self):
-        """Batches split over data-parallel devices hold a multiple of their number."""
-        return self.placement.replicas if self.placement.distribution is not None else 1
+        """Batches split over the replicas (any ``distribute``: a replica's share of a batch
+        must not be empty) hold a multiple of their number."""
+        return self.placement.replicas
 
     def _validation(self, x_val, y_val):
+        """The validation data, cut to a multiple of the replicas (said when that drops any)."""
         n = len(x_val) - len(x_val) % self._multiple
+        if n < len(x_val):
+            _say(self.verbose, f"validation: {n} of {len(x_val)} images (a multiple of "
+                               f"{self._multiple} devices)")
         return x_val[:n], y_val[:n]
+
+    def _check_backup(self, backup, spe):
+        """A backup of the same number of steps per epoch, else a ValueError that says why."""
+        if backup.steps_per_epoch == spe:
+            return
+        devices = self.placement.replicas
+        if backup.replicas is not None and backup.replicas != devices:
+            raise ValueError(
+                f"The backup does not fit this run: it was made on {backup.replicas} devices, "
+                f"whose batches gave {backup.steps_per_epoch} steps per epoch ({spe} on "
+                f"{devices}). Received: {devices} device(s). Allowed: {backup.replicas} devices, "
+                "as when the backup was made.")
+        same = "data, subset, batch size" + (" and number of devices"
+                                              if self.placement.distribute else "")
+        raise ValueError(f"The backup does not fit this run. Received: a backup with "
+                         f"{backup.steps_per_epoch} steps per epoch. Allowed: {spe} (the same "
+                         f"{same}).")
 
     def _restore(self, model, spe, sample):
         """The backup a resumed run goes on from (restored into ``model``; None: a fresh run,
@@ -436,11 +459,8 @@ class _Run:
         backup = None
         if self.resume_from is not None:
             backup = latest_backup(self.resume_from / rf.BACKUP_DIR)
-            if backup is not None and backup.steps_per_epoch != spe:
-                raise ValueError(f"The backup does not fit this run. Received: a backup with "
-                                 f"{backup.steps_per_epoch} steps per epoch. Allowed: "
-                                 f"{spe} (the same data, subset and batch size).")
             if backup is not None:
+                self._check_backup(backup, spe)
                 restore_model(model, backup, sample)
             _say(self.verbose, "resuming from the backup at step "
                  f"{backup.step} (epoch {backup.step // spe + 1}/{self.config.epochs})"
@@ -489,7 +509,8 @@ class _Run:
         out.append(tensorboard_callback(run_dir / rf.TENSORBOARD_DIR))
         out.append(RunBackup(run_dir / rf.BACKUP_DIR, self.progress, spe,
                              every=config.backup_every_n_steps,
-                             aligned_to=config.stats_every_n_steps, resumed=backup))
+                             aligned_to=config.stats_every_n_steps, resumed=backup,
+                             replicas=self.placement.replicas))
         return out
 
     def _diagnosis(self, logger):
