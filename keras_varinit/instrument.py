@@ -22,6 +22,11 @@ applied after it. The pass runs inside a `keras.StatelessScope`, so batch-normal
 statistics and seed generators are left untouched. Statistics are reduced in the compiled
 function (`statistics(CallTensors) -> {name: tensor}`), and only they come back to the host.
 
+Mixed precision (a float16 compute dtype): the backward pass scales the loss as training does
+(`loss_scale`: the model's `LossScaleOptimizer` scale, else its initial 2^15) and divides the
+gradients by it in float32, so the recorded gradients are the ones training computes. Unscaled,
+the small activation gradients of a vanishing network (1e-9 and less) underflow float16 to 0.
+
 Naming: a layer is named by its path from the model, its ancestors' names joined with "/"
 (`backbone/conv2_block1_1_conv`; a flat model's layers keep their own names). A layer called
 k > 1 times in one forward pass gets one record per call, `path#1` ... `path#k`, in call order.
@@ -43,7 +48,7 @@ Supported and not:
 
 Public names: `LayerSite`, `layer_sites`, `weight_sites`, `outside_loops`,
 `kernel_less_weight_layers`, `warn_kernel_less`, `coverage_notes`, `is_weight_layer`,
-`final_layer`, `check_interceptable`, `fused_activation`, `LayerCall`, `intercept`,
+`final_layer`, `check_interceptable`, `loss_scale`, `fused_activation`, `LayerCall`, `intercept`,
 `CallTensors`, `CallRecord`, `Recording`, `Recorder`, `get_loss`, `default_loss`,
 `describe_model`, `CoverageWarning`, `UnsupportedLayerError`, `MultiOutputError`,
 `NoWeightLayerError`.
@@ -75,6 +80,8 @@ SPLITTABLE_LAYERS = (
 KERNEL_ATTRIBUTES = ("kernel", "depthwise_kernel")
 #: Layers whose sublayers run inside a loop (one call per time step, not recordable).
 LOOP_LAYERS = (keras.layers.RNN,)
+#: The loss scale of a float16 model without a `LossScaleOptimizer` (where that one starts).
+DEFAULT_LOSS_SCALE = 2.0 ** 15
 
 
 class UnsupportedLayerError(ValueError):
@@ -338,6 +345,22 @@ def check_interceptable(sites, model):
 
 # --------------------------------------------------------------------------------------------
 # interception
+
+def loss_scale(model):
+    """The factor a backward pass through `model` multiplies its loss by: the current scale of
+    the model's `keras.optimizers.LossScaleOptimizer` (`dynamic_scale`), else
+    `DEFAULT_LOSS_SCALE` when the model or a layer at any depth computes in float16, else 1.
+
+    Training under `mixed_float16` differentiates `S * L` and divides the gradients by S
+    (Micikevicius et al. 2018, "Mixed precision training"); a probe that does the same sees
+    the gradients training sees, underflow included."""
+    optimizer = getattr(model, "optimizer", None)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+        return float(ops.convert_to_numpy(scale))
+    dtypes = {model.compute_dtype} | {site.layer.compute_dtype for site in layer_sites(model)}
+    return DEFAULT_LOSS_SCALE if "float16" in dtypes else 1.0
+
 
 def fused_activation(layer):
     """The fused activation `intercept` can split off, or None (linear or not splittable)."""
@@ -604,6 +627,11 @@ class Recorder:
         y_pred = keras.tree.map_structure(lambda t: ops.cast(t, "float32"), y_pred)
         return ops.mean(ops.cast(self.loss(y, y_pred), "float32"))
 
+    @staticmethod
+    def _unscaled(grads, scale):
+        """Gradients of `scale * L` -> gradients of L, in float32."""
+        return [ops.cast(g, "float32") / scale for g in grads]
+
     def _reduce(self, traced, chain, grads, w_values, w_grads):
         """Run `statistics` on every call; pack the scalars into one vector."""
         scalars, tensors, layout = [], [], []
@@ -631,7 +659,7 @@ class Recorder:
 
     # -- TensorFlow --------------------------------------------------------------------------
 
-    def _pass_tf(self, x, y):
+    def _pass_tf(self, x, y, scale):
         import tensorflow as tf
 
         if self.loss is None:
@@ -649,10 +677,11 @@ class Recorder:
 
             with keras.StatelessScope():
                 y_pred, traced, chain = self._forward(x, inject)
-            loss = self._mean_loss(y, y_pred)
+            loss = self._mean_loss(y, y_pred) * scale
         targets = [t.output for t in traced if t.grad_slot is not None]
-        grads = tape.gradient(loss, targets + w_values,
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = self._unscaled(tape.gradient(loss, targets + w_values,
+                                             unconnected_gradients=tf.UnconnectedGradients.ZERO),
+                               scale)
         return self._reduce(traced, chain, grads[:len(targets)], w_values,
                             grads[len(targets):])
 
@@ -663,9 +692,10 @@ class Recorder:
         # Python control flow on tensors, and converting every layer's `call` tripled the trace.
         compiled = tf.function(self._pass_tf, reduce_retracing=True, autograph=False)
 
-        def run(x, y):
+        def run(x, y, scale):
             eager = self.eager_calls is None or self.calls <= self.eager_calls
-            packed, tensors = (self._pass_tf if eager else compiled)(x, y)
+            packed, tensors = (self._pass_tf if eager else compiled)(
+                x, y, tf.constant(scale, "float32"))
             return packed.numpy(), [t.numpy() for t in tensors]
 
         return run
@@ -690,25 +720,26 @@ class Recorder:
             _, traced, _ = forward(w_vals, None, other_vals, x)
             return [t.output for t in traced if t.grad_slot is not None]
 
-        def loss_of(w_vals, eps, other_vals, x, y):
+        def loss_of(w_vals, eps, other_vals, x, y, scale):
             y_pred, traced, chain = forward(w_vals, eps, other_vals, x)
             tensors = [(t.inputs, t.output, t.activated) for t in traced]
-            return self._mean_loss(y, y_pred), (tensors, traced, chain)
+            return self._mean_loss(y, y_pred) * scale, (tensors, traced, chain)
 
         def with_tensors(traced, tensors):
             return [dataclasses.replace(t, inputs=i, output=o, activated=a)
                     for t, (i, o, a) in zip(traced, tensors)]
 
-        def run_backward(w_vals, eps, other_vals, x, y):
+        def run_backward(w_vals, eps, other_vals, x, y, scale):
             side = {}
 
             def loss_only(w_vals, eps):
-                loss, (tensors, traced, chain) = loss_of(w_vals, eps, other_vals, x, y)
+                loss, (tensors, traced, chain) = loss_of(w_vals, eps, other_vals, x, y, scale)
                 side.update(traced=traced, chain=chain)
                 return loss, tensors
 
             (_, tensors), (w_grads, grads) = jax.value_and_grad(
                 loss_only, argnums=(0, 1), has_aux=True)(w_vals, eps)
+            w_grads, grads = self._unscaled(w_grads, scale), self._unscaled(grads, scale)
             traced = with_tensors(side["traced"], tensors)
             return self._reduce(traced, side["chain"], grads, w_vals, w_grads)
 
@@ -719,7 +750,7 @@ class Recorder:
         backward, forward_only = jax.jit(run_backward), jax.jit(run_forward)
         eps_cache = {}
 
-        def run(x, y):
+        def run(x, y, scale):
             w_vals = [w.value for w in self._weights]
             other_vals = [v.value for v in others]
             if self.loss is None:
@@ -729,7 +760,8 @@ class Recorder:
                 if key not in eps_cache:
                     specs = jax.eval_shape(target_shapes, w_vals, other_vals, x)
                     eps_cache[key] = [jnp.zeros(s.shape, s.dtype) for s in specs]
-                packed, tensors = backward(w_vals, eps_cache[key], other_vals, x, y)
+                packed, tensors = backward(w_vals, eps_cache[key], other_vals, x, y,
+                                           jnp.float32(scale))
             return np.asarray(packed), [np.asarray(t) for t in tensors]
 
         return run
@@ -744,7 +776,8 @@ class Recorder:
         if y is not None:
             y = keras.tree.map_structure(ops.convert_to_tensor, y)
         self.calls += 1
-        packed, tensors = self._fn(x, y)
+        scale = loss_scale(self.model) if self.loss is not None else 1.0
+        packed, tensors = self._fn(x, y, scale)
         return self._unpack(packed, tensors)
 
     def _unpack(self, packed, tensors):
