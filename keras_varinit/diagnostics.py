@@ -11,7 +11,7 @@ initialization keeps the signal alive through depth:
 >>> x = np.random.default_rng(0).standard_normal((256, 32, 32, 3)).astype("float32")
 >>> df = kv.variance_profile(model, x)
 >>> kv.profile_report.summarize_profile(df).text
-'forward variance falls 10^-11x from conv_01 to conv_29 (30 weight layers): expect training to stall'
+'forward variance falls 10^-9x from conv_01 to conv_29 (30 weight layers): expect training to stall'
 
 Any Keras model: Sequential, Functional, nested (a row's `layer` is its path, e.g.
 `backbone/conv1_conv`), subclassed, and layers called several times (one row per call,

@@ -108,7 +108,8 @@ def same_padding_before(size, kernel, stride=1, dilation=1):
     return total // 2
 
 
-def padded_energy(profile, kernel, stride=1, pad_before=0, dilation=1, out_size=None):
+def padded_energy(profile, kernel, stride=1, pad_before=0, dilation=1, out_size=None,
+                  pad_after=None):
     """Expected energy per output position of a zero-padded convolution, along one axis.
 
     With zero-mean i.i.d. weights, E_W[y(o)^2] = Var[W] sum_c sum_t E[x_c(o s - p + t d)^2],
@@ -118,13 +119,22 @@ def padded_energy(profile, kernel, stride=1, pad_before=0, dilation=1, out_size=
     the taps that fall on the padding. Separable: a 2D (3D) map is the outer product of the
     per-axis profiles, so each axis is propagated on its own.
 
+    `out_size` defaults to the convolution's output size, rounded down as convolutions do:
+    floor((n + pad_before + pad_after - (kernel - 1) dilation - 1) / stride) + 1, with
+    `pad_after` defaulting to `pad_before`. That is floor((n - k) / s) + 1 for "valid"
+    (no padding) and, with Keras's "same" split (`same_padding_before`, the odd zero after:
+    pad_after = total - pad_before), ceil(n / s).
+
     >>> padded_energy([1.0, 1.0, 1.0, 1.0], 3, pad_before=1)
     array([0.66666667, 1.        , 1.        , 0.66666667])
+    >>> len(padded_energy(np.ones(8), 3, stride=2))   # "valid": floor((8 - 3) / 2) + 1
+    3
     """
     profile = np.asarray(profile, dtype=float)
     n = profile.shape[0]
     if out_size is None:
-        out_size = -(-(n + 2 * pad_before - (kernel - 1) * dilation - 1) // stride) + 1
+        after = pad_before if pad_after is None else pad_after
+        out_size = (n + pad_before + after - (kernel - 1) * dilation - 1) // stride + 1
     out = np.zeros(int(out_size))
     for o in range(int(out_size)):
         for t in range(int(kernel)):

@@ -3,8 +3,9 @@
 The reference claims (He et al. 2015), measured at init on a batch of 256 N(0, 1) images:
 
 * 30-layer plain ReLU CNN ("small30", width 16): Xavier's forward variance falls by more than
-  10^3 (the ReLU halving, 2^-29, times the zero-padding loss), while Kaiming's textbook
-  prediction stays flat;
+  10^3 (the ReLU halving over the 28 steps from conv_01 to conv_29, 2^-28, times (2/3)^2 for
+  the two widening convolutions and the zero-padding loss; seed 0: 10^-9), while Kaiming's
+  textbook prediction stays flat;
 * the one-step prediction fan_in * Var[W] * E[x^2] agrees with the measurement within a factor
   2 on every hidden layer past the first (and the backward one within 2 as well);
 * Kaiming keeps the last hidden layer within a factor 4 of the first in the textbook
@@ -379,6 +380,35 @@ def test_padding_factors_hand_values(small30):
     assert propagation.same_padding_before(32, 3, stride=2) == 0   # TF/Keras: extra pad after
     np.testing.assert_allclose(propagation.padded_energy(np.ones(5), 3, stride=2, pad_before=1),
                                [2 / 3, 1, 2 / 3])
+
+
+@pytest.mark.parametrize("padding", ["valid", "same", "causal"])
+def test_padded_energy_default_out_size_is_the_convolution_output(padding):
+    """Without `out_size`, as many positions as Keras's convolution outputs: rounded down
+    (floor((n - k) / s) + 1 for "valid", ceil(n / s) for "same"); the old default rounded up,
+    one position too many for "valid" 3-tap stride 2 on 8 (a border position of 2 taps)."""
+    np.testing.assert_allclose(propagation.padded_energy(np.ones(8), 3, stride=2), [1, 1, 1])
+    for n in range(1, 14):
+        for kernel, stride, dilation in [(k, s, 1) for k in range(1, 6) for s in (1, 2, 3)] + \
+                [(k, 1, 2) for k in range(1, 5)]:
+            eff = (kernel - 1) * dilation + 1
+            if padding == "valid" and eff > n:
+                continue
+            layer = keras.layers.Conv1D(1, kernel, strides=stride, padding=padding,
+                                        dilation_rate=dilation)
+            expected = layer.compute_output_shape((1, n, 1))[1]
+            if padding == "same":
+                before = propagation.same_padding_before(n, kernel, stride, dilation)
+                total = max((-(-n // stride) - 1) * stride + eff - n, 0)
+                after = total - before
+            else:
+                before, after = ((eff - 1, 0) if padding == "causal" else (0, 0))
+            got = propagation.padded_energy(np.ones(n), kernel, stride, before, dilation,
+                                            pad_after=after)
+            assert len(got) == expected, (n, kernel, stride, dilation)
+            if padding == "valid":   # pad_after defaults to pad_before (0 here)
+                assert len(propagation.padded_energy(np.ones(n), kernel, stride,
+                                                     dilation=dilation)) == expected
 
 
 @pytest.mark.parametrize("size,stride,padding", [(8, 1, "same"), (8, 2, "same"),

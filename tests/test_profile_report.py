@@ -1,4 +1,7 @@
 """profile_report: the one-line verdict, the last/first ratios, the drift note and the plot."""
+import pathlib
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -142,3 +145,54 @@ def test_explain_drift_on_the_measured_small30(small30):
     else:
         assert note is None
     assert profile_report.explain_drift(small30["xavier_normal"]) is None
+
+
+# ----------------------------------------------------------------------------- quoted figures
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _e(value):
+    """1.7e-9, as the docs write it (numpy: 1.7e-09)."""
+    return re.sub(r"e([+-])0*(\d)", lambda m: "e" + m.group(1).replace("+", "") + m.group(2),
+                  f"{value:.1e}")
+
+
+def test_docs_quote_the_small30_xavier_figures_it_prints(small30):
+    """What the docstrings, the example and the docs say the 30-layer Xavier CNN does (seed 0,
+    256 N(0, 1) images, `examples/variance_profile.py`) is what the profile prints: the
+    verdict "falls 10^-9x" (the text said 10^-11x), the measured ratio conv_29 / conv_01, and
+    the recursion over those 28 steps, 2^-28 (2/3)^2 (it said 2^-29) times the padding loss.
+    The docs quote TensorFlow's draw (JAX's seed 0 draws other weights: 10^-10 there)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the quoted figures are the TensorFlow backend's seed-0 draw")
+    df = small30["xavier_normal"]
+    text = profile_report.summarize_profile(df).text
+    power = re.search(r"falls (10\^-\d+)x", text).group(1)
+    assert power == "10^-9"
+    i, j = profile_report.compared_rows(df)
+    assert (df["layer"].iloc[i], df["layer"].iloc[j]) == ("conv_01", "conv_29")
+    measured = float(df["forward_var"].iloc[j] / df["forward_var"].iloc[i])
+    backward = float(df["backward_var"].iloc[i] / df["backward_var"].iloc[j])
+    padding = float(np.prod(df["padding_factor"].iloc[i + 1:j + 1]))
+    textbook = 0.5 ** (j - i) * (2 / 3) ** 2   # 28 ReLU halvings, 2 widening convolutions
+    figures = [f"x{_e(measured)}", "2^-28", _e(textbook), f"x{padding:.2f}",
+               _e(textbook * padding)]
+    for name in ("keras_varinit/diagnostics.py", "keras_varinit/profile_report.py",
+                 "examples/variance_profile.py", "README.md"):
+        source = (REPO / name).read_text()
+        assert "10^-11" not in source and "2^-29 * (2/3)" not in source, name
+        powers = re.findall(r"(?:forward variance|variance to) falls? (?:about )?(10\^-?\d+)",
+                            source)
+        assert powers and set(powers) == {power}, (name, powers)
+        for quoted in re.findall(r"'(forward variance falls [^']*)'", source):
+            assert quoted == text, name
+        if name in ("keras_varinit/profile_report.py", "examples/variance_profile.py",
+                    "README.md"):
+            missing = [f for f in figures if f not in " ".join(source.split())]
+            assert missing == [], (name, missing)
+    diagnosis = (REPO / "docs" / "diagnosis.md").read_text()
+    assert re.findall(r"measures (10\^-?\d+) forward and (10\^-?\d+) backward", diagnosis) == \
+        [(power, profile_report._power_of_ten(backward))]
