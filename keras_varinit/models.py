@@ -227,7 +227,8 @@ def plain_cnn(depth, width=16, kernel_initializer="kaiming_normal", activation="
 
     With `activation="relu"` and Kaiming, the forward variance of each layer is preserved
     (fan_in * 2/fan_in * 1/2 = 1); with Xavier (Var = 2/(fan_in+fan_out) = 1/fan_in at constant
-    width) it halves at every layer: about 2^-29 over the 30-layer "small30" preset, which then
+    width) it halves at every layer, and falls to a third where the width doubles
+    (fan_out = 2 fan_in): about 2^-29 (2/3)^2 over the 30-layer "small30" preset, which then
     fails to train (Fig. 3).
 
     Example:
