@@ -12,6 +12,7 @@ of signal-propagation theory
 * backward: std of dL/da^l (``activation_grad_std``) and of dL/dW^l (``weight_grad_std``);
 * weights: std of W^l and the update ratio ||W_now - W_prev|| / ||W_prev|| between two logs.
 """
+import dataclasses
 import math
 import os
 import warnings
@@ -121,6 +122,16 @@ class _SummaryWriter:
             self._writer.close() if self._tf is None else self._writer.flush()
 
 
+@dataclasses.dataclass(frozen=True)
+class LoggerState:
+    """What a logger carries from one log to the next: the global step of its last log and,
+    per tracked layer path, the weights there (the reference of the next ``update_ratio``).
+    ``LayerStatsLogger.state`` gives it, ``LayerStatsLogger.resume`` takes it back."""
+
+    step: int
+    weights: dict
+
+
 class LayerStatsLogger(keras.callbacks.Callback):
     """Log per-layer activation and gradient statistics of a fixed probe batch during `fit()`.
 
@@ -138,7 +149,8 @@ class LayerStatsLogger(keras.callbacks.Callback):
       layer's kernel W^l (else embeddings, else BN gamma; null for layers without weights) and
       of dL/dW^l;
     * ``update_ratio``: ||W_now - W_prev|| / ||W_prev|| between this log and the previous one
-      (null at the first log);
+      (null at the first log; a logger given an interrupted one's ``state`` through
+      ``resume`` compares with the weights of that one's last log);
     * ``nan_count``, ``inf_count``: NaN/Inf entries in a^l, dL/da^l, W^l and dL/dW^l together.
       A diverging network is logged (statistics NaN, counts > 0); the logger never raises.
 
@@ -249,6 +261,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
         self._epoch = 0
         self._epoch_base = 0
         self._last_logged_step = None
+        self._skip_start_log = False
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -433,6 +446,25 @@ class LayerStatsLogger(keras.callbacks.Callback):
         except Exception as e:
             warnings.warn(f"LayerStatsLogger: TensorBoard write failed at step {step}: {e}")
 
+    # -- state across a restart --------------------------------------------------------------
+
+    @property
+    def state(self):
+        """The ``LoggerState`` after the last log (None before the first): what a backup keeps
+        so that a resumed run's ``update_ratio`` refers to the same weights."""
+        if self._last_logged_step is None:
+            return None
+        return LoggerState(self._last_logged_step, dict(self._prev_weights))
+
+    def resume(self, state, log_at_start):
+        """Go on from ``state``, the ``state`` of an interrupted logger: its next
+        ``update_ratio`` compares with ``state.weights``. ``log_at_start``: the step training
+        resumes at is one the uninterrupted run logs (every ``every_n_steps``, an epoch's end)
+        and ``state.step`` is earlier; else the first train begin does not log."""
+        self._prev_weights = dict(state.weights)
+        self._last_logged_step = int(state.step)
+        self._skip_start_log = not log_at_start
+
     # -- Keras hooks -------------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
@@ -450,7 +482,10 @@ class LayerStatsLogger(keras.callbacks.Callback):
         if self.log_dir is not None and self._writer is None:
             self._writer = _SummaryWriter(self.log_dir, histograms=self.histograms)
         self._epoch_base = self._step
-        self._log(self._step, self._epoch)
+        if not self._skip_start_log:
+            self._log(self._step, self._epoch)
+        self._skip_start_log = False
+        self._first_out = None   # the build's pass belongs to this step only
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = int(epoch)

@@ -138,9 +138,13 @@ print("RESULT " + json.dumps(out))
 @pytest.fixture(scope="module")
 def data_parallel(tmp_path_factory):
     """One subprocess on two JAX host devices; its measurements as a dict."""
-    root = tmp_path_factory.mktemp("data_parallel")
+    return _run_script(_DATA_PARALLEL, tmp_path_factory.mktemp("data_parallel"))
+
+
+def _run_script(script, root):
+    """Run ``script`` in a subprocess with ``root`` as its argument; its RESULT line's dict."""
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([PYTHON, "-c", _DATA_PARALLEL, str(root)], cwd=REPO, env=env,
+    proc = subprocess.run([PYTHON, "-c", script, str(root)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
@@ -330,13 +334,7 @@ def mirrored(tmp_path_factory):
 
     if keras.backend.backend() != "tensorflow":
         pytest.skip("tf.distribute: run in the TensorFlow pass of the tests")
-    root = tmp_path_factory.mktemp("mirrored")
-    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([PYTHON, "-c", _MIRRORED, str(root)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return _run_script(_MIRRORED, tmp_path_factory.mktemp("mirrored"))
 
 
 def test_mirrored_run_resumes_from_its_backup(mirrored):

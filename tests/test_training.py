@@ -303,6 +303,11 @@ def test_stop_event_then_resume_continues_after_the_last_batch(tmp_path):
     pairs = [(r["step"], r["layer"]) for r in records]
     assert len(pairs) == len(set(pairs))
     assert [r["step"] for r in records] == sorted(r["step"] for r in records)
+    # the steps an uninterrupted run logs (every 2, epoch ends): the stop's step 7, logged by
+    # the resumed logger at train begin, was one too many; and no update ratio is missing
+    assert sorted({r["step"] for r in records}) == [0, 2, 4, 6, 8, 10, 12]
+    assert all(r["update_ratio"] is not None for r in records
+               if r["step"] > 0 and r["weight_std"] is not None)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     assert latest_backup(run_dir / "backup").step == 12
 
@@ -328,6 +333,13 @@ def test_a_stop_mid_epoch_then_resume_reports_the_epoch_an_uninterrupted_run_rep
     steps = [rf.read_jsonl(tmp_path / name / "steps.jsonl") for name in ("reference", "run")]
     for a, b in zip(*steps, strict=True):
         assert (b["loss"], b["accuracy"]) == pytest.approx((a["loss"], a["accuracy"]), rel=1e-4)
+    stats = [rf.read_jsonl(tmp_path / name / "layer_stats.jsonl")
+             for name in ("reference", "run")]
+    for a, b in zip(*stats, strict=True):     # the update ratio at the resumed step included
+        assert (b["step"], b["layer"]) == (a["step"], a["layer"])
+        assert (b["update_ratio"] is None) == (a["update_ratio"] is None), b
+        if a["update_ratio"] is not None:
+            assert b["update_ratio"] == pytest.approx(a["update_ratio"], rel=1e-4), b
     assert reference.state == "finished"
 
 

@@ -11,9 +11,10 @@ previous backup, or the new one, complete; temporary files left by a kill are ig
 removed by the next backup.
 
 ``RunBackup`` (the callback) backs up every ``every`` steps, at the first step from there on
-where the layer statistics are logged (so a resumed run's first ``update_ratio`` refers to
-the same weights as an uninterrupted run's), at the end of every epoch, and when a run is
-stopped; never a diverged state. Restoring puts the model and optimizer back before ``fit``
+where the layer statistics are logged, at the end of every epoch, and when a run is
+stopped; never a diverged state. With each backup goes the ``LayerStatsLogger``'s
+``LoggerState`` (the step of its last log and the weights there), so that a resumed run's
+next ``update_ratio`` refers to the same weights as an uninterrupted run's. Restoring puts the model and optimizer back before ``fit``
 (``restore``) and the metrics' running means at the start of the interrupted epoch (Keras
 resets metrics when an epoch begins); with the fixed batch order of ``training.batches`` the
 run then goes on exactly as if it had not stopped.
@@ -39,23 +40,28 @@ import zipfile
 import keras
 import numpy as np
 
+from keras_varinit.layer_stats_logger import LoggerState
 from keras_varinit.run_files import RunState
 
 KEEP = 2
 _NAME = re.compile(r"^step-(\d+)\.npz$")
 GROUPS = ("model", "optimizer", "metrics")
+#: The layer-statistics logger's reference weights (``LoggerState``), by layer in meta's order.
+LOGGER_GROUP = "layer_stats"
 
 
 @dataclasses.dataclass(frozen=True)
 class Backup:
     """A backup read back: the global step it was taken after, the run's steps per epoch,
-    the arrays of each group (``GROUPS``) and the replicas each batch was split over (None:
-    a backup of an older version, which did not record them)."""
+    the arrays of each group (``GROUPS``), the replicas each batch was split over and the
+    layer-statistics logger's ``LoggerState`` (None: a run without layer statistics, or a
+    backup of an older version, which recorded neither)."""
 
     step: int
     steps_per_epoch: int
     arrays: dict
     replicas: int | None = None
+    logger_state: LoggerState | None = None
 
     @property
     def epochs_done(self):
@@ -90,9 +96,11 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def write_backup(backup_dir, model, step, steps_per_epoch, keep=KEEP, replicas=1):
+def write_backup(backup_dir, model, step, steps_per_epoch, keep=KEEP, replicas=1,
+                 logger_state=None):
     """Write the state of ``model`` after global step ``step`` (of a run whose batches are
-    split over ``replicas`` devices) atomically; return its path."""
+    split over ``replicas`` devices), with the layer-statistics logger's ``logger_state``,
+    atomically; return its path."""
     backup_dir = pathlib.Path(backup_dir)
     backup_dir.mkdir(parents=True, exist_ok=True)
     # np.asarray(variable): the value a reader sees (metric variables are sync-on-read under
@@ -102,6 +110,11 @@ def write_backup(backup_dir, model, step, steps_per_epoch, keep=KEEP, replicas=1
               for i, v in enumerate(variables)}
     meta = {"step": int(step), "steps_per_epoch": int(steps_per_epoch),
             "replicas": int(replicas)}
+    if logger_state is not None:
+        layers = list(logger_state.weights)
+        meta[LOGGER_GROUP] = {"step": int(logger_state.step), "layers": layers}
+        arrays.update({f"{LOGGER_GROUP}/{i:05d}": np.asarray(logger_state.weights[name])
+                       for i, name in enumerate(layers)})
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path = backup_dir / f"step-{int(step):09d}.npz"
     tmp = backup_dir / f".{path.name}.{os.getpid()}.tmp"
@@ -146,17 +159,28 @@ def read_backup(path):
     try:
         with np.load(path) as data:
             meta = json.loads(bytes(data["meta"]).decode())
-            arrays = {group: [] for group in GROUPS}
+            arrays = {group: [] for group in (*GROUPS, LOGGER_GROUP)}
             for key in sorted(k for k in data.files if k != "meta"):
                 group, _ = key.split("/")
                 arrays[group].append(data[key])
+            logger_state = _logger_state(meta.get(LOGGER_GROUP), arrays.pop(LOGGER_GROUP))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError,
             json.JSONDecodeError, io.UnsupportedOperation) as error:
         raise ValueError(f"Unreadable backup. Received: {str(path)!r} "
                          f"({type(error).__name__}: {error}).") from error
     replicas = meta.get("replicas")
     return Backup(step=int(meta["step"]), steps_per_epoch=int(meta["steps_per_epoch"]),
-                  arrays=arrays, replicas=int(replicas) if replicas is not None else None)
+                  arrays=arrays, replicas=int(replicas) if replicas is not None else None,
+                  logger_state=logger_state)
+
+
+def _logger_state(meta, arrays):
+    """The ``LoggerState`` a backup recorded (None when it recorded none)."""
+    if meta is None:
+        return None
+    if len(meta["layers"]) != len(arrays):
+        raise ValueError(f"{len(meta['layers'])} layers for {len(arrays)} arrays")
+    return LoggerState(int(meta["step"]), dict(zip(meta["layers"], arrays)))
 
 
 def latest_backup(backup_dir):
@@ -213,10 +237,12 @@ class RunBackup(keras.callbacks.Callback):
         resumed: the ``Backup`` the run was restored from (its metrics go back into the
             interrupted epoch), or None.
         replicas: the devices each batch is split over (recorded with each backup).
+        stats_logger: the run's ``LayerStatsLogger`` (its ``state`` goes with each backup),
+            or None.
     """
 
     def __init__(self, backup_dir, progress, steps_per_epoch, every, aligned_to=0,
-                 resumed=None, replicas=1):
+                 resumed=None, replicas=1, stats_logger=None):
         super().__init__()
         self.backup_dir = pathlib.Path(backup_dir)
         self.progress = progress
@@ -224,6 +250,7 @@ class RunBackup(keras.callbacks.Callback):
         self.every = every
         self.aligned_to = aligned_to
         self.replicas = replicas
+        self.stats_logger = stats_logger
         self.resumed = resumed if resumed is not None and resumed.batch_in_epoch else None
         self.last_step = resumed.step if resumed is not None else 0
 
@@ -255,5 +282,6 @@ class RunBackup(keras.callbacks.Callback):
             return
         sync_state(self.model)
         write_backup(self.backup_dir, self.model, step, self.steps_per_epoch,
-                     replicas=self.replicas)
+                     replicas=self.replicas,
+                     logger_state=self.stats_logger.state if self.stats_logger else None)
         self.last_step = step

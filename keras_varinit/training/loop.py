@@ -254,7 +254,9 @@ def _start_files(run_dir, resuming, backup, steps_per_epoch):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         return
     step = backup.step if backup is not None else 0
-    cut_back(run_dir, step, step // steps_per_epoch)
+    state = backup.logger_state if backup is not None else None
+    cut_back(run_dir, step, step // steps_per_epoch,
+             stats_through=state.step if state is not None else None)
 
 
 def _train_slice(x_train, y_train, batch_size):
@@ -494,7 +496,7 @@ class _Run:
             steps_per_epoch=spe, epochs=config.epochs, batch_size=config.batch_size,
             log_every=config.log_every_n_steps, verbose=self.verbose,
             train_slice=_train_slice(x_train, y_train, config.batch_size))
-        out = [control]
+        out, logger = [control], None
         if config.stats_every_n_steps:
             n = min(len(x_train), STATS_PROBE_IMAGES)
             logger = LayerStatsLogger(
@@ -505,12 +507,17 @@ class _Run:
                 # Its first record (the restored state, at the backup's step) belongs to the
                 # epoch that step ended or is in, as in the uninterrupted run.
                 logger.on_epoch_begin(max(backup.step - 1, 0) // spe)
+                if backup.logger_state is not None:
+                    # as the uninterrupted run: the backup's step is logged where it is a
+                    # multiple of --stats-every or an epoch's end (a stop can be neither)
+                    logger.resume(backup.logger_state, log_at_start=not (
+                        backup.step % config.stats_every_n_steps and backup.step % spe))
             out += [logger, self._diagnosis(logger)]
         out.append(tensorboard_callback(run_dir / rf.TENSORBOARD_DIR))
         out.append(RunBackup(run_dir / rf.BACKUP_DIR, self.progress, spe,
                              every=config.backup_every_n_steps,
                              aligned_to=config.stats_every_n_steps, resumed=backup,
-                             replicas=self.placement.replicas))
+                             replicas=self.placement.replicas, stats_logger=logger))
         return out
 
     def _diagnosis(self, logger):

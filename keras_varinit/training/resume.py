@@ -5,13 +5,15 @@ resumed process writes it again (from the same state, in the same order).
 Kept, for a backup after global step ``s`` with ``e`` epochs completed:
 
 * ``steps.jsonl``: records with ``step <= s``;
-* ``layer_stats.jsonl``: records with ``step < s`` (the resumed ``LayerStatsLogger`` measures
-  step ``s`` again when training begins);
+* ``layer_stats.jsonl``: records with ``step <= l``, ``l`` the last log the backup's
+  ``LoggerState`` covers (its weights are the next ``update_ratio``'s reference; records after
+  it were written after the backup); ``step < s`` for a backup without one (the resumed
+  ``LayerStatsLogger`` measures step ``s`` again when training begins);
 * ``findings.jsonl``: findings with ``step <= s`` (the resumed ``DiagnosisLogger`` is given
   them, so it does not report them again);
 * ``metrics.csv``: epochs ``<= e``;
 * TensorBoard event files (rewritten in place): ``epoch_*`` scalars (whose step is the
-  0-based epoch) of epochs ``< e``, layer statistics of steps ``< s``, every other summary
+  0-based epoch) of epochs ``< e``, layer statistics as ``layer_stats.jsonl``, every other summary
   (``evaluation_*_vs_iterations``, whose step is the optimizer's) of steps ``<= s``.
 """
 import os
@@ -23,23 +25,27 @@ LAYER_TAGS = ("layer_stats/", "layer_hist/")
 RECORD_FRAMING = 16   # a TFRecord: length (8 bytes) and its CRC (4), data, the data's CRC (4)
 
 
-def cut_back(run_dir, step, epochs_done):
+def cut_back(run_dir, step, epochs_done, stats_through=None):
     """Cut the files of ``run_dir`` back to a backup after ``step`` (``epochs_done`` epochs
-    completed); ``step=0`` empties them (a run started over)."""
+    completed; layer statistics logged through step ``stats_through``, None: before ``step``);
+    ``step=0`` empties them (a run started over)."""
     run_dir = pathlib.Path(run_dir)
+    last_stats = step - 1 if stats_through is None else min(stats_through, step)
     rf.truncate_jsonl(run_dir / rf.STEPS_FILE, lambda r: (r.get("step") or 0) <= step)
-    rf.truncate_jsonl(run_dir / rf.LAYER_STATS_FILE, lambda r: (r.get("step") or 0) < step)
+    rf.truncate_jsonl(run_dir / rf.LAYER_STATS_FILE,
+                      lambda r: (r.get("step") or 0) <= last_stats)
     rf.truncate_jsonl(run_dir / rf.FINDINGS_FILE, lambda r: (r.get("step") or 0) <= step)
     rf.MetricsCsv(run_dir / rf.METRICS_FILE).truncate(epochs_done)
     for path in sorted((run_dir / rf.TENSORBOARD_DIR).rglob("events.out.tfevents*")):
-        truncate_events(path, lambda tag, s: _keep_summary(tag, s, step, epochs_done))
+        truncate_events(path, lambda tag, s: _keep_summary(tag, s, step, epochs_done,
+                                                           last_stats))
 
 
-def _keep_summary(tag, summary_step, step, epochs_done):
+def _keep_summary(tag, summary_step, step, epochs_done, last_stats):
     if tag.startswith("epoch_"):
         return summary_step < epochs_done
     if tag.startswith(LAYER_TAGS):
-        return summary_step < step
+        return summary_step <= last_stats
     return summary_step <= step
 
 
