@@ -121,6 +121,23 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
     """
     import pandas as pd
 
+    arrays = _checked_arguments(model, x, target_variance, tol, max_iter, verbose)
+    sites = instrument.weight_sites(model, "lsuv")
+    instrument.check_interceptable(sites, model)   # quantized layers
+    orthogonal = keras.initializers.Orthogonal(seed=seed) if orthonormal else None
+    starts = {id(kernel): _start(kernel, orthogonal) for kernel, frozen in
+              ((scaled_kernel(site.layer), _is_frozen(site.layer)) for site in sites)
+              if not frozen}
+    calibrate = _Calibration(starts, float(target_variance), tol, max_iter, verbose)
+    with instrument.intercept(sites, calibrate):
+        model(arrays if len(arrays) > 1 else arrays[0], training=False)
+    rows = sorted(calibrate.rows, key=lambda row: row["index"])
+    _warn_uncalibrated(rows)
+    return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+
+
+def _checked_arguments(model, x, target_variance, tol, max_iter, verbose):
+    """Refuse what `lsuv` cannot work with; the batch `x` as a list of arrays."""
     if not isinstance(model, keras.Model):
         raise ValueError(f"lsuv needs a keras.Model. Received: model of type "
                          f"{type(model).__name__}")
@@ -133,20 +150,15 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
     _check_number("max_iter", max_iter, minimum=1, integer=True, strict=False)
     if verbose not in (0, 1) or isinstance(verbose, float):
         raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
-    sites = instrument.weight_sites(model, "lsuv")
-    instrument.check_interceptable(sites, model)   # quantized layers
     inputs = getattr(model, "inputs", None)
     arrays = batch_checks.as_arrays(x, "lsuv", n_inputs=len(inputs) if inputs else None)
     batch_checks.check_examples(arrays, "lsuv")
     batch_checks.check_finite(arrays, "lsuv")
-    orthogonal = keras.initializers.Orthogonal(seed=seed) if orthonormal else None
-    starts = {id(kernel): _start(kernel, orthogonal) for kernel, frozen in
-              ((scaled_kernel(site.layer), _is_frozen(site.layer)) for site in sites)
-              if not frozen}
-    calibrate = _Calibration(starts, float(target_variance), tol, max_iter, verbose)
-    with instrument.intercept(sites, calibrate):
-        model(arrays if len(arrays) > 1 else arrays[0], training=False)
-    rows = sorted(calibrate.rows, key=lambda row: row["index"])
+    return arrays
+
+
+def _warn_uncalibrated(rows):
+    """One warning for the layers whose variance could not be measured, one for the frozen."""
     dead = [row for row in rows if row["status"] in (Status.ZERO_VARIANCE.value,
                                                      Status.NON_FINITE.value)]
     if dead:
@@ -156,14 +168,13 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
             f"has output variance {first['final_variance']!r} on this batch (an all-zero "
             "batch or a dead input gives 0), so its kernel cannot be rescaled; the report "
             "marks it (and any other) with status "
-            f"{first['status']!r}, converged False.", UserWarning, stacklevel=2)
+            f"{first['status']!r}, converged False.", UserWarning, stacklevel=3)
     frozen = [row["layer"] for row in rows if row["status"] == Status.FROZEN.value]
     if frozen:
         warnings.warn(
             f"lsuv leaves {len(frozen)} layer(s) with trainable=False as they are (the first: "
             f"{frozen[0]!r}); the report marks them with status 'frozen'. Set "
-            "`layer.trainable = True` before lsuv to calibrate them.", UserWarning, stacklevel=2)
-    return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+            "`layer.trainable = True` before lsuv to calibrate them.", UserWarning, stacklevel=3)
 
 
 def _is_frozen(layer):
