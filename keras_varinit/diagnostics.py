@@ -419,6 +419,19 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
             (`instrument.NoWeightLayerError`) or with layers that cannot be recorded
             (`instrument.UnsupportedLayerError`: inside an RNN, quantized).
     """
+    x = _checked_batch(model, x, training)
+    loss_fn = None
+    if gradients:
+        y = _labels(model, x, y, seed)
+        loss_fn, y = (instrument.get_loss(loss), y) if loss is not None else \
+            instrument.default_loss(model, y)
+    recording = _record(model, x, y if gradients else None, loss_fn, training)
+    weight_records = [r for r in recording.records if instrument.is_weight_layer(r.layer)]
+    return _assemble(weight_records, _bridges(recording, weight_records), training)
+
+
+def _checked_batch(model, x, training):
+    """Refuse what `variance_profile` cannot profile; the batch `x` as one array."""
     if not getattr(model, "built", False):
         raise ValueError(
             "variance_profile needs a built model. Received: unbuilt "
@@ -436,16 +449,9 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
         x = x.astype("float32")
     batch_checks.check_examples([x], "variance_profile")
     batch_checks.check_finite(x, "variance_profile")
-    loss_fn = None
     if not isinstance(training, (bool, np.bool_)):
         raise ValueError(f"`training` must be True or False. Received: training={training!r}")
-    if gradients:
-        y = _labels(model, x, y, seed)
-        loss_fn, y = (instrument.get_loss(loss), y) if loss is not None else \
-            instrument.default_loss(model, y)
-    recording = _record(model, x, y if gradients else None, loss_fn, training)
-    weight_records = [r for r in recording.records if instrument.is_weight_layer(r.layer)]
-    return _assemble(weight_records, _bridges(recording, weight_records), training)
+    return x
 
 
 def _labels(model, x, y, seed):
