@@ -67,8 +67,21 @@ class StoredModel:
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.size / 1e6:.1f} MB, {self.path.stem[:8]}, " \
+        return f"{self.name} ({file_size(self.size)}, {self.path.stem[:8]}, " \
                f"{self.uploaded_at[:16].replace('T', ' ')} UTC)"
+
+
+def file_size(n_bytes: int) -> str:
+    """"25 KB", "1.3 MB": a stored model's size as a person reads it (decimal units).
+
+    >>> file_size(25_000), file_size(1_300_000), file_size(300)
+    ('25 KB', '1.3 MB', '300 B')
+    """
+    if n_bytes < 1e3:
+        return f"{n_bytes} B"
+    if n_bytes < 1e6:
+        return f"{n_bytes / 1e3:.0f} KB"
+    return f"{n_bytes / 1e6:.1f} MB"
 
 
 class UploadStore:

@@ -145,7 +145,13 @@ def _upload_path(page, tmp_path):
     page.get_by_role("tab", name="At initialization").click()
     page.get_by_text("Your .keras file").first.click()
     expect(page.get_by_text("CLI-only").first).to_be_visible(timeout=60_000)
-    _upload(page, model, "Your model ", timeout=180_000)
+    # the heading names the stored upload ("Your model: upload a .keras file" before), and
+    # once the script run is over, no element of the previous run is left on the page (the
+    # built-in net's profile stayed visible, faded, while the upload was being profiled)
+    _upload(page, model, "Your model two_conv.keras", timeout=180_000)
+    expect(page.get_by_test_id("stStatusWidget")).to_be_hidden(timeout=180_000)
+    expect(page.get_by_text("No model yet")).to_have_count(0)
+    expect(page.get_by_text("from conv1 to conv2").first).to_be_visible(timeout=60_000)
     expect(page.locator('[data-testid="stMetricValue"]').first).to_be_visible(
         timeout=180_000)
     _no_exception_box(page)
