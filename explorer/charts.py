@@ -315,7 +315,7 @@ def mode_gap_chart(metrics: pd.DataFrame, *, synthetic: bool = False,
                            "evaluation in this run).")
     line = alt.Chart(data).mark_line(point=True, color="#e45756").encode(
         x=alt.X("epoch:Q", title="epoch", axis=count_axis(data["epoch"])),
-        y=alt.Y("mode_gap:Q", title="accuracy gap", axis=alt.Axis(format="%")),
+        y=alt.Y("mode_gap:Q", title="accuracy gap", axis=alt.Axis(format="~%")),
         tooltip=["epoch:Q", alt.Tooltip("mode_gap:Q", title="accuracy gap",
                                         format=".2%"),
                  alt.Tooltip("mode_gap_loss:Q", title="loss gap", format=".4f")],
