@@ -429,15 +429,19 @@ def findings_timeline(findings: pd.DataFrame, *, synthetic: bool = False,
                               "each problem at the step it was first seen"))
 
 
+ZERO_LABEL = "exactly 0"
+
+
 def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,
                     height: int = 220) -> alt.Chart:
-    """Dead (zero) and saturated fractions over steps: mean over layers (solid) and the worst
-    layer (dashed)."""
+    """The share of exact zeros and of saturated units over steps: mean over layers (solid) and
+    the worst layer (dashed). A ReLU layer outputs about half zeros at any healthy step; dead
+    units push its share towards 100%."""
     if layer_stats is None or layer_stats.empty:
         return empty_chart("No layer statistics logged yet.")
     layer_stats = _activation_rows(layer_stats)
     rows = []
-    for stat, name in (("zero_fraction", "dead (= 0)"), ("saturated_fraction", "saturated")):
+    for stat, name in (("zero_fraction", ZERO_LABEL), ("saturated_fraction", "saturated")):
         if stat not in layer_stats:
             continue
         values = pd.to_numeric(layer_stats[stat], errors="coerce")
@@ -452,7 +456,7 @@ def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,
         x=alt.X("step:Q", axis=count_axis(data["step"])),
         y=alt.Y("fraction:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
         color=alt.Color("stat:N", title="", legend=alt.Legend(orient="top"),
-                        scale=alt.Scale(domain=["dead (= 0)", "saturated"],
+                        scale=alt.Scale(domain=[ZERO_LABEL, "saturated"],
                                         range=["#54a24b", "#b279a2"])),
         strokeDash=alt.StrokeDash("aggregate:N", title="",
                                   scale=alt.Scale(domain=["mean over layers", "worst layer"],
@@ -460,7 +464,10 @@ def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,
                                   legend=alt.Legend(orient="top", symbolType="stroke",
                                                     symbolStrokeColor="gray")),
         tooltip=["stat:N", "aggregate:N", "step:Q", alt.Tooltip("fraction:Q", format=".1%")],
-    ).properties(height=height, title=_title("Dead and saturated units", synthetic))
+    ).properties(height=height, title=_title(
+        "Zero and saturated outputs", synthetic,
+        "ReLU: about 50% zeros is normal, near 100% means dead units; saturated: tanh/sigmoid "
+        "near their limits"))
 
 
 # --------------------------------------------------------------------------------------------
