@@ -43,6 +43,26 @@ def stage_widths(kind, width):
     return [width * 2 ** s for s in range(3)] if kind == "cnn" else [width]
 
 
+def check_batch_statistics(kind, normalization, batch_size):
+    """Refuse batch normalization of an MLP over batches of one sample; return `batch_size`.
+
+    An MLP's batch norm takes each unit's mean and variance over the batch alone: over one
+    sample the variance is 0 and every output is beta, so the network never sees its input
+    (a CNN's batch norm also averages over the H x W pixels, and trains with a batch of one).
+
+    >>> check_batch_statistics("mlp", "batch", 1)
+    Traceback (most recent call last):
+    ValueError: Batch normalization of an MLP ... Received: batch_size=1. Allowed: ...
+    """
+    if kind == "mlp" and normalization == "batch" and batch_size < 2:
+        raise invalid("batch_size", batch_size,
+                      "2 or more, or normalization 'layer', 'group' or 'none'",
+                      reason="Batch normalization of an MLP takes each unit's statistics over "
+                             "the batch alone: one sample has variance 0, every output would "
+                             "be beta and the network would never see its input")
+    return batch_size
+
+
 def check_normalization(kind, normalization, width, groups=DEFAULT_GROUPS):
     """Refuse a normalization the network `kind` of this `width` cannot have (the one home of
     this rule); return `normalization`.

@@ -67,6 +67,9 @@ def test_arguments_map_to_the_config():
     (["--norm", "pooled"], "normalization='pooled'"),
     (["--norm", "group", "--groups", "3"], "groups=3. Allowed: 1, 2, 4"),   # TINY: width 4
     (["--model", "mlp", "--norm", "instance"], "Instance normalization needs spatial"),
+    # trained to chance, silently: every batch-norm output of one sample is beta
+    (["--model", "mlp", "--norm", "batch", "--batch-size", "1"],
+     r"Batch normalization of an MLP .* Received: batch_size=1"),
 ])
 def test_bad_arguments_raise_value_error(tmp_path, argv, match):
     args = parse([*TINY, *argv, "--log-dir", str(tmp_path / "run")])
@@ -245,3 +248,14 @@ def test_cli_run_directory_full_during_training(tmp_path):
     status = rf.read_json(run_dir / "status.json")
     assert status["state"] == "failed" and "Cannot write the run directory" in status["error"]
     assert not rf.lock_held(run_dir)
+
+
+@pytest.mark.backend_independent
+def test_a_batch_of_one_is_refused_only_where_batch_norm_has_no_pixels():
+    from keras_varinit.net_options import check_batch_statistics
+
+    assert check_batch_statistics("cnn", "batch", 1) == 1      # H x W pixels per channel
+    assert check_batch_statistics("mlp", "layer", 1) == 1      # over the features
+    assert check_batch_statistics("mlp", "batch", 2) == 2
+    with pytest.raises(ValueError, match="Allowed: 2 or more, or normalization 'layer'"):
+        check_batch_statistics("mlp", "batch", 1)

@@ -494,6 +494,8 @@ class TrainConfig:
         if self.model in net_options.KINDS:
             yield functools.partial(net_options.check_normalization, self.model,
                                     self.normalization, self.width, self.groups)
+            yield functools.partial(net_options.check_batch_statistics, self.model,
+                                    self.normalization, self.batch_size)
 
     def validate(self):
         """Raise on the first blocking problem (ValueError "Received: ... Allowed: ...", or
