@@ -291,9 +291,12 @@ class DiagnosisLogger(keras.callbacks.Callback):
         if profile is True:  # measured at initialization only (not when fit resumes a run)
             profile = self._measure_profile() if self._optimizer_step() == 0 else None
         context = model_context(self.model, self.logger.probe_x, self.context)
-        self.engine = Diagnoser(profile, context, earlier=self.earlier)
-        self._engine_model = self.model
         self._read = self._first_new_record()
+        # a resumed logger's first update ratio spans the steps since the interrupted log
+        previous = self.logger.resumed_from_step if self._read == 0 else None
+        self.engine = Diagnoser(profile, context, earlier=self.earlier,
+                                previous_log_step=previous)
+        self._engine_model = self.model
         self._losses = []
 
     def _first_new_record(self):

@@ -262,6 +262,9 @@ class LayerStatsLogger(keras.callbacks.Callback):
         self._epoch_base = 0
         self._last_logged_step = None
         self._skip_start_log = False
+        #: The step of the interrupted logger's last log (`resume`): the first `update_ratio`
+        #: refers to it. None for a logger that was not resumed.
+        self.resumed_from_step = None
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -462,7 +465,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
         resumes at is one the uninterrupted run logs (every ``every_n_steps``, an epoch's end)
         and ``state.step`` is earlier; else the first train begin does not log."""
         self._prev_weights = dict(state.weights)
-        self._last_logged_step = int(state.step)
+        self._last_logged_step = self.resumed_from_step = int(state.step)
         self._skip_start_log = not log_at_start
 
     # -- Keras hooks -------------------------------------------------------------------------

@@ -221,3 +221,27 @@ def test_a_probe_with_dict_labels_runs_with_the_diagnosis():
     model.fit(x, {"a": y, "b": y}, batch_size=16, epochs=1, verbose=0,
               callbacks=[logger, doctor])
     assert doctor.engine.view.profile is not None and len(logger.history) == 2 * 3
+
+
+@bi
+def test_a_resumed_logger_measures_the_update_ratio_per_step_at_its_first_log():
+    """The update ratio per step (the learning-rate suggestion's measurement) is taken at the
+    first logged update. A logger resumed from an interrupted one's state (last log at step 2,
+    weights trained to step 3) logs step 4 with the ratio against step 2's weights: the
+    diagnosis divides by those 2 steps (it waited for the next log, step 6, before)."""
+    x, y = data()
+    probe = (x[:32], y[:32])
+    model = kv.models.plain_mlp(4, width=32, kernel_initializer="kaiming_normal",
+                                activation="relu", input_shape=(4, 4, 3), seed=0)
+    first = LayerStatsLogger(probe, every_n_steps=2, log_on_epoch_end=False)
+    fit(model, [first], steps=3)                     # logs at steps 0 and 2
+    assert first.state.step == 2
+    logger = LayerStatsLogger(probe, every_n_steps=2, log_on_epoch_end=False)
+    logger.resume(first.state, log_at_start=False)   # step 3 is not a logged step
+    doctor = DiagnosisLogger(logger, verbose=0)
+    fit(model, [logger, doctor], steps=3)            # steps 4-6: logs at 4 and 6
+    assert sorted({r["step"] for r in logger.history}) == [4, 6]
+    at_4 = [r["update_ratio"] for r in logger.history
+            if r["step"] == 4 and r["update_ratio"] is not None]
+    assert len(at_4) >= 4
+    assert doctor.engine.view.update_ratio_per_step == pytest.approx(np.median(at_4) / 2)

@@ -91,6 +91,8 @@ class Diagnoser:
             learning rate, input statistics), or None.
         earlier: findings already reported for this run (a resumed run's `findings.jsonl`):
             they are not reported again, and they explain later findings as their own would.
+        previous_log_step: the step of the log the first record's `update_ratio` compares
+            with (a resumed logger's `resumed_from_step`), or None (that ratio is null).
 
     `update(records, losses)` takes the new records (complete logged steps, in step order) and
     the new (step, loss) values and returns the new findings; `finish()` closes the run;
@@ -103,7 +105,7 @@ class Diagnoser:
     [Finding(kind=<Kind.VANISHING: 'vanishing'>, step=0, layers=('conv_01', ...), ...)]
     """
 
-    def __init__(self, profile=None, context=None, earlier=()):
+    def __init__(self, profile=None, context=None, earlier=(), previous_log_step=None):
         if context is not None and not isinstance(context, Context):
             raise ValueError("`context` must be a keras_varinit.diagnosis.Context or None. "
                              f"Received: {type(context).__name__}")
@@ -119,7 +121,7 @@ class Diagnoser:
         self._bad_loss_step = None
         self._loss_steps = []
         self._loss_values = []
-        self._prev_weights_step = None
+        self._prev_weights_step = previous_log_step
         for finding in earlier:
             self._emit(finding, [])
 
