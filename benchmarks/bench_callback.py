@@ -10,7 +10,10 @@ random data, SGD(0.01, momentum 0.9), after a warm-up fit (traces Keras's train 
    records and update ratios; no TensorBoard or JSON file), interleaved step, log, step, log,
    ... `--repeats` times, after the probe's eager calls and its tf.function trace (reported
    separately: what the first logs of a fit cost). Goal: log <= 1.5 steps (a probe is the same
-   forward and backward without the update, so about one step is the floor).
+   forward and backward without the update, so about one step is the floor). Interleaved with
+   them (TensorFlow): a plain eager `tf.GradientTape` forward and backward of the model on the
+   probe batch, no interception and no statistics, the floor of an eager log, and what two of
+   them cost against 64 training steps (a 64-step fit's step-0 and epoch-end logs).
 2. fit() of `--images` images in batches of 128 for `--epochs` epoch(s) (default 8192 x 1 =
    64 steps: a short epoch, where the step-0 and epoch-end logs weigh most), without a
    callback and with `LayerStatsLogger((x[:128], y[:128]))` at its defaults (every_n_steps
@@ -111,17 +114,46 @@ def probe_vs_step(model, x, y, repeats):
           f"{', '.join(f'{w:.3f}/{c:.3f}' for w, c in first)}; the tf.function trace + first "
           f"run: {trace[0]:.3f}/{trace[1]:.3f}; two train steps: "
           f"{', '.join(f'{w:.3f}/{c:.3f}' for w, c in steps)}")
-    times = {"train step": [], "probe log": []}
+    tape = _eager_pass(model, xb, yb)
+    times = {"train step": [], "probe log": []} | ({"eager tape": []} if tape else {})
     for _ in range(repeats):
         times["train step"].append(train_step())
         times["probe log"].append(log())
+        if tape:
+            times["eager tape"].append(tape())
     print(f"tracked layers: {len(logger.tracked_layers)}; interleaved x{repeats}, batch {PROBE}:")
     _print_table(times, "train step")
+    if tape:
+        share = 2 * min(t[0] for t in times["eager tape"]) / (
+            64 * min(t[0] for t in times["train step"]))
+        print(f"floor of two eager logs (2 x eager tape) / 64 train steps, wall: {share:.1%}")
     for kind, label in ((0, "wall"), (1, "CPU")):
         eager = min(t[kind] for t in first[1:]) if len(first) > 1 else first[0][kind]
         print(f"eager log (min of calls 2-{COMPILE_AFTER}) / train step (min), {label}: "
               f"{eager / min(t[kind] for t in times['train step']):.2f}")
     return times
+
+
+def _eager_pass(model, xb, yb):
+    """A timed plain eager forward and backward of `model` on the probe batch (`GradientTape`,
+    mean sparse cross-entropy from logits, gradients of the weights): the work an eager log
+    cannot avoid. None on other backends than TensorFlow."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    x, y = tf.constant(xb), tf.constant(yb)
+
+    def run():
+        with _Clock() as clock:
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=False))
+            tape.gradient(loss, model.trainable_variables)
+        return clock.wall, clock.cpu
+
+    run()   # the first eager call builds the loss
+    return run
 
 
 class _TimedLogger(LayerStatsLogger):
