@@ -20,7 +20,7 @@ SYNTHETIC_TAG = " \u2014 SYNTHETIC data"
 HEIGHT = 260
 
 
-def _title(text: str, synthetic: bool = False, subtitle: str | None = None):
+def _title(text: str, synthetic: bool = False, subtitle: str | list[str] | None = None):
     text = text + (SYNTHETIC_TAG if synthetic else "")
     if subtitle:
         return alt.TitleParams(text, subtitle=subtitle, anchor="start")
@@ -242,14 +242,15 @@ def training_chart(steps: pd.DataFrame, metrics: pd.DataFrame, steps_per_epoch: 
 # --------------------------------------------------------------------------------------------
 #: metrics.csv's per-epoch evaluations: column prefix -> what it is.
 MODES = {
-    "train_mode": "train slice, training mode (batch statistics)",
-    "train_eval": "train slice, inference mode (moving statistics)",
-    "val": "validation (inference mode)",
+    "train_mode": "train slice, training mode",
+    "train_eval": "train slice, inference mode",
+    "val": "validation",
 }
 MODE_COLORS = ("#4c78a8", "#e45756", "#f58518")
-MODES_SUBTITLE = ("A fixed slice of the training images, evaluated after each epoch with its "
-                  "final weights in both modes: batch norm makes them differ, layer/instance/"
-                  "group norm (and none) do not.")
+#: Lines, not one long subtitle: a chart in half the page cut it short.
+MODES_SUBTITLE = ["A fixed slice of the training images after each epoch, in training mode",
+                  "(batch statistics) and inference mode (moving statistics): batch norm",
+                  "makes them differ, layer/instance/group norm (and none) do not."]
 
 
 def modes_long(metrics: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
@@ -296,12 +297,14 @@ def modes_chart(metrics: pd.DataFrame, metric: str = "accuracy", *, synthetic: b
     return alt.Chart(data).mark_line(point=True).encode(
         x=alt.X("epoch:Q", title="epoch", axis=count_axis(data["epoch"])),
         y=alt.Y("value:Q", title=metric, scale=scale),
-        color=alt.Color("mode:N", title="", legend=alt.Legend(orient="top", columns=1),
+        # the legend beside the plot: above or below it, it took the plot's height (the
+        # chart's total height is fixed) and squeezed the plot to a line
+        color=alt.Color("mode:N", title="", legend=alt.Legend(orient="right", labelLimit=0),
                         scale=alt.Scale(domain=list(MODES.values()),
                                         range=list(MODE_COLORS))),
         tooltip=["mode:N", "epoch:Q", alt.Tooltip("value:Q", format=".4f")],
     ).properties(height=height, title=_title(
-        f"{metric.capitalize()}: training mode vs inference mode", synthetic, MODES_SUBTITLE))
+        f"{metric.capitalize()}: training vs inference mode", synthetic, MODES_SUBTITLE))
 
 
 def mode_gap_chart(metrics: pd.DataFrame, *, synthetic: bool = False,
@@ -323,9 +326,9 @@ def mode_gap_chart(metrics: pd.DataFrame, *, synthetic: bool = False,
     zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="gray",
                                                            strokeDash=[3, 3]).encode(y="y:Q")
     return (zero + line).properties(height=height, title=_title(
-        "Train/test gap: training-mode minus inference-mode accuracy", synthetic,
-        "Same training images, same weights; positive: the moving statistics do worse "
-        "than the batch's own."))
+        "Train/test gap", synthetic,
+        ["Training-mode minus inference-mode accuracy on the same training images, same",
+         "weights; positive: the moving statistics do worse than the batch's own."]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def test_tiny_synthetic_training_run_completes_on_the_page(runs_dir):
     assert any("val_accuracy" in df.value.columns for df in at.dataframe)
     assert any("train_eval_accuracy" in df.value.columns for df in at.dataframe)
     specs = " ".join(c.proto.spec for c in at.main.get("vega_lite_chart"))
-    assert "Accuracy: training mode vs inference mode" in specs
+    assert "Accuracy: training vs inference mode" in specs
     assert "Train/test gap" in specs and "No train/test gap" not in specs
     assert _metric(at, "Images / s") not in ("\u2013", "")
     assert any("SYNTHETIC" in c.value for c in at.caption)
