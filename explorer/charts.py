@@ -132,16 +132,17 @@ def profile_chart(profile: pd.DataFrame, *, synthetic: bool = False, title: str 
                                         range=[FORWARD_COLOR, BACKWARD_COLOR]),
                         legend=alt.Legend(orient="top", symbolType="stroke",
                                           symbolStrokeWidth=3)),
+        tooltip=[alt.Tooltip("layer:N"), alt.Tooltip("layer_number:Q", title="#"),
+                 alt.Tooltip("series:N"), alt.Tooltip("variance:Q", format=".3e")],
+    )
+    # strokeDash on the lines only: shared with the circles, the legend drew no symbols
+    lines = base.mark_line(strokeWidth=2).encode(
         strokeDash=alt.StrokeDash("kind:N", title="",
                                   scale=alt.Scale(domain=["measured", "predicted"],
                                                   range=[[1, 0], [6, 4]]),
                                   legend=alt.Legend(orient="top", symbolType="stroke",
                                                     symbolStrokeColor="#444",
-                                                    symbolStrokeWidth=2, symbolSize=400)),
-        tooltip=[alt.Tooltip("layer:N"), alt.Tooltip("layer_number:Q", title="#"),
-                 alt.Tooltip("series:N"), alt.Tooltip("variance:Q", format=".3e")],
-    )
-    lines = base.mark_line(strokeWidth=2)
+                                                    symbolStrokeWidth=2, symbolSize=400)))
     points = base.transform_filter(alt.datum.kind == "measured").mark_circle(size=28)
     subtitle = ("forward: variance of each layer's pre-activation output; backward: variance "
                 "of the loss gradient at each layer. Dashed: the formula's prediction.")

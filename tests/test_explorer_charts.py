@@ -56,6 +56,18 @@ def test_profile_chart_layer_axis():
     assert x_axis(charts.profile_chart(table))["values"] == [5, 10, 15, 20, 25, 30]
 
 
+def test_profile_chart_measured_and_predicted_legend_comes_from_the_lines():
+    """With the dash encoded on the dots too, Vega drew the "measured"/"predicted" legend
+    without symbols (rendered: the two words alone); the dots carry no dash now."""
+    table = pd.DataFrame({"index": range(4), "layer": [f"conv_{i}" for i in range(4)],
+                          "forward_var": 1.0, "backward_var": 2.0,
+                          "predicted_forward_var_cumulative": 1.5})
+    layers = {layer["mark"]["type"]: layer["encoding"]
+              for layer in charts.profile_chart(table).to_dict()["layer"]}
+    assert layers["line"]["strokeDash"]["legend"]["symbolType"] == "stroke"
+    assert "strokeDash" not in layers["circle"]
+
+
 def test_count_axis_without_finite_values():
     assert charts.count_axis(pd.Series([float("nan"), float("inf")])).to_dict() == {
         "format": "d"}
