@@ -437,7 +437,7 @@ ZERO_LABEL = "exactly 0"
 
 
 def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,
-                    height: int = 220) -> alt.Chart:
+                    height: int = HEIGHT) -> alt.Chart:
     """The share of exact zeros and of saturated units over steps: mean over layers (solid) and
     the worst layer (dashed). A ReLU layer outputs about half zeros at any healthy step; dead
     units push its share towards 100%."""
@@ -459,13 +459,14 @@ def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,
     return alt.Chart(data).mark_line().encode(
         x=alt.X("step:Q", axis=count_axis(data["step"])),
         y=alt.Y("fraction:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
-        color=alt.Color("stat:N", title="", legend=alt.Legend(orient="top"),
+        # legends beside the plot: above it they took its height (see modes_chart)
+        color=alt.Color("stat:N", title="", legend=alt.Legend(orient="right"),
                         scale=alt.Scale(domain=[ZERO_LABEL, "saturated"],
                                         range=["#54a24b", "#b279a2"])),
         strokeDash=alt.StrokeDash("aggregate:N", title="",
                                   scale=alt.Scale(domain=["mean over layers", "worst layer"],
                                                   range=[[1, 0], [5, 3]]),
-                                  legend=alt.Legend(orient="top", symbolType="stroke",
+                                  legend=alt.Legend(orient="right", symbolType="stroke",
                                                     symbolStrokeColor="gray")),
         tooltip=["stat:N", "aggregate:N", "step:Q", alt.Tooltip("fraction:Q", format=".1%")],
     ).properties(height=height, title=_title(
