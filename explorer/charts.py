@@ -478,9 +478,17 @@ def fractions_chart(layer_stats: pd.DataFrame, *, synthetic: bool = False,
 # --------------------------------------------------------------------------------------------
 # Compare
 # --------------------------------------------------------------------------------------------
+#: Axis titles and formats of the compared fields (others: the field's name, plain numbers).
+COMPARE_AXES = {"val_accuracy": ("validation accuracy", None), "loss": ("training loss", None),
+                "mode_gap": ("accuracy gap", "~%")}
+LEGEND_ROW = 20   # pixels of one run's row in the legend under a compare chart
+
+
 def compare_chart(frames: dict, x: str, y: str, *, title: str, synthetic: bool = False,
                   log_y: bool = False, height: int = HEIGHT) -> alt.Chart:
-    """Overlay ``y`` against ``x`` for several runs: ``frames`` maps run label -> DataFrame."""
+    """Overlay ``y`` against ``x`` for several runs: ``frames`` maps run label -> DataFrame.
+    The chart grows by a legend row per run (the page gives a chart its height in all, and
+    the legend under the plot took it from the plot)."""
     parts = []
     for label, df in frames.items():
         if df is None or df.empty or x not in df or y not in df:
@@ -501,14 +509,17 @@ def compare_chart(frames: dict, x: str, y: str, *, title: str, synthetic: bool =
     if y.endswith("accuracy"):
         scale = alt.Scale(domain=[0, 1])
     mark = alt.Chart(data).mark_line(point=x == "epoch")
+    y_title, y_format = COMPARE_AXES.get(y, (y, None))
     return mark.encode(
         x=alt.X(f"{x}:Q", title=x,
                 axis=count_axis(data[x]) if x in COUNT_FIELDS else alt.Axis()),
-        y=alt.Y(f"{y}:Q", title=y, scale=scale),
+        y=alt.Y(f"{y}:Q", title=y_title, scale=scale,
+                axis=alt.Axis(format=y_format) if y_format else alt.Axis()),
         color=alt.Color("run:N", title="run", legend=alt.Legend(orient="bottom", columns=1,
                                                                 labelLimit=400)),
         tooltip=["run:N", f"{x}:Q", alt.Tooltip(f"{y}:Q", format=".4f")],
-    ).properties(height=height, title=_title(title, synthetic))
+    ).properties(height=height + LEGEND_ROW * (data["run"].nunique() + 1),
+                 title=_title(title, synthetic))
 
 
 def fmt_seconds(seconds) -> str:
