@@ -48,7 +48,8 @@ Supported and not:
 
 Public names: `LayerSite`, `layer_sites`, `weight_sites`, `outside_loops`,
 `kernel_less_weight_layers`, `warn_kernel_less`, `coverage_notes`, `is_weight_layer`,
-`final_layer`, `check_interceptable`, `loss_scale`, `fused_activation`, `LayerCall`, `intercept`,
+`final_layer`, `check_interceptable`, `loss_scale`, `computes_float16`, `fused_activation`,
+`LayerCall`, `intercept`,
 `CallTensors`, `CallRecord`, `Recording`, `Recorder`, `get_loss`, `default_loss`,
 `describe_model`, `CoverageWarning`, `UnsupportedLayerError`, `MultiOutputError`,
 `NoWeightLayerError`.
@@ -346,10 +347,11 @@ def check_interceptable(sites, model):
 # --------------------------------------------------------------------------------------------
 # interception
 
-def loss_scale(model):
+def loss_scale(model, float16=None):
     """The factor a backward pass through `model` multiplies its loss by: the current scale of
     the model's `keras.optimizers.LossScaleOptimizer` (`dynamic_scale`), else
     `DEFAULT_LOSS_SCALE` when the model or a layer at any depth computes in float16, else 1.
+    `float16`: that last fact when the caller knows it already (`computes_float16`).
 
     Training under `mixed_float16` differentiates `S * L` and divides the gradients by S
     (Micikevicius et al. 2018, "Mixed precision training"); a probe that does the same sees
@@ -358,8 +360,15 @@ def loss_scale(model):
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
         return float(ops.convert_to_numpy(scale))
+    if float16 is None:
+        float16 = computes_float16(model)
+    return DEFAULT_LOSS_SCALE if float16 else 1.0
+
+
+def computes_float16(model):
+    """Whether `model` or a layer at any depth computes in float16 (one walk of the tree)."""
     dtypes = {model.compute_dtype} | {site.layer.compute_dtype for site in layer_sites(model)}
-    return DEFAULT_LOSS_SCALE if "float16" in dtypes else 1.0
+    return "float16" in dtypes
 
 
 def fused_activation(layer):
@@ -568,6 +577,7 @@ class Recorder:
         self._plan = None
         self.calls = 0   # passes run so far
         self.eager_calls = eager_calls
+        self._float16 = loss is not None and computes_float16(model)   # dtypes are fixed
         self.backend = keras.backend.backend()
         if self.backend == "tensorflow":
             self._fn = self._build_tf()
@@ -629,8 +639,15 @@ class Recorder:
 
     @staticmethod
     def _unscaled(grads, scale):
-        """Gradients of `scale * L` -> gradients of L, in float32."""
+        """Gradients of `scale * L` -> gradients of L, in float32 (None: an unscaled loss,
+        the gradients as they are: no pass over them)."""
+        if scale is None:
+            return list(grads)
         return [ops.cast(g, "float32") / scale for g in grads]
+
+    @staticmethod
+    def _scaled(loss, scale):
+        return loss if scale is None else loss * scale
 
     def _reduce(self, traced, chain, grads, w_values, w_grads):
         """Run `statistics` on every call; pack the scalars into one vector."""
@@ -677,7 +694,7 @@ class Recorder:
 
             with keras.StatelessScope():
                 y_pred, traced, chain = self._forward(x, inject)
-            loss = self._mean_loss(y, y_pred) * scale
+            loss = self._scaled(self._mean_loss(y, y_pred), scale)
         targets = [t.output for t in traced if t.grad_slot is not None]
         grads = self._unscaled(tape.gradient(loss, targets + w_values,
                                              unconnected_gradients=tf.UnconnectedGradients.ZERO),
@@ -695,7 +712,7 @@ class Recorder:
         def run(x, y, scale):
             eager = self.eager_calls is None or self.calls <= self.eager_calls
             packed, tensors = (self._pass_tf if eager else compiled)(
-                x, y, tf.constant(scale, "float32"))
+                x, y, None if scale is None else tf.constant(scale, "float32"))
             return packed.numpy(), [t.numpy() for t in tensors]
 
         return run
@@ -723,7 +740,7 @@ class Recorder:
         def loss_of(w_vals, eps, other_vals, x, y, scale):
             y_pred, traced, chain = forward(w_vals, eps, other_vals, x)
             tensors = [(t.inputs, t.output, t.activated) for t in traced]
-            return self._mean_loss(y, y_pred) * scale, (tensors, traced, chain)
+            return self._scaled(self._mean_loss(y, y_pred), scale), (tensors, traced, chain)
 
         def with_tensors(traced, tensors):
             return [dataclasses.replace(t, inputs=i, output=o, activated=a)
@@ -761,7 +778,7 @@ class Recorder:
                     specs = jax.eval_shape(target_shapes, w_vals, other_vals, x)
                     eps_cache[key] = [jnp.zeros(s.shape, s.dtype) for s in specs]
                 packed, tensors = backward(w_vals, eps_cache[key], other_vals, x, y,
-                                           jnp.float32(scale))
+                                           None if scale is None else jnp.float32(scale))
             return np.asarray(packed), [np.asarray(t) for t in tensors]
 
         return run
@@ -776,9 +793,16 @@ class Recorder:
         if y is not None:
             y = keras.tree.map_structure(ops.convert_to_tensor, y)
         self.calls += 1
-        scale = loss_scale(self.model) if self.loss is not None else 1.0
-        packed, tensors = self._fn(x, y, scale)
+        packed, tensors = self._fn(x, y, self._loss_scale())
         return self._unpack(packed, tensors)
+
+    def _loss_scale(self):
+        """This pass's loss scale, None for none (a float32 model: no extra pass over the
+        gradients); the optimizer's scale is read each pass, it changes during training."""
+        if self.loss is None:
+            return None
+        scale = loss_scale(self.model, self._float16)
+        return None if scale == 1.0 else scale
 
     def _unpack(self, packed, tensors):
         plan = self._plan

@@ -90,7 +90,6 @@ def user_model_spec(args):
     ``--model application`` (trained as ``keras-varinit train`` would). Refuses the options
     that describe a built-in net with your model."""
     from keras_varinit import models
-    from keras_varinit.training.config import fields
 
     if args.model in models.KINDS or args.model == "application":
         return None
@@ -102,15 +101,13 @@ def user_model_spec(args):
         spec, args.model_file = args.model_file, None
     else:
         spec = args.model
-    given = [spec.cli_flag for spec in fields(args.schema)
-             if spec.name in NET_FIELDS and getattr(args, spec.name) != spec.default]
+    given = _changed_flags(args, NET_FIELDS)
     if given:
         raise ValueError(f"{', '.join(given)} describe(s) a built-in net; your model is probed "
                          f"as it is. Received: {' '.join(given)} with --model {args.model}. "
                          "Allowed with your model: --optimizer, --lr, --momentum, --batch-size, "
                          "--data, --seed, --stats-every and the doctor's own options")
-    placed = [spec.cli_flag for spec in fields(args.schema)
-              if spec.name in PLACEMENT_FIELDS and getattr(args, spec.name) != spec.default]
+    placed = _changed_flags(args, PLACEMENT_FIELDS)
     if placed:
         raise ValueError(f"The doctor probes your model on one device, in the dtype policy it "
                          f"was built with. Received: {' '.join(placed)} with --model "
@@ -118,6 +115,14 @@ def user_model_spec(args):
                          "policy yourself (keras.mixed_precision.set_dtype_policy before "
                          "creating it), and no --distribute")
     return spec
+
+
+def _changed_flags(args, names):
+    """The command-line flags of the configuration fields ``names`` given a non-default value."""
+    from keras_varinit.training.config import fields
+
+    return [spec.cli_flag for spec in fields(args.schema)
+            if spec.name in names and getattr(args, spec.name) != spec.default]
 
 
 def probe_config(config, steps):
