@@ -47,7 +47,8 @@ def bench_profile(repeats: int):
         for seed in range(repeats):
             t = time.perf_counter()
             p = compute_profile(dict(base, init=init, seed=seed + 1), hist_layers="all")
-            charts.profile_chart(p.table, synthetic=p.synthetic).to_dict()
+            for direction in charts.PROFILE_PANELS:
+                charts.profile_chart(p.table, direction, synthetic=p.synthetic).to_dict()
             names = list(p.activations)[:3]
             charts.histogram_chart({n: p.activations[n] for n in names}).to_dict()
             times.append(time.perf_counter() - t)

@@ -483,8 +483,10 @@ def init_profile():
         st.info(note, icon=":material/visibility_off:")
     init_diagnosis(table, result.get("batch_norm_layers", ()))
     show_profile_metrics(result, elapsed)
-    st.altair_chart(charts.profile_chart(table, synthetic=result["synthetic"]),
-                    width="stretch")
+    for column, direction in zip(st.columns(2), charts.PROFILE_PANELS):
+        column.altair_chart(charts.profile_chart(table, direction,
+                                                 synthetic=result["synthetic"]),
+                            width="stretch")
     show_histograms(result)
     if result.get("lsuv") is not None:
         with st.expander("LSUV report (orthogonal start, then each layer rescaled to "

@@ -114,41 +114,62 @@ def profile_long(profile: pd.DataFrame) -> pd.DataFrame:
     return out[out["variance"].notna()]
 
 
-def profile_chart(profile: pd.DataFrame, *, synthetic: bool = False, title: str | None = None,
-                  height: int = 320) -> alt.Chart:
-    """Per-layer forward and backward variance, measured (solid, dots) and predicted (dashed),
-    on a log scale."""
+PROFILE_PANELS = {
+    # direction: (title, subtitle, colour)
+    "forward": ("Forward variance at initialization",
+                "Variance of each layer's pre-activation output.",
+                FORWARD_COLOR),
+    "backward": ("Gradient variance at initialization",
+                 "Variance of the loss gradient at each layer's output.", BACKWARD_COLOR),
+}
+#: A panel's log axis spans at least this many decades, so that a flat profile looks flat
+#: (a 10 % drift drawn on an axis zoomed to its own range would look like a collapse).
+MIN_DECADES = 2
+
+
+def log_domain(values: pd.Series, decades: float = MIN_DECADES) -> list[float]:
+    """[low, high] of a log axis holding `values` (positive), widened evenly on both sides to
+    span at least `decades` powers of ten."""
+    low, high = float(values.min()), float(values.max())
+    pad = 10 ** max((decades - math.log10(high / low)) / 2, 0.0)
+    return [low / pad, high * pad]
+
+
+def profile_chart(profile: pd.DataFrame, direction: str, *, synthetic: bool = False,
+                  height: int = 300) -> alt.Chart:
+    """One direction ("forward" or "backward") of the variance profile: measured (solid,
+    dots) and predicted (dashed) per layer, on a log axis of its own (the two directions
+    differ by many decades, so they are drawn as two panels)."""
+    if direction not in PROFILE_PANELS:
+        raise ValueError(f"Unknown direction: {direction!r}. Allowed: "
+                         f"{', '.join(PROFILE_PANELS)}")
+    title, subtitle, colour = PROFILE_PANELS[direction]
     data = profile_long(profile)
+    data = data[data["direction"] == direction]
     if data.empty:
-        return empty_chart("No finite positive variances to plot (the signal is 0, NaN or Inf "
-                           "everywhere).")
+        return empty_chart(f"No finite positive {direction} variances to plot (the signal is "
+                           "0, NaN or Inf everywhere, or was not measured).")
     base = alt.Chart(data).encode(
         x=alt.X("layer_number:Q", title="layer (1 = nearest the input)",
                 axis=count_axis(data["layer_number"])),
-        y=alt.Y("variance:Q", scale=alt.Scale(type="log"), title="variance (log scale)",
-                axis=alt.Axis(format=".0e")),
-        color=alt.Color("direction:N", title="signal",
-                        scale=alt.Scale(domain=["forward", "backward"],
-                                        range=[FORWARD_COLOR, BACKWARD_COLOR]),
-                        legend=alt.Legend(orient="top", symbolType="stroke",
-                                          symbolStrokeWidth=3)),
+        y=alt.Y("variance:Q", title="variance (log scale)", axis=alt.Axis(format=".0e"),
+                scale=alt.Scale(type="log", domain=log_domain(data["variance"]))),
         tooltip=[alt.Tooltip("layer:N"), alt.Tooltip("layer_number:Q", title="#"),
                  alt.Tooltip("series:N"), alt.Tooltip("variance:Q", format=".3e")],
     )
     # strokeDash on the lines only: shared with the circles, the legend drew no symbols
-    lines = base.mark_line(strokeWidth=2).encode(
+    lines = base.mark_line(strokeWidth=2, color=colour, clip=True).encode(
         strokeDash=alt.StrokeDash("kind:N", title="",
                                   scale=alt.Scale(domain=["measured", "predicted"],
                                                   range=[[1, 0], [6, 4]]),
                                   legend=alt.Legend(orient="top", symbolType="stroke",
-                                                    symbolStrokeColor="#444",
+                                                    symbolStrokeColor=colour,
                                                     symbolStrokeWidth=2, symbolSize=400)))
-    points = base.transform_filter(alt.datum.kind == "measured").mark_circle(size=28)
-    subtitle = ("forward: variance of each layer's pre-activation output; backward: variance "
-                "of the loss gradient at each layer. Dashed: the formula's prediction.")
+    points = base.transform_filter(alt.datum.kind == "measured").mark_circle(
+        size=28, color=colour, clip=True)
     return (lines + points).properties(
-        height=height, title=_title(title or "Signal variance at initialization", synthetic,
-                                    subtitle)).interactive(bind_y=False)
+        height=height, title=_title(title, synthetic, [subtitle, "Dashed: the formula's "
+                                    "prediction."])).interactive(bind_y=False)
 
 
 def histograms_long(activations: dict, bins: int = 40) -> pd.DataFrame:

@@ -1,5 +1,7 @@
 """explorer/charts.py: axes that count (epochs, steps, layers) have integer ticks, read from the
 charts' Vega-Lite specs."""
+import json
+
 import pandas as pd
 import pytest
 
@@ -53,7 +55,7 @@ def test_training_and_fraction_charts_step_axes():
 def test_profile_chart_layer_axis():
     table = pd.DataFrame({"index": range(30), "layer": [f"conv_{i}" for i in range(30)],
                           "forward_var": 1.0, "backward_var": 2.0})
-    assert x_axis(charts.profile_chart(table))["values"] == [5, 10, 15, 20, 25, 30]
+    assert x_axis(charts.profile_chart(table, "forward"))["values"] == [5, 10, 15, 20, 25, 30]
 
 
 def test_profile_chart_measured_and_predicted_legend_comes_from_the_lines():
@@ -63,9 +65,34 @@ def test_profile_chart_measured_and_predicted_legend_comes_from_the_lines():
                           "forward_var": 1.0, "backward_var": 2.0,
                           "predicted_forward_var_cumulative": 1.5})
     layers = {layer["mark"]["type"]: layer["encoding"]
-              for layer in charts.profile_chart(table).to_dict()["layer"]}
+              for layer in charts.profile_chart(table, "forward").to_dict()["layer"]}
     assert layers["line"]["strokeDash"]["legend"]["symbolType"] == "stroke"
     assert "strokeDash" not in layers["circle"]
+
+
+def _y_domain(chart):
+    return chart.to_dict()["layer"][0]["encoding"]["y"]["scale"]["domain"]
+
+
+def test_profile_panels_have_their_own_log_axis_of_at_least_two_decades():
+    """Forward (about 1) and backward (about 1e-9) variances on one axis flattened the
+    forward curve; each direction is a panel now, and a nearly flat profile is not zoomed
+    into a false collapse."""
+    table = pd.DataFrame({"index": range(3), "layer": ["a", "b", "c"],
+                          "forward_var": [1.0, 0.9, 0.8], "backward_var": [1e-9, 1e-5, 1e-3]})
+    low, high = _y_domain(charts.profile_chart(table, "forward"))
+    assert high / low == pytest.approx(100.0)             # two decades ...
+    assert (low * high) ** 0.5 == pytest.approx(0.8 ** 0.5)  # ... centred on the data
+    assert _y_domain(charts.profile_chart(table, "backward")) == [1e-9, 1e-3]
+
+
+def test_profile_chart_refuses_an_unknown_direction_and_draws_a_missing_one_as_a_message():
+    table = pd.DataFrame({"index": range(2), "layer": ["a", "b"], "forward_var": [1.0, 0.5]})
+    with pytest.raises(ValueError, match="Unknown direction: 'sideways'. Allowed: forward, "
+                                         "backward"):
+        charts.profile_chart(table, "sideways")
+    assert "No finite positive backward" in json.dumps(
+        charts.profile_chart(table, "backward").to_dict())
 
 
 def test_count_axis_without_finite_values():

@@ -293,8 +293,10 @@ def test_profile_chart_uses_log_scale_and_drops_non_positive_values():
     long = charts.profile_long(table)
     assert (long["variance"] > 0).all()
     assert len(long) == 10  # 12 values minus the 0 and the NaN
-    spec = charts.profile_chart(table).to_dict()
-    assert '"type": "log"' in json.dumps(spec)
+    for direction in ("forward", "backward"):
+        spec = charts.profile_chart(table, direction).to_dict()
+        assert '"type": "log"' in json.dumps(spec)
+        assert {row["direction"] for row in spec["datasets"].popitem()[1]} == {direction}
 
 
 def test_histogram_and_empty_charts():
