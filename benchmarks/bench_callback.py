@@ -223,13 +223,17 @@ def fit_overhead(model, x, y, args, tmp):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=8192)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--depth", type=int, default=22)
-    p.add_argument("--part", choices=("both", "probe", "fit"), default="both")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=8192,
+                   help="random CIFAR-sized images per epoch (default 8192: 64 steps of 128)")
+    p.add_argument("--batch-size", type=int, default=128, help="also the probe's batch")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per timed fit")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="interleaved repeats of each variant (the minimum is reported)")
+    p.add_argument("--depth", type=int, default=22, help="weight layers of the plain CNN")
+    p.add_argument("--part", choices=("both", "probe", "fit"), default="both",
+                   help="1: one probe log against one training step; 2: fit() with the "
+                        "logger against fit() without it; both (default)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also time keras.callbacks.TensorBoard(histogram_freq=1)")
     args = p.parse_args(argv)

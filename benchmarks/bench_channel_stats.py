@@ -62,7 +62,7 @@ def peak_mb(fn):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats for ours (best)")
     parser.add_argument("--numpy-repeat", type=int, default=1, help="timing repeats for numpy")
     args = parser.parse_args()

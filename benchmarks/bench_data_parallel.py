@@ -55,7 +55,7 @@ def train_once(variant, args, run_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depth", type=int, default=30)
     parser.add_argument("--init", default="kaiming_normal")
     parser.add_argument("--subset", type=int, default=0, help="training images (0 = all)")

@@ -75,7 +75,7 @@ def callbacks_for(kind, probe):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=2)

@@ -147,7 +147,7 @@ def bench_training(settings, rounds, root, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller runs")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-page", action="store_true")

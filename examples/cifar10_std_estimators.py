@@ -38,7 +38,7 @@ def load(data, split):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="auto",
                         help="auto (KERAS_VARINIT_CIFAR10 / caches / download), synthetic, or a "
                              "CIFAR-10 directory/.tar.gz (default %(default)s)")

@@ -29,7 +29,7 @@ from keras_varinit import diagnostics, models, profile_report  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join("examples", "output", "variance_profile.png"))
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=256)
