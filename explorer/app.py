@@ -85,7 +85,7 @@ def cached_profile(key: tuple) -> dict:
             "activations": profile.activations, "layer_names": profile.layer_names,
             "synthetic": profile.synthetic, "seconds": profile.seconds,
             "lsuv": profile.lsuv_report, "explanation": profile.explanation,
-            "batch_norm_layers": profile.batch_norm_layers, "notes": profile.notes}
+            "context": profile.context, "notes": profile.notes}
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def finding_box(finding, key=None, config=None):
     """One finding: kind, step, layers, message, evidence, the fix; with ``config`` (the run's
     config.json) an "Apply and re-run" button that queues the corrected configuration, without
     it (the init profile) an "Apply to the settings" button that puts the fix in the sidebar."""
-    from explorer.findings_panel import fix_text, layers_text
+    from explorer.findings_panel import fix_text, layers_text, needs_code_change
 
     where = f" at {layers_text(finding.layers)}" if finding.layers else ""
     fix = fix_text(finding.suggestion.changes)
@@ -313,21 +313,24 @@ def finding_box(finding, key=None, config=None):
     changes = finding.suggestion.changes
     if not changes:
         return
-    if config is not None:
+    if config is not None and not needs_code_change(config, changes):
         st.button("Apply and re-run", key=key, icon=":material/build:",
                   on_click=_apply_fix, args=(config, finding),
                   help=f"Queue this run's configuration with {fix} as a new run beside this "
                        "one; compare the two in the Compare tab.")
-    elif _already_set(changes):
+    elif config is None and _already_set(changes):
         st.caption(f"{fix} is already set: the cause is in the network itself (for your own "
                    "model, e.g. its preprocessing layers), not in a setting of this page.")
-    elif _adjustable(changes):
+    elif config is None and _adjustable(changes):
         st.button("Apply to the settings", key=key, icon=":material/build:",
                   on_click=_apply_to_settings, args=(changes,),
                   help=f"Set {fix} in the sidebar: the profile is measured again with the fix.")
     else:
-        st.caption("Not a setting of this page for this model: apply it in the code that "
-                   "builds the model.")
+        from keras_varinit.diagnosis.suggestions import keras_code
+
+        st.caption("Not a setting of this page for this model: make the change in the code "
+                   "that builds it (then save it with model.save and upload it again):")
+        st.code("\n".join(keras_code(changes)), language=None)
 
 
 def _already_set(changes):
@@ -349,11 +352,11 @@ def _adjustable(changes):
     return True
 
 
-def init_diagnosis(table, batch_norm_layers):
+def init_diagnosis(table, context):
     """The diagnosis of the init profile, under the verdict."""
     from explorer.profile import init_findings
 
-    for i, finding in enumerate(init_findings(table, settings, batch_norm_layers)):
+    for i, finding in enumerate(init_findings(table, settings, context)):
         finding_box(finding, key=f"apply_init_{i}")
 
 
@@ -481,7 +484,7 @@ def init_profile():
     show_verdict(result)
     for note in result.get("notes", ()):
         st.info(note, icon=":material/visibility_off:")
-    init_diagnosis(table, result.get("batch_norm_layers", ()))
+    init_diagnosis(table, result["context"])
     show_profile_metrics(result, elapsed)
     for column, direction in zip(st.columns(2), charts.PROFILE_PANELS):
         column.altair_chart(charts.profile_chart(table, direction,

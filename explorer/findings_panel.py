@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from explorer import presets
-from keras_varinit.training.config import TrainConfig, fields
+from keras_varinit.training.config import USER_MODELS, TrainConfig, fields
 
 #: Columns of ``findings_frame``.
 COLUMNS = ("kind", "step", "severity", "layers", "message", "fix")
@@ -52,6 +52,14 @@ def highlighted_layers(findings) -> list[str]:
     for finding in findings:
         out += [layer for layer in finding.layers if layer not in out]
     return out
+
+
+def needs_code_change(config: dict, changes: dict) -> bool:
+    """A fix of a run on a model of one's own that changes an option of the built-in nets
+    (init, activation, normalization): that model is trained as it is, so the fix is made in
+    the code that builds it (``suggestions.keras_code``), not by re-running the run."""
+    specs = {spec.name: spec for spec in fields(TrainConfig)}
+    return config.get("model") in USER_MODELS and any(specs[name].builtin for name in changes)
 
 
 def applied_config(config: dict, finding) -> TrainConfig:

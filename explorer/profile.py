@@ -10,6 +10,7 @@ loaded once per process (:func:`probe_batch`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -102,7 +103,7 @@ class Profile:
     lsuv_report: object = None
     notes: tuple = ()                 # instrument.CoverageWarning texts: layers left out
     explanation: str | None = None   # profile_report.explain_drift: why it misses the recursion
-    batch_norm_layers: tuple = ()     # the network's batch normalization layers (init_findings)
+    context: object = None   # keras_varinit.diagnosis.Context read from the model (init_findings)
 
 
 def build_model(settings: dict, input_shape=(32, 32, 3)):
@@ -112,18 +113,18 @@ def build_model(settings: dict, input_shape=(32, 32, 3)):
     return build(presets.to_config(settings), tuple(input_shape))
 
 
-def init_findings(table: pd.DataFrame, settings: dict, batch_norm_layers=()) -> list:
+def init_findings(table: pd.DataFrame, settings: dict, context=None) -> list:
     """The diagnosis of the init profile (``keras_varinit.diagnosis.diagnose`` on the profile
-    alone, with the page's settings: batch size, activation, learning rate): vanishing or
-    exploding signal, unnormalized input, a batch too small for batch normalization; what the
-    trainer's DiagnosisLogger reports at step 0. Cheap: the page calls it on every render."""
+    alone): vanishing or exploding signal, unnormalized input, a batch too small for batch
+    normalization; what the trainer's DiagnosisLogger reports at step 0. ``context``: what the
+    profile read from the model (``Profile.context``: its classes, batch normalization layers,
+    hidden activation, first-layer input), with the page's batch size and learning rate.
+    Cheap: the page calls it on every render."""
     from keras_varinit.diagnosis import Context, diagnose
-    from keras_varinit.training.model import NUM_CLASSES
 
     config = presets.to_config(settings)
-    context = Context(num_classes=NUM_CLASSES, batch_size=config.batch_size,
-                      batch_norm_layers=tuple(batch_norm_layers),
-                      activation=config.activation, lr=config.lr)
+    context = dataclasses.replace(context or Context(), batch_size=config.batch_size,
+                                  lr=config.lr)
     return diagnose(profile=table, context=context)
 
 
@@ -139,6 +140,7 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
     import keras
 
     from keras_varinit import diagnostics, instrument, profile_report
+    from keras_varinit.diagnosis_logger import model_context
 
     problems = presets.blocking_problems(settings)
     if problems:
@@ -158,8 +160,7 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
         table = diagnostics.variance_profile(model, x_in, y)
     verdict = profile_report.summarize_profile(table)
     explanation = profile_report.explain_drift(table)
-    batch_norm = tuple(layer.name for layer in model.layers
-                       if isinstance(layer, keras.layers.BatchNormalization))
+    context = model_context(model, x_in)
 
     act_layers = [layer for layer in model.layers if layer.name.startswith("act_")]
     names = [layer.name for layer in act_layers]
@@ -182,7 +183,7 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
             activations[layer.name] = values
     return Profile(table=table, verdict=verdict, activations=activations, layer_names=names,
                    synthetic=synthetic, seconds=time.perf_counter() - start,
-                   lsuv_report=report, explanation=explanation, batch_norm_layers=batch_norm,
+                   lsuv_report=report, explanation=explanation, context=context,
                    notes=tuple(notes))
 
 

@@ -64,15 +64,14 @@ from keras_varinit.layers import BatchNormalization
 # The options' names and the rule between them live in net_options (importable without Keras,
 # for the run schema); re-exported here, where the networks are.
 from keras_varinit.net_options import (  # noqa: F401
-    ACTIVATIONS, DEFAULT_GROUPS, KINDS, MLP_NORMALIZATIONS, NORMALIZATIONS, check_normalization,
-    stage_widths)
+    ACTIVATIONS, DEFAULT_GROUPS, DEFAULT_NEGATIVE_SLOPE, KINDS, MLP_NORMALIZATIONS,
+    NORMALIZATIONS, check_normalization, stage_widths)
 
 _BN_ESTIMATOR = {"batch": "pooled", "batch_per_sample": "per_sample"}
 _NORM_PREFIX = {"batch": "bn", "batch_per_sample": "bn", "layer": "ln", "instance": "in",
                 "group": "gn"}
 
 DOWNSAMPLES = ("stride", "maxpool")
-DEFAULT_NEGATIVE_SLOPE = 0.2
 
 #: Presets for He et al. 2015's two depth-experiment nets, adapted to CIFAR-10 (32x32 inputs,
 #: 10 classes, three stages instead of ImageNet's five). "large22": 22 weight layers (21 convs

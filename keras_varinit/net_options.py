@@ -21,6 +21,8 @@ NORMALIZATIONS = ("none", "batch", "batch_per_sample", "layer", "instance", "gro
 #: Those that mean something on flat features (no spatial positions).
 MLP_NORMALIZATIONS = ("none", "batch", "layer", "group")
 DEFAULT_GROUPS = 8
+#: Leaky ReLU's slope (Keras's `leaky_relu` default), also used in its Kaiming gain.
+DEFAULT_NEGATIVE_SLOPE = 0.2
 _FLAT_REASONS = {
     "batch_per_sample": "Per-sample batch normalization needs spatial positions: it averages "
                         "each image's own standard deviation over its H x W pixels, and an MLP "

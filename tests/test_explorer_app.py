@@ -477,6 +477,31 @@ def test_layers_the_profile_leaves_out_are_named_on_the_page(runs_dir, tmp_path)
     assert list(table[0]["layer"]) == ["conv", "head"]
 
 
+def test_a_fix_for_your_own_model_is_shown_as_keras_code(runs_dir, tmp_path):
+    """The page cannot change the layers of a model it did not build: the fix of an init
+    finding on an uploaded model is the Keras code to write, not a button."""
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    h = inputs
+    for i in range(6):
+        h = keras.layers.Conv2D(8, 3, padding="same", activation="tanh", name=f"conv{i}",
+                                kernel_initializer=keras.initializers.RandomNormal(
+                                    stddev=0.01))(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    path = tmp_path / "tiny_tanh.keras"
+    keras.Model(inputs, keras.layers.Dense(10, name="head")(h)).save(path)
+    at = _upload(_app(data="synthetic", model="file").run(), "tiny_tanh.keras",
+                 path.read_bytes())
+    assert any("vanishing" in e.value for e in at.error), [e.value for e in at.error]
+    # the model's own activation picks the fix (the page's disabled activation is relu's)
+    assert any("Not a setting of this page" in c.value for c in at.caption), \
+        [c.value for c in at.caption]
+    code = " ".join(c.value for c in at.code)
+    assert 'kernel_initializer=keras_varinit.initializers.get("xavier_normal_tanh")' in code
+    assert not any(b.label in ("Apply to the settings", "Apply and re-run") for b in at.button)
+
+
 def test_bad_uploads_get_clear_messages_and_are_not_stored(runs_dir, tmp_path, monkeypatch):
     import keras
 

@@ -5,7 +5,7 @@ import pytest
 
 from explorer import charts
 from explorer.findings_panel import (
-    applied_config, findings_frame, fix_text, highlighted_layers, layers_text,
+    applied_config, findings_frame, fix_text, highlighted_layers, layers_text, needs_code_change,
 )
 from explorer.run_store import RunStore
 from keras_varinit import run_files as rf
@@ -34,6 +34,20 @@ def test_applied_config_is_the_run_config_with_the_change():
         applied_config(config, _finding("stalled_loss", changes={}))
     with pytest.raises(ValueError, match="Received: lr=-1.0"):
         applied_config(config, _finding(changes={"lr": -1.0}))
+
+
+@pytest.mark.parametrize("model, changes, in_code", [
+    ("cnn", {"init": "kaiming_normal"}, False),
+    ("application", {"init": "kaiming_normal"}, True),    # the net is trained as it is
+    ("file", {"activation": "leaky_relu", "init": "kaiming_normal"}, True),
+    ("file", {"normalization": "batch"}, True),
+    ("file", {"lr": 0.001}, False),                       # a training option: re-run it
+])
+def test_a_fix_of_your_own_model_is_code_unless_it_is_a_training_option(model, changes,
+                                                                         in_code):
+    """"Apply and re-run" on a user's model with a built-in net's option would queue a run
+    the configuration refuses; the page shows the Keras code instead."""
+    assert needs_code_change({"model": model}, changes) is in_code
 
 
 def test_panel_rows_fix_text_and_highlighted_layers():

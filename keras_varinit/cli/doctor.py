@@ -332,6 +332,8 @@ def _evidence(evidence):
 
 def report_lines(probe, schema, user_model):
     """The short report: header, init verdict, one block per finding."""
+    from keras_varinit.diagnosis.suggestions import keras_code
+
     lines = [f"keras-varinit doctor: {probe.title}",
              f"  at init: {probe.verdict}",
              *(f"  note: {note}" for note in probe.notes),
@@ -347,10 +349,10 @@ def report_lines(probe, schema, user_model):
         lines.append(f"  {f.message}")
         lines.append(f"  evidence: {_evidence(f.evidence)}")
         changes = f.suggestion.changes
-        if changes:
-            fix = ", ".join(f"{k}={v!r}" for k, v in changes.items()) + " in your model" \
-                if user_model else change_options(changes, schema)
-            lines.append(f"  fix: {fix}")
+        if changes and user_model:
+            lines += [f"  fix in your model's code: {code}" for code in keras_code(changes)]
+        elif changes:
+            lines.append(f"  fix: {change_options(changes, schema)}")
         lines.append(f"  why: {f.suggestion.text}")
     return lines
 

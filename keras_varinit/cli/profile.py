@@ -24,7 +24,7 @@ CIFAR-10 images standardized per channel (`cifar10`; your model's default when i
 """
 import time
 
-from keras_varinit.net_options import DEFAULT_GROUPS
+from keras_varinit.net_options import DEFAULT_GROUPS, DEFAULT_NEGATIVE_SLOPE
 
 HELP = "per-layer forward/backward variance at init, measured and predicted"
 DATA_CHOICES = ("gaussian", "synthetic", "cifar10")
@@ -34,7 +34,7 @@ PLAIN_NET_OPTIONS = {"depth": "--depth", "inits": "--init", "activation": "--act
                      "first_layer_init": "--first-layer-init",
                      "negative_slope": "--negative-slope", "draws": "--draws"}
 PLAIN_DEFAULTS = {"depth": 30, "activation": "relu", "norm": "none", "groups": DEFAULT_GROUPS,
-                  "negative_slope": 0.2, "draws": 1}
+                  "negative_slope": DEFAULT_NEGATIVE_SLOPE, "draws": 1}
 DEFAULT_INITS = ("xavier_normal", "kaiming_normal")
 
 

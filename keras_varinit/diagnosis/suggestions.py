@@ -16,6 +16,8 @@ names and values, so that "apply and re-run" is `TrainConfig.from_dict(suggestio
 import math
 
 from keras_varinit import fans
+from keras_varinit.net_options import (DEFAULT_GROUPS, DEFAULT_NEGATIVE_SLOPE,
+                                       INITIALIZER_NAMES)
 
 #: The normalization layer's configuration field (`TrainConfig.normalization`) and the values
 #: a suggestion gives it (kind -> value of `models.NORMALIZATIONS`).
@@ -103,3 +105,51 @@ def lowered_lr(lr, update_ratio_per_step=None):
 def raised_lr(lr):
     """lr * 10 (None when `lr` is unknown)."""
     return None if lr is None else float(lr) * 10.0
+
+
+def keras_code(changes):
+    """A suggestion's `changes` as the Keras code that makes them in a model of one's own (a
+    `.keras` file or a factory: the page and `doctor` cannot rebuild it), one line per change.
+
+    >>> keras_code({"lr": 0.001, "normalization": "batch"})
+    ['keras_varinit.layers.BatchNormalization() between each hidden weight layer
+      (use_bias=False) and its activation', 'learning_rate=0.001 in the optimizer']
+    """
+    unknown = sorted(set(changes) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown suggestion fields. Received: {unknown}. Allowed: "
+                         f"{', '.join(CONFIG_FIELDS)}")
+    lines = []
+    activation = changes.get("activation")
+    if "init" in changes:
+        lines.append(f"kernel_initializer={_initializer_code(changes['init'], activation)} "
+                     "in each hidden weight layer")
+    if activation is not None:
+        lines.append(f'activation="{activation}" in each hidden weight layer (or its '
+                     "activation layer)")
+    if NORMALIZATION_FIELD in changes:
+        lines.append(f"{_NORMALIZATION_CODE[changes[NORMALIZATION_FIELD]]} between each hidden "
+                     "weight layer (use_bias=False) and its activation")
+    if "lr" in changes:
+        lines.append(f"learning_rate={changes['lr']:g} in the optimizer")
+    if "input_normalization" in changes:
+        lines.append('keras_varinit.channel_stats(x_train, "pooled").normalization_layer() as '
+                     "the model's first layer")
+    return lines
+
+
+_NORMALIZATION_CODE = {
+    "batch": "keras_varinit.layers.BatchNormalization()",
+    "group": f"keras.layers.GroupNormalization(groups={DEFAULT_GROUPS})",
+}
+
+
+def _initializer_code(name, activation):
+    """`kernel_initializer=` for an initializer name of a suggestion: a Kaiming name takes the
+    new activation's gain (leaky ReLU: its slope, as the trainer's nets do)."""
+    if activation == "leaky_relu" and name == "kaiming_normal":
+        return ('keras_varinit.initializers.KaimingNormal(nonlinearity="leaky_relu", '
+                f"negative_slope={DEFAULT_NEGATIVE_SLOPE:g})")
+    if name in INITIALIZER_NAMES:
+        return f'keras_varinit.initializers.get("{name}")'
+    return f'"{name}"'   # Keras's own: "he_normal", "lecun_normal"
