@@ -61,6 +61,10 @@ def load_user_model(spec):
         return load_model_file(spec)
     if ":" in spec and not spec.endswith(":"):
         return load_factory(spec)
+    if spec.endswith(".py"):
+        raise ModelLoadError(f"A Python file needs the function that builds the model after a "
+                             f"colon. Received: {spec!r}, with no function.",
+                             f"Allowed: '{spec}:function', e.g. '{spec}:build'.")
     raise ModelLoadError(f"Cannot tell how to load this model. Received: {spec!r}.")
 
 
