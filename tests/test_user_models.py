@@ -112,9 +112,9 @@ def test_factory_from_a_file_and_its_errors(tmp_path):
         user_models.load_user_model("no_such_module_xyz:build")
     with pytest.raises(ModelLoadError, match="Cannot tell how to load"):
         user_models.load_user_model("model.h5")
-    with pytest.raises(ModelLoadError, match=r"needs the function that builds the model after "
-                                             r"a colon\. Received: 'nets\.py', with no function\. "
-                                             r"Allowed: 'nets\.py:function', e\.g\. 'nets\.py:build'"):
+    with pytest.raises(ModelLoadError, match=(
+            r"needs the function that builds the model after a colon\. Received: 'nets\.py', "
+            r"with no function\. Allowed: 'nets\.py:function', e\.g\. 'nets\.py:build'")):
         user_models.load_user_model("nets.py")
 
 
