@@ -335,12 +335,26 @@ class LayerStatsLogger(keras.callbacks.Callback):
             except instrument.UnsupportedLayerError:
                 raise
             except Exception as e:  # a compiled loss that does not fit the probe's y
+                self._check_probe_fits(model)
                 warnings.warn(
                     f"LayerStatsLogger: the model's compiled loss does not accept the probe "
                     f"({type(e).__name__}: {str(e)[:200]}); using cross-entropy instead.")
         if self._probe is None:
             loss, self._y = instrument.default_loss(model, self.probe_y)
             self._start_probe(loss, "cross_entropy")
+
+    def _check_probe_fits(self, model):
+        """Raise, naming the probe, when its x itself does not go through `model` (so that the
+        failure is not blamed on the compiled loss)."""
+        try:
+            model(self._x, training=False)
+        except Exception as e:
+            shapes = keras.tree.map_structure(lambda a: tuple(a.shape), self.probe_x)
+            raise ValueError(
+                f"LayerStatsLogger's probe x does not fit model {model.name!r}. Received: x of "
+                f"shape {shapes}; the model says: {type(e).__name__}: {str(e)[:300]}. Allowed: "
+                "a batch shaped like the model's training inputs, e.g. (x_train[:128], "
+                "y_train[:128]).") from e
 
     def _start_probe(self, loss, source):
         probe = LayerProbe(self.model, self.tracked_layers, loss, training=self.training,

@@ -401,6 +401,18 @@ def test_subclassed_model_with_a_nested_block_and_a_shared_layer():
 
 
 @bi
+def test_a_probe_that_does_not_fit_the_model_is_named_as_such_not_blamed_on_the_loss():
+    model = _mlp()
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # no "the compiled loss does not accept" warning
+        with pytest.raises(ValueError, match=r"LayerStatsLogger's probe x does not fit model "
+                                             r".*Received: x of shape \(8, 5\)"):
+            _probe_now(model, (x[:, :5], y))
+
+
+@bi
 def test_nan_in_probe_batch_is_refused_with_the_count():
     x, y = _data(16)
     x[0, :3] = np.nan
