@@ -120,7 +120,8 @@ PROFILE_PANELS = {
                 "Variance of each layer's pre-activation output.",
                 FORWARD_COLOR),
     "backward": ("Gradient variance at initialization",
-                 "Variance of the loss gradient at each layer's output.", BACKWARD_COLOR),
+                 "Variance of the batch-mean loss's gradient at each layer's output.",
+                 BACKWARD_COLOR),
 }
 #: A panel's log axis spans at least this many decades, so that a flat profile looks flat
 #: (a 10 % drift drawn on an axis zoomed to its own range would look like a collapse).
