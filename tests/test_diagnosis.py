@@ -350,6 +350,23 @@ def test_dead_units_during_training_and_reported_once_per_layer():
     assert dead[0].suggestion.changes == {"lr": 0.01}  # 0.1 * 1e-3 / (0.05 / 10) = 0.02 -> 0.01
 
 
+
+def test_units_that_die_after_a_vanishing_start_or_under_small_updates_get_no_smaller_lr():
+    """A smaller learning rate is the fix only for large updates: after a vanishing signal at
+    initialization the vanishing finding is the cause; with updates already at or below the
+    1e-3 target (10 steps of 1e-4 each here) leaky ReLU is proposed, not lr / 10."""
+    vanishing = [chain(0, fwd=(1.0, 1e-3, 1e-6, 1e-9))]
+    vanishing.append(chain(10, fwd=(1.0, 1e-3, 1e-6, 1e-9), zero=[0.5, 0.5, 0.97], update=1e-8))
+    dead = one(diagnose(sum(vanishing, []), context=Context(lr=0.1, activation="relu")),
+               "dead_units")
+    assert dead.suggestion.changes == {"init": "kaiming_normal"}
+    assert dead.suggestion.text.startswith("The vanishing finding (step 0) is the cause")
+    small = chain(0) + chain(10, zero=[0.95, 0.5, 0.5], update=1e-3)
+    dead = one(diagnose(small, context=Context(lr=0.1)), "dead_units")
+    assert dead.suggestion.changes == {"activation": "leaky_relu", "init": "kaiming_normal"}
+    assert "measured ||dW||/||W|| 0.0001 per step" in dead.suggestion.text
+
+
 # -- divergence --------------------------------------------------------------------------------
 
 def test_divergence_names_the_first_layer_with_non_finite_forward_values():

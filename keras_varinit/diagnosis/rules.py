@@ -393,18 +393,35 @@ def dead_units(rows, step, at_init, view, reported):
     worst = max(fractions.values())
     evidence = {"threshold": DEAD_FRACTION, "zero_fraction": fractions,
                 "max_zero_fraction": worst, "expected_zero_fraction": 0.5}
-    if at_init:
-        suggestion = Suggestion({"activation": "leaky_relu", "init": "kaiming_normal"},
-                                "Most units are off from the start: leaky ReLU keeps a gradient "
-                                "on the negative side, with Kaiming's gain 2/((1 + a^2) fan_in).")
-    else:
-        suggestion = training_suggestion(view, "large updates pushed the units' "
-                                               "pre-activations below zero for every input")
+    suggestion = _revive_units(view) if at_init else _dead_in_training(view)
     message = (f"dead units {'at initialization' if at_init else f'at step {step}'} in "
                f"{span(fractions)}: up to {worst:.0%} of the outputs are exactly zero on the probe "
                f"(threshold {DEAD_FRACTION:.0%}; a ReLU of symmetric pre-activations gives 50%)")
     return Finding(Kind.DEAD_UNITS, step, tuple(fractions), _severity(worst >= DEAD_SEVERE),
                    evidence, suggestion, message)
+
+
+def _revive_units(view, why="Most units are off from the start"):
+    return Suggestion({"activation": "leaky_relu", "init": "kaiming_normal"},
+                      f"{why}: leaky ReLU keeps a gradient on the negative side, with Kaiming's "
+                      "gain 2/((1 + a^2) fan_in).")
+
+
+def _dead_in_training(view):
+    """Units that died during training: an earlier vanishing signal or unnormalized input is
+    the cause (a signal near 0 at depth leaves the pre-activations at the biases, which a few
+    updates push below zero); else large updates (a smaller learning rate), unless the
+    measured updates are already small, where a smaller rate would not help."""
+    cause = _cause(view, (Kind.UNNORMALIZED_INPUT, Kind.VANISHING))
+    if cause is not None:
+        return deferred(cause)
+    ratio = view.update_ratio_per_step
+    if _finite(ratio) and ratio <= sg.UPDATE_RATIO_TARGET:
+        return _revive_units(view, f"The updates are small (measured ||dW||/||W|| {_g(ratio)} "
+                                   f"per step, target about {sg.UPDATE_RATIO_TARGET:g}), so a "
+                                   "smaller learning rate would not bring the units back")
+    return lr_suggestion(view, "large updates pushed the units' pre-activations below zero "
+                               "for every input")
 
 
 # --------------------------------------------------------------------------------------------
