@@ -46,6 +46,7 @@ COLUMNS = (
     "input_second_moment", "forward_var", "forward_var_post", "backward_var",
     "predicted_forward_var", "predicted_forward_var_cumulative",
     "predicted_backward_var", "predicted_backward_var_cumulative", "padding_factor",
+    "segment",
 )
 
 _ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
@@ -408,7 +409,10 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
 
         * `padding_factor`: the share of the expected Var[y] left after zero padding (1 for
           "valid" padding and Dense layers): border positions of a "same" convolution sum
-          fewer real inputs (`propagation.padded_energy`, exact in expectation over weights).
+          fewer real inputs (`propagation.padded_energy`, exact in expectation over weights);
+        * `segment`: how many normalization layers ran before this one (batch, layer, group:
+          `propagation.renormalizes`); the diagnosis compares variances across depth only
+          within a segment, since a normalization restarts the scale.
 
         Predictions are NaN where the path between two weight layers is not a simple chain or
         holds an activation without a factor (sigmoid forward, gelu...).
@@ -427,7 +431,22 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
             instrument.default_loss(model, y)
     recording = _record(model, x, y if gradients else None, loss_fn, training)
     weight_records = [r for r in recording.records if instrument.is_weight_layer(r.layer)]
-    return _assemble(weight_records, _bridges(recording, weight_records), training)
+    df = _assemble(weight_records, _bridges(recording, weight_records), training)
+    df["segment"] = _segments(recording, weight_records)
+    return df[list(COLUMNS)]
+
+
+def _segments(recording, weight_records):
+    """Per weight call, how many normalization calls (`propagation.renormalizes`) came before
+    it in call order: weight layers of one segment have no normalization between them."""
+    weights = {id(r) for r in weight_records}
+    count, out = 0, []
+    for record in recording.records:
+        if id(record) in weights:
+            out.append(count)
+        elif propagation.renormalizes(type(record.layer).__name__):
+            count += 1
+    return out
 
 
 def _checked_batch(model, x, training):
@@ -532,7 +551,7 @@ def _assemble(weight_records, bridges, training):
     df = pd.DataFrame(rows)
     with np.errstate(all="ignore"):   # overflowing or dead profiles: NaN/inf, said by the verdict
         _add_predictions(df, weight_records, bridges, transfer, resets, back)
-    return df[list(COLUMNS)]
+    return df
 
 
 def _add_predictions(df, weight_records, bridges, transfer, resets, back):

@@ -20,7 +20,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_varinit import batch_checks, instrument
+from keras_varinit import batch_checks, instrument, propagation
 from keras_varinit.probe import (STAT_NAMES, LayerProbe, eager_calls_for, finite_or_none,
                                  tracked_weight)
 from keras_varinit.run_files import LAYER_STATS_FIELDS, append_jsonl
@@ -36,9 +36,12 @@ def _class_names(obj):
 
 
 def _is_default_tracked(layer):
-    """Default selection: layers with a kernel (Dense, Conv, ...) and activation layers."""
+    """Default selection: layers with a kernel (Dense, Conv, ...), activation layers and
+    normalization layers (their output, and where the diagnosis's scale comparisons restart:
+    `propagation.renormalizes`)."""
     return instrument.is_weight_layer(layer) or \
-        bool(_class_names(layer) & set(_ACTIVATION_LAYER_TYPES))
+        bool(_class_names(layer) & set(_ACTIVATION_LAYER_TYPES)) or \
+        propagation.renormalizes(type(layer).__name__)
 
 
 def _matcher(specs, argname):
@@ -185,8 +188,9 @@ class LayerStatsLogger(keras.callbacks.Callback):
         every_n_steps: log every this many training steps (None: only at train begin and epoch
             ends).
         layers: track only these layers: names or paths (`backbone/conv1`), layer classes or
-            class-name strings. Default: layers with a kernel (Dense, Conv, ...) and
-            activation layers, at any depth of nested models.
+            class-name strings. Default: layers with a kernel (Dense, Conv, ...), activation
+            layers and normalization layers (batch, layer, group), at any depth of nested
+            models.
         exclude: layers to leave out (same forms).
         histograms: also write activation and activation-gradient histograms (TensorBoard).
         jsonl_path: path of the JSON-lines file, or None.

@@ -234,3 +234,11 @@ def variance_ratio(first, last):
     if not (math.isfinite(first) and first > 0) or math.isnan(last):
         return float("nan")
     return last / first
+
+
+def renormalizes(layer_type):
+    """Whether a layer of this class name (`type(layer).__name__`) rescales its output to unit
+    variance from statistics of its input: batch, layer, group (and instance) normalization.
+    After one, the scale of the signal starts again: variance ratios that compound over depth
+    are compared only between layers with no such layer between them."""
+    return str(layer_type).endswith("Normalization")

@@ -351,6 +351,38 @@ def test_dead_units_during_training_and_reported_once_per_layer():
 
 
 
+def _with_batch_norm_after(rows, *layers):
+    """`rows` with a BatchNormalization record (gamma tracked) right after each of `layers`."""
+    out = []
+    for row in rows:
+        out.append(row)
+        if row["layer"] in layers:
+            out.append({**row, "layer": f"bn_{row['layer']}", "layer_type": "BatchNormalization",
+                        "activation_std": 1.0, "weight_std": 1.0})
+    for k, row in enumerate(out):
+        row["layer_index"] = k
+    return out
+
+
+def test_a_normalization_restarts_the_scale_the_ratios_compare():
+    """Batch norm between two weight layers rescales the signal: the variance ratios compound
+    only within a stretch without normalization (the raw scales of a Conv-BN-ReLU net at
+    initialization, or in inference mode with the untrained moving statistics, are no
+    vanishing signal); a vanishing stretch after a normalization is still found, measured
+    from the stretch's first layer."""
+    fwd, grad = (1.0, 1e-2, 1e-4, 1e-6, 1.0), (1.0,) * 5
+    assert one(diagnose(chain(0, fwd=fwd, grad=grad)), "vanishing").severity == "severe"
+    every = _with_batch_norm_after(chain(0, fwd=fwd, grad=grad),
+                                   "dense_01", "dense_02", "dense_03")
+    assert diagnose(every) == []
+    later = _with_batch_norm_after(chain(0, fwd=(1.0, 1.0, 1.0, 1e-4, 1.0), grad=grad),
+                                   "dense_02")
+    finding = one(diagnose(later), "vanishing")
+    assert finding.layers == ("dense_04",)
+    assert (finding.evidence["forward_reference"], finding.evidence["forward_ratio"]) == \
+        ("dense_03", pytest.approx(1e-8))     # chain() takes standard deviations
+
+
 def test_units_that_die_after_a_vanishing_start_or_under_small_updates_get_no_smaller_lr():
     """A smaller learning rate is the fix only for large updates: after a vanishing signal at
     initialization the vanishing finding is the cause; with updates already at or below the

@@ -487,8 +487,8 @@ def test_resnet50_backbone_lists_every_conv_with_its_path():
 
 def test_mobilenet_v2_lsuv_then_fit_with_layer_stats_logger():
     """The issue's application row end to end: LSUV calibrates all 53 weight layers of
-    MobileNetV2, and a fit logs every Conv2D, DepthwiseConv2D, Dense and ReLU call, with the
-    calibrated unit variance visible at step 0 (convolutions feed batch norm, so their own
+    MobileNetV2, and a fit logs every Conv2D, DepthwiseConv2D, Dense, ReLU and batch norm
+    call, with the calibrated unit variance visible at step 0 (convolutions feed batch norm, so their own
     output keeps LSUV's scale)."""
     _skip_on_jax_for_applications()
     from keras_varinit import lsuv
@@ -507,9 +507,10 @@ def test_mobilenet_v2_lsuv_then_fit_with_layer_stats_logger():
     df = logger.to_dataframe()
     assert sorted(df["step"].unique()) == [0, 2]
     counts = df[df["step"] == 0]["layer_type"].value_counts().to_dict()
-    assert counts == {"Conv2D": 35, "ReLU": 35, "DepthwiseConv2D": 17, "Dense": 1}
+    assert counts == {"Conv2D": 35, "ReLU": 35, "DepthwiseConv2D": 17, "Dense": 1,
+                      "BatchNormalization": 52}
     assert np.isfinite(df[["activation_std", "activation_grad_std"]].to_numpy()).all()
-    weights = df[df["layer_type"] != "ReLU"][["weight_std", "weight_grad_std"]]
+    weights = df[df["layer_type"] != "ReLU"][["weight_std", "weight_grad_std"]]  # BN: gamma
     assert np.isfinite(weights.to_numpy()).all()
     convs = df[(df["step"] == 0) & df["layer_type"].isin(["Conv2D", "DepthwiseConv2D"])]
     np.testing.assert_allclose(convs["activation_std"], 1.0, atol=0.1)
@@ -761,3 +762,17 @@ def test_the_backward_prediction_counts_the_taps_inside_the_input(padding, size,
 class _FakeRecord:
     def __init__(self, layer, input_shape):
         self.layer, self.input_shape = layer, input_shape
+
+
+def test_the_segment_column_counts_the_normalizations_before_each_weight_layer():
+    inputs = keras.Input((16,))
+    h = keras.layers.Dense(16, name="d1")(inputs)
+    h = keras.layers.BatchNormalization(name="bn1")(h)
+    h = keras.layers.Dense(16, activation="relu", name="d2")(keras.layers.ReLU()(h))
+    h = keras.layers.Dense(16, activation="relu", name="d3")(h)
+    h = keras.layers.LayerNormalization(name="ln")(h)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(h))
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype("float32")
+    df = diagnostics.variance_profile(model, x)
+    assert list(df["layer"]) == ["d1", "d2", "d3", "head"]
+    assert list(df["segment"]) == [0, 1, 1, 2]

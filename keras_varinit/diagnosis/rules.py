@@ -157,40 +157,53 @@ def init_suggestion(activation, why):
 
 def weight_table_from_records(rows):
     """The weight layers of one step's records (model order): layer, forward_var (of the
-    layer's output), backward_var (of dL/d output). Weight layers: records with a weight std,
-    normalization layers (their gamma) left out."""
+    layer's output), backward_var (of dL/d output), segment (normalization layers before it,
+    `propagation.renormalizes`). Weight layers: records with a weight std, normalization
+    layers (their gamma) left out."""
     rows = rows.sort_values("layer_index")
-    is_weight = rows["weight_std"].notna() & \
-        ~rows["layer_type"].astype(str).str.contains("Normalization")
+    normalization = rows["layer_type"].astype(str).map(propagation.renormalizes).to_numpy(bool)
+    segment = np.cumsum(normalization)
+    is_weight = rows["weight_std"].notna().to_numpy() & ~normalization
     w = rows[is_weight]
     return pd.DataFrame({"layer": w["layer"].astype(str).to_numpy(),
                          "forward_var": w["activation_std"].to_numpy(float) ** 2,
-                         "backward_var": w["activation_grad_std"].to_numpy(float) ** 2})
+                         "backward_var": w["activation_grad_std"].to_numpy(float) ** 2,
+                         "segment": segment[is_weight]})
 
 
 def weight_table_from_profile(profile):
-    """The same table from `variance_profile`'s DataFrame (measured at initialization)."""
+    """The same table from `variance_profile`'s DataFrame (measured at initialization; one
+    segment when it has no `segment` column)."""
+    segment = profile["segment"].to_numpy(int) if "segment" in profile else 0
     return pd.DataFrame({"layer": profile["layer"].astype(str).to_numpy(),
                          "forward_var": profile["forward_var"].to_numpy(float),
-                         "backward_var": profile["backward_var"].to_numpy(float)})
+                         "backward_var": profile["backward_var"].to_numpy(float),
+                         "segment": segment})
 
 
 def signal_ratios(table):
-    """(forward, backward) ratio arrays over the table's rows (NaN where not compared):
-    forward_l = Var[y_l] / Var[y_first] for the hidden layers after the first; backward_l =
-    Var[dL/dy_l] / Var[dL/dy_last hidden] for the layers before the last hidden one."""
+    """(forward, backward, forward reference, backward reference) arrays over the table's rows
+    (ratios NaN where not compared): forward_l = Var[y_l] / Var[y_r] for the hidden layers,
+    r the first weight layer of l's segment; backward_l = Var[dL/dy_l] / Var[dL/dy_r], r the
+    last hidden weight layer of l's segment. A normalization between two layers restarts the
+    scale, so layers of different segments are not compared (one segment without one)."""
     n = len(table)
     fwd, bwd = np.full(n, np.nan), np.full(n, np.nan)
+    ref_f, ref_b = np.zeros(n, int), np.zeros(n, int)
     if n < 2:
-        return fwd, bwd
+        return fwd, bwd, ref_f, ref_b
     last = last_hidden_row(n)
     f = table["forward_var"].to_numpy(float)
     b = table["backward_var"].to_numpy(float)
-    if math.isfinite(f[0]) and f[0] > 0:
-        fwd[1:last + 1] = f[1:last + 1] / f[0]
-    if math.isfinite(b[last]) and b[last] > 0:
-        bwd[:last] = b[:last] / b[last]
-    return fwd, bwd
+    segment = table["segment"].to_numpy(int) if "segment" in table else np.zeros(n, int)
+    for i in range(last + 1):
+        same = np.flatnonzero(segment[:last + 1] == segment[i])
+        ref_f[i], ref_b[i] = same[0], same[-1]
+        if i > ref_f[i] and math.isfinite(f[ref_f[i]]) and f[ref_f[i]] > 0:
+            fwd[i] = f[i] / f[ref_f[i]]
+        if i < ref_b[i] and math.isfinite(b[ref_b[i]]) and b[ref_b[i]] > 0:
+            bwd[i] = b[i] / b[ref_b[i]]
+    return fwd, bwd, ref_f, ref_b
 
 
 def _extreme(ratios, mask, vanishing):
@@ -234,10 +247,11 @@ def predicted_layer_factor(profile):
     return math.exp(sum(factors) / len(factors)) if factors else None
 
 
-def _direction_evidence(table, ratios, mask, vanishing, reference_row, forward):
+def _direction_evidence(table, ratios, mask, vanishing, references, forward):
     ratio, i = _extreme(ratios, mask, vanishing)
     if ratio is None:
         return {}, None
+    reference_row = int(references[i])
     distance = i - reference_row if forward else reference_row - i
     name = "forward" if forward else "backward"
     factor = ratio ** (1.0 / distance) if ratio > 0 and distance > 0 else None
@@ -251,7 +265,7 @@ def scale_rule(kind, table, step, at_init, view, reported):
     module docstring). At initialization the fix is the initializer (or normalization when the
     initializer is already matched); later, an exploding scale is the learning rate's."""
     vanishing = kind is Kind.VANISHING
-    fwd, bwd = signal_ratios(table)
+    fwd, bwd, ref_f, ref_b = signal_ratios(table)
     with np.errstate(invalid="ignore"):
         flag_f = fwd < VANISHING_RATIO if vanishing else fwd > EXPLODING_RATIO
         flag_b = bwd < VANISHING_RATIO if vanishing else bwd > EXPLODING_RATIO
@@ -259,9 +273,8 @@ def scale_rule(kind, table, step, at_init, view, reported):
     flag_f, flag_b = flag_f & fresh, flag_b & fresh
     if not (flag_f | flag_b).any():
         return None
-    last = last_hidden_row(len(table))
-    ev_f, factor_f = _direction_evidence(table, fwd, flag_f, vanishing, 0, True)
-    ev_b, factor_b = _direction_evidence(table, bwd, flag_b, vanishing, last, False)
+    ev_f, factor_f = _direction_evidence(table, fwd, flag_f, vanishing, ref_f, True)
+    ev_b, factor_b = _direction_evidence(table, bwd, flag_b, vanishing, ref_b, False)
     threshold = VANISHING_RATIO if vanishing else EXPLODING_RATIO
     evidence = {"threshold": threshold, **ev_f, **ev_b}
     profile = view.profile if at_init else None  # the profile predicts the initial state
