@@ -375,11 +375,17 @@ def _activation_rows(layer_stats: pd.DataFrame) -> pd.DataFrame:
 
 
 def _weight_rows(layer_stats: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the weight layers (conv/dense outputs), or all rows if there are none."""
+    """Rows of the weight layers (conv/dense outputs: neither activation nor normalization
+    layers), or all rows if there are none."""
+    from keras_varinit.propagation import renormalizes
+
     acts = _activation_rows(layer_stats)
     if len(acts) == len(layer_stats):
         return layer_stats
-    return layer_stats.drop(acts.index)
+    rest = layer_stats.drop(acts.index)
+    types = rest.get("layer_type", pd.Series("", index=rest.index)).astype(str)
+    weights = rest[~types.map(renormalizes).astype(bool)]
+    return weights if len(weights) else rest
 
 
 def heatmap(layer_stats: pd.DataFrame, stat: str, *, synthetic: bool = False,

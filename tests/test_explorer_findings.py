@@ -83,6 +83,19 @@ def test_findings_timeline_and_outlined_heatmap_rows():
     assert "conv_02" in base["encoding"]["y"]["axis"]["labelFontWeight"]["expr"]
 
 
+def test_the_gradient_heatmap_shows_weight_layers_not_the_tracked_batch_norms():
+    """The logger tracks normalization layers too (where the diagnosis's scale comparisons
+    restart); the heatmap of the weight layers' gradients leaves them out."""
+    stats = pd.DataFrame({"step": [0] * 5, "layer_index": [1, 2, 3, 4, 5],
+                          "layer": ["conv_01", "bn_01", "act_01", "conv_02", "logits"],
+                          "layer_type": ["Conv2D", "BatchNormalization", "ReLU", "Conv2D",
+                                         "Dense"],
+                          "activation_grad_std": [1.0, 0.5, 0.5, 0.1, 0.01]})
+    spec = charts.heatmap(stats, "activation_grad_std").to_dict()
+    shown = {row["layer"] for rows in spec["datasets"].values() for row in rows}
+    assert shown == {"conv_01", "conv_02", "logits"}
+
+
 def test_run_store_reads_findings_jsonl(tmp_path):
     run = tmp_path / "20260101-000000-a"
     run.mkdir()
