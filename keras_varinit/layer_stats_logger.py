@@ -494,7 +494,10 @@ class LayerStatsLogger(keras.callbacks.Callback):
             self._step = start
         if self._probe is None or self._probe_model is not self.model:
             self._prepare_inputs()
-            if not self.model.built:   # a subclassed model on TF: fit builds it later
+            if not self.model.built or any(not site.layer.built
+                                           for site in instrument.layer_sites(self.model)):
+                # a subclassed model (`model.build(shape)` leaves its sublayers unbuilt, and
+                # on TF fit builds it later): its first call builds them
                 self.model(self._x, training=False)
             self._build()
         if self.jsonl_path is not None:

@@ -362,11 +362,14 @@ def test_an_unbuilt_subclassed_model_is_built_from_the_probe():
             return self.head(self.hidden(t))
 
     x, y = _data(32)
-    model = Tiny()
-    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    cb = LayerStatsLogger((x[:8], y[:8]), every_n_steps=2)
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb])
-    assert {r["layer"] for r in cb.history} == {"dense", "dense_1"}
+    for built_with_build in (False, True):    # model.build(shape) leaves the Dense unbuilt
+        model = Tiny()
+        if built_with_build:
+            model.build((None, 8))
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        cb = LayerStatsLogger((x[:8], y[:8]), every_n_steps=2)
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb])
+        assert len({r["layer"] for r in cb.history}) == 2, built_with_build
 
 
 @bi
