@@ -160,6 +160,21 @@ def test_a_cifar_shaped_factory_is_probed_on_the_train_data_option(tmp_path, cap
     assert "probe: 2 step(s)" in out and "at init: " in out
 
 
+def test_a_model_for_images_of_any_size_is_probed_on_cifar(tmp_path, capsys):
+    """`train` takes a model with input (None, None, 3); the doctor refused it ("an axis of
+    unknown size")."""
+    inputs = keras.Input((None, None, 3))
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    path = tmp_path / "any_size.keras"
+    keras.Model(inputs, keras.layers.Dense(10, name="head")(h)).save(path)
+    code = main(["doctor", "--model", str(path), "--data", "synthetic", "--steps", "2",
+                 "--batch-size", "16", "--quiet"])
+    out = capsys.readouterr().out
+    assert code in (0, 1), out
+    assert "synthetic CIFAR-like images (not CIFAR-10)" in out and "probe: 2 step(s)" in out
+
+
 def test_model_file_and_model_file_option_is_the_same_as_a_path(tmp_path, capsys):
     """`--model file --model-file X` (offered by --help, as for train) failed with an error
     whose "Allowed:" was the command typed."""

@@ -249,26 +249,28 @@ def probe_builtin(config, steps, time_limit, log_dir, quiet):
 def probe_data(model, config, n):
     """``(x, y, description)``: ``n`` inputs for ``model`` and labels it can learn.
 
-    For a model taking (32, 32, 3) images with 10 outputs: the training data of ``config``
-    (``--data``: CIFAR-10 through ``KERAS_VARINIT_CIFAR10``, synthetic, or a path), as
-    ``train`` feeds it (``training.data.load_data``: standardized per channel); otherwise N(0, 1)
-    inputs of the model's input shape labelled by a fixed random linear teacher (argmax of
-    x W), so the loss can fall."""
+    For a model taking (32, 32, 3) images (or images of any size) with 10 outputs: the
+    training data of ``config`` (``--data``: CIFAR-10 through ``KERAS_VARINIT_CIFAR10``,
+    synthetic, or a path), as ``train`` feeds it (``training.data.load_data``: standardized
+    per channel); otherwise N(0, 1) inputs of the model's input shape labelled by a fixed
+    random linear teacher (argmax of x W), so the loss can fall."""
     import numpy as np
 
     from keras_varinit import user_models
     from keras_varinit.training.data import load_data
 
     shape = user_models.model_input_shape(model)
-    if shape is None or None in shape:
-        raise ValueError(user_models.cifar10_mismatch(model) or "The model's input shape has "
-                         f"an axis of unknown size. Received: {shape}. Allowed: a model "
-                         "built with a fixed input shape")
     classes = int(model.outputs[0].shape[-1]) if getattr(model, "outputs", None) else None
-    if user_models.cifar10_shape_mismatch(shape) is None and classes == 10:
+    if shape is not None and user_models.cifar10_shape_mismatch(shape) is None and \
+            classes == 10:   # (32, 32, 3), or images of any size such as (None, None, 3)
         (x, y), _, info = load_data(dataclasses.replace(config, subset=n, val_subset=1))
         return x, y, "synthetic CIFAR-like images (not CIFAR-10)" if info["synthetic"] \
             else "CIFAR-10"
+    if shape is None or None in shape:
+        raise ValueError(user_models.cifar10_mismatch(model) or "The model's input shape has "
+                         f"an axis of unknown size. Received: {shape}. Allowed: a model "
+                         "built with a fixed input shape, or one taking images of any size "
+                         "(None, None, 3) with 10 outputs (probed on CIFAR-10)")
     rng = np.random.default_rng(config.seed)
     x = rng.standard_normal((n,) + tuple(shape)).astype("float32")
     teacher = rng.standard_normal((int(np.prod(shape)), classes or 2))
