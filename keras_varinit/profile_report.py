@@ -159,6 +159,11 @@ def forward_ratios(df):
             float(np.prod(pad[i + 1:j + 1])))
 
 
+#: Per-layer variance factor fan_in Var[W] c_f inside this band: the initialization's scale
+#: matches the activation (explain_drift; the diagnosis's vanishing rule).
+MATCHED_FACTOR_BAND = (0.8, 1.25)
+
+
 def explain_drift(df, within=4.0):
     """Why a correctly scaled initialization still loses (or gains) the signal, or None.
 
@@ -178,8 +183,11 @@ def explain_drift(df, within=4.0):
       16 and 64 channels.
 
     Returns a sentence when the measured last/first ratio is outside `within`, the textbook
-    recursion (without padding) is within it (the scale is right) and the one-step predictions
-    hold (median within 2x); else None.
+    recursion (without padding) is within it and its factor per layer is in
+    `MATCHED_FACTOR_BAND` (the scale is right: a shallow Xavier/ReLU net's x0.25 over two
+    layers is within 4x, but it halves at each), and the one-step predictions hold (median
+    within 2x); else None. When the measurement is within 2x of the prediction with padding,
+    the padding is the whole story; else one draw's deviation is.
     """
     if len(df) < 2:
         return None
@@ -192,6 +200,9 @@ def explain_drift(df, within=4.0):
         return None
     if 1.0 / within <= measured <= within or not 1.0 / within <= textbook <= within:
         return None
+    low, high = MATCHED_FACTOR_BAND
+    if not (textbook > 0 and low <= textbook ** (1.0 / (j - i)) <= high):
+        return None
     if not 0.5 <= float(np.median(one_step)) <= 2.0:
         return None
     span = f"{df['layer'].iloc[i]} to {df['layer'].iloc[j]}"
@@ -199,6 +210,10 @@ def explain_drift(df, within=4.0):
     if padding < 0.99:
         parts[0] += (f", x{padding:.2g} of it from zero padding (border taps of each "
                      f"convolution see zeros)")
+    if 0.5 <= measured / predicted <= 2.0:
+        parts.append(f"measured x{measured:.2g}, x{measured / predicted:.2g} of the "
+                     "prediction: the zero padding accounts for the loss")
+        return "; ".join(parts)
     parts.append(f"measured x{measured:.2g}, x{measured / predicted:.2g} of the prediction: "
                  "the recursion is the average over weight draws, and one draw of finite "
                  "layers deviates from it (each layer's realized gain, one-step "

@@ -137,6 +137,20 @@ def test_explain_drift_only_when_the_recursion_holds_but_one_draw_drifts():
     assert profile_report.explain_drift(_drift_frame([1.0], [1.0])) is None
 
 
+def test_explain_drift_says_nothing_of_draws_when_the_recursion_predicts_the_measurement():
+    """Two Xavier/ReLU layers: x0.25 is within 4x, yet the recursion halves at each layer and
+    the measurement matches it; the note used to blame one draw's deviation."""
+    two = _drift_frame([1.0, 0.5, 0.24, 1.0], [1.0, 0.5, 0.25, 1.0])
+    assert profile_report.explain_drift(two) is None
+    # padding alone: the textbook recursion is flat, the padded one matches the measurement
+    frame = _drift_frame(list(2.0 * 0.8 ** np.arange(9)) + [1.0],
+                         list(2.0 * 0.8 ** np.arange(9)) + [1.0])
+    frame["padding_factor"] = [1.0] + [0.8] * 8 + [1.0]
+    note = profile_report.explain_drift(frame)
+    assert note is not None and "zero padding accounts for the loss" in note
+    assert "weight draws" not in note
+
+
 def test_explain_drift_on_the_measured_small30(small30):
     note = profile_report.explain_drift(small30["kaiming_normal"])
     ratio, _, _ = profile_report.forward_ratios(small30["kaiming_normal"])

@@ -24,7 +24,7 @@ import pandas as pd
 from keras_varinit import propagation
 from keras_varinit.diagnosis import suggestions as sg
 from keras_varinit.diagnosis.findings import Context, Finding, Kind, Severity, Suggestion
-from keras_varinit.profile_report import last_hidden_row
+from keras_varinit.profile_report import MATCHED_FACTOR_BAND, last_hidden_row
 
 #: Vanishing: a weight layer's forward variance below this fraction of the first weight
 #: layer's, or its gradient variance below this fraction of the last hidden weight layer's
@@ -34,9 +34,6 @@ VANISHING_RATIO = 1e-3
 EXPLODING_RATIO = 1e3
 #: A vanishing/exploding finding is severe beyond the square of its threshold (10^-6, 10^6).
 SEVERE_RATIO_POWER = 2
-#: Per-layer variance factor fan_in Var[W] c_f inside this band: the initialization's scale
-#: matches the activation, so a vanishing signal comes from depth, not from the initializer.
-MATCHED_FACTOR_BAND = (0.8, 1.25)
 
 #: Dead units: fraction of exact zeros of a layer's output on the probe (a ReLU of symmetric
 #: pre-activations gives 0.5).
