@@ -225,13 +225,14 @@ def _fmt(value):
 
 
 _SHORT = ("layer", "fan_in", "fan_out", "weight_var", "input_second_moment", "forward_var",
-          "predicted_forward_var", "predicted_forward_var_cumulative", "backward_var",
-          "predicted_backward_var")
+          "predicted_forward_var", "padding_factor", "predicted_forward_var_cumulative",
+          "backward_var", "predicted_backward_var")
 _HEADERS = {"input_second_moment": "E[x_in^2]", "forward_var": "Var[y]",
             "predicted_forward_var": "pred 1-step", "predicted_forward_var_cumulative":
             "pred cumul.", "backward_var": "Var[dL/dy]", "predicted_backward_var":
             "pred bwd 1-step", "predicted_backward_var_cumulative": "pred bwd cumul.",
-            "forward_var_post": "Var[post]", "weight_var": "Var[W]"}
+            "forward_var_post": "Var[post]", "weight_var": "Var[W]",
+            "padding_factor": "padding"}
 
 
 def _table(df, title, full):
@@ -242,8 +243,10 @@ def _table(df, title, full):
         list(_SHORT)
     table = Table(title=title, show_lines=False, header_style="bold")
     for col in columns:
+        # layer names are identifiers: never cut or wrapped (the numbers give way)
+        width = int(df[col].astype(str).str.len().max()) if col == "layer" and len(df) else None
         table.add_column(escape(_HEADERS.get(col, col)), justify="left" if col in ("layer",
-                         "activation") else "right")
+                         "activation") else "right", no_wrap=col == "layer", min_width=width)
     for _, row in df.iterrows():
         table.add_row(*[_fmt(row[c]) if c not in ("layer", "activation") else str(row[c])
                         for c in columns])
