@@ -160,7 +160,10 @@ def load_model_file(path):
         raise ModelLoadError(
             f"{path} uses custom classes this process does not know: {unknown} (Keras's own "
             "layers and keras_varinit's are known; others must be registered with "
-            "keras.saving.register_keras_serializable in a module imported before loading).")
+            "keras.saving.register_keras_serializable in a module imported before loading). "
+            "From the command line, give a factory instead: a function in your module that "
+            "imports the classes and returns keras.models.load_model(path), as "
+            "--model my_module:load.")
     try:
         model = keras.models.load_model(path, safe_mode=True, compile=False)
     except Exception as err:  # noqa: BLE001 -- any failure is the file's: say so in one line

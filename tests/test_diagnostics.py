@@ -295,6 +295,9 @@ def test_profile_bad_input():
     with pytest.raises(ValueError, match=r"no layer with a kernel in model 'sequential' "
                                          r"\(Sequential\).*Allowed: models with Dense"):
         diagnostics.variance_profile(empty, np.zeros((4, 4), "float32"))
+    with pytest.raises(ValueError, match=r"needs a keras.Model. Received: model of type str "
+                                         r"'net.keras'. Allowed: .*keras.models.load_model"):
+        diagnostics.variance_profile("net.keras", _images(4))
 
 
 class _TwoHeads(keras.Model):

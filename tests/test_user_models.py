@@ -69,7 +69,8 @@ def test_unknown_custom_layer_is_reported_by_name(tmp_path):
     assert isinstance(user_models.load_model_file(path), keras.Model)   # known: loads
     keras.saving.get_custom_objects().pop("TestOnly>Doubler")
     with pytest.raises(ModelLoadError, match=r"custom classes this process does not know: "
-                                             r"\['TestOnly>Doubler'\]"):
+                                             r"\['TestOnly>Doubler'\].*give a factory instead"
+                                             r".*--model my_module:load"):
         user_models.load_model_file(path)
 
 
