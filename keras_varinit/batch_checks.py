@@ -22,7 +22,9 @@ def as_arrays(x, caller, n_inputs=None):
     items = list(x) if isinstance(x, (list, tuple)) else [x]
     if n_inputs is not None and len(items) != n_inputs:
         raise ValueError(f"The model has {n_inputs} input(s) but the batch has {len(items)}. "
-                         f"Received: x of type {type(x).__name__}")
+                         f"Received: x of type {type(x).__name__}"
+                         + (" (a list or tuple is read as one array per model input: for one "
+                            "input, pass np.asarray(x))" if isinstance(x, (list, tuple)) else ""))
     arrays = []
     for item in items:
         if item is None:

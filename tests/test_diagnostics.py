@@ -298,6 +298,10 @@ def test_profile_bad_input():
     with pytest.raises(ValueError, match=r"needs a keras.Model. Received: model of type str "
                                          r"'net.keras'. Allowed: .*keras.models.load_model"):
         diagnostics.variance_profile("net.keras", _images(4))
+    with pytest.raises(ValueError, match=r"1 input\(s\) but the batch has 4. Received: x of "
+                                         r"type list \(a list or tuple is read as one array per "
+                                         r"model input: for one input, pass np.asarray\(x\)\)"):
+        diagnostics.variance_profile(model, _images(4).tolist())
 
 
 class _TwoHeads(keras.Model):
