@@ -190,7 +190,7 @@ def test_model_file_and_model_file_option_is_the_same_as_a_path(tmp_path, capsys
     (["--steps", "0"], "--steps must be a positive integer. Received: --steps 0"),
     (["--time-limit", "-1"], "Received: --time-limit -1"),
     (["--model", "missing.keras"], "missing.keras"),
-    (["--model", "mine.keras", "--depth", "5"], "--depth describe(s) a built-in net"),
+    (["--model", "mine.keras", "--depth", "5"], "--depth: options of the built-in nets"),
     # were accepted and ignored: the probe ran on one device in float32
     (["--model", "mine.keras", "--distribute", "mirrored"],
      "Received: --distribute with --model mine.keras"),

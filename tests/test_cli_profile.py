@@ -159,8 +159,8 @@ def test_profile_a_factory_with_a_flat_input(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--init", "kaiming_normal"], "--init describe(s) a plain net"),
-    (["--depth", "3", "--draws", "2"], "--depth, --draws describe(s) a plain net"),
+    (["--init", "kaiming_normal"], "--init: options of the plain nets"),
+    (["--depth", "3", "--draws", "2"], "--depth, --draws: options of the plain nets"),
 ])
 def test_profile_your_model_refuses_plain_net_options(tmp_path, capsys, argv, match):
     path = tmp_path / "mine.keras"

@@ -103,7 +103,7 @@ def user_model_spec(args):
         spec = args.model
     given = _changed_flags(args, NET_FIELDS)
     if given:
-        raise ValueError(f"{', '.join(given)} describe(s) a built-in net; your model is probed "
+        raise ValueError(f"{', '.join(given)}: options of the built-in nets; your model is probed "
                          f"as it is. Received: {' '.join(given)} with --model {args.model}. "
                          "Allowed with your model: --optimizer, --lr, --momentum, --batch-size, "
                          "--data, --seed, --stats-every and the doctor's own options")

@@ -111,7 +111,7 @@ def _check_args(args):
         given = [flag for option, flag in PLAIN_NET_OPTIONS.items()
                  if getattr(args, option) is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} describe(s) a plain net; your model "
+            raise ValueError(f"{', '.join(given)}: options of the plain nets; your model "
                              f"({args.model}) is profiled as it is. Received: {' '.join(given)} "
                              "with --model FILE.keras/module:function. Allowed with your model: "
                              "--data, --batch-size, --seed, --plot, --csv, --full")
