@@ -403,7 +403,7 @@ def dead_units(rows, step, at_init, view, reported):
     worst = max(fractions.values())
     evidence = {"threshold": DEAD_FRACTION, "zero_fraction": fractions,
                 "max_zero_fraction": worst, "expected_zero_fraction": 0.5}
-    suggestion = _revive_units(view) if at_init else _dead_in_training(view)
+    suggestion = _revive_units() if at_init else _dead_in_training(view)
     message = (f"dead units {'at initialization' if at_init else f'at step {step}'} in "
                f"{span(fractions)}: up to {worst:.0%} of the outputs are exactly zero on the probe "
                f"(threshold {DEAD_FRACTION:.0%}; a ReLU of symmetric pre-activations gives 50%)")
@@ -411,7 +411,7 @@ def dead_units(rows, step, at_init, view, reported):
                    evidence, suggestion, message)
 
 
-def _revive_units(view, why="Most units are off from the start"):
+def _revive_units(why="Most units are off from the start"):
     return Suggestion({"activation": "leaky_relu", "init": "kaiming_normal"},
                       f"{why}: leaky ReLU keeps a gradient on the negative side, with Kaiming's "
                       "gain 2/((1 + a^2) fan_in).")
@@ -427,9 +427,9 @@ def _dead_in_training(view):
         return deferred(cause)
     ratio = view.update_ratio_per_step
     if _finite(ratio) and ratio <= sg.UPDATE_RATIO_TARGET:
-        return _revive_units(view, f"The updates are small (measured ||dW||/||W|| {_g(ratio)} "
-                                   f"per step, target about {sg.UPDATE_RATIO_TARGET:g}), so a "
-                                   "smaller learning rate would not bring the units back")
+        return _revive_units(f"The updates are small (measured ||dW||/||W|| {_g(ratio)} "
+                             f"per step, target about {sg.UPDATE_RATIO_TARGET:g}), so a smaller "
+                             "learning rate would not bring the units back")
     return lr_suggestion(view, "large updates pushed the units' pre-activations below zero "
                                "for every input")
 
