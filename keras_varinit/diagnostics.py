@@ -451,11 +451,7 @@ def _segments(recording, weight_records):
 
 def _checked_batch(model, x, training):
     """Refuse what `variance_profile` cannot profile; the batch `x` as one array."""
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"variance_profile needs a keras.Model. Received: model of type "
-            f"{type(model).__name__}{' ' + repr(model) if isinstance(model, str) else ''}. "
-            "Allowed: a built keras.Model (a saved file: keras.models.load_model(path) first).")
+    instrument.check_model(model, "variance_profile")
     if not getattr(model, "built", False):
         raise ValueError(
             "variance_profile needs a built model. Received: unbuilt "

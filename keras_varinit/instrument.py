@@ -174,6 +174,16 @@ def is_weight_layer(layer):
     return any(_own_variable(layer, name) is not None for name in KERNEL_ATTRIBUTES)
 
 
+def check_model(model, caller):
+    """Raise ValueError unless `model` is a `keras.Model` (a file path is a common mistake)."""
+    if not isinstance(model, keras.Model):
+        shown = f" {model!r}" if isinstance(model, str) else ""
+        raise ValueError(
+            f"{caller} needs a keras.Model. Received: model of type {type(model).__name__}"
+            f"{shown}. Allowed: a built keras.Model (a saved file: keras.models.load_model(path) "
+            "first).")
+
+
 def describe_model(model):
     """`model 'name' (Class)`, as error messages name a model."""
     return f"model {getattr(model, 'name', model)!r} ({type(model).__name__})"

@@ -138,9 +138,7 @@ def lsuv(model, x, target_variance=1.0, tol=0.02, max_iter=10, verbose=0, *,
 
 def _checked_arguments(model, x, target_variance, tol, max_iter, verbose):
     """Refuse what `lsuv` cannot work with; the batch `x` as a list of arrays."""
-    if not isinstance(model, keras.Model):
-        raise ValueError(f"lsuv needs a keras.Model. Received: model of type "
-                         f"{type(model).__name__}")
+    instrument.check_model(model, "lsuv")
     if not model.built:
         raise ValueError("lsuv needs a built model (create it with keras.Input, call it once "
                          "on a batch, or call model.build(input_shape)). Received: unbuilt "
