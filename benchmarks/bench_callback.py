@@ -34,6 +34,7 @@ machine's speed is bimodal from run to run: compare minima).
 
     .venv/bin/python benchmarks/bench_callback.py                   # both parts, 5 repeats
     .venv/bin/python benchmarks/bench_callback.py --images 2048 --repeats 2   # quick look
+    .venv/bin/python benchmarks/bench_callback.py --norm batch      # a BN net (64 tracked layers)
 """
 import argparse
 import os
@@ -52,6 +53,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from keras_varinit.callbacks import LayerStatsLogger  # noqa: E402
 from keras_varinit.models import plain_cnn  # noqa: E402
+from keras_varinit.net_options import NORMALIZATIONS  # noqa: E402
 from keras_varinit.probe import COMPILE_AFTER  # noqa: E402
 
 PROBE = 128
@@ -231,6 +233,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5,
                    help="interleaved repeats of each variant (the minimum is reported)")
     p.add_argument("--depth", type=int, default=22, help="weight layers of the plain CNN")
+    p.add_argument("--norm", choices=NORMALIZATIONS, default="none",
+                   help="normalization before each activation of the plain CNN (the logger "
+                        "then tracks the normalization layers too)")
     p.add_argument("--part", choices=("both", "probe", "fit"), default="both",
                    help="1: one probe log against one training step; 2: fit() with the "
                         "logger against fit() without it; both (default)")
@@ -241,13 +246,14 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.images, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, args.images)
-    model = plain_cnn(args.depth, seed=0)
+    model = plain_cnn(args.depth, seed=0, normalization=args.norm)
     model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     print(f"backend={keras.backend.backend()} keras={keras.__version__} "
           f"cpus={os.cpu_count()} python={platform.python_version()} "
           f"load={os.getloadavg()[0]:.1f}")
-    print(f"model: plain_cnn({args.depth}), {len(model.layers)} layers")
+    print(f"model: plain_cnn({args.depth}, normalization={args.norm!r}), "
+          f"{len(model.layers)} layers")
     with _Clock() as clock:
         model.fit(x[:4 * args.batch_size], y[:4 * args.batch_size], batch_size=args.batch_size,
                   epochs=1, verbose=0)
