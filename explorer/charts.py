@@ -32,6 +32,12 @@ def _positive(series: pd.Series) -> pd.Series:
     return values.where(np.isfinite(values) & (values > 0))
 
 
+#: Integer tick labels. Through ``labelExpr``, not ``format="d"``: the Vega build Streamlit
+#: ships drops the middle tick (label and grid line) of exactly three explicit ``values``
+#: when the axis has ``format="d"`` (a 3-layer model's axis read "1 ... 3").
+INTEGER_LABELS = "format(datum.value, 'd')"
+
+
 def count_axis(counts, max_ticks: int = 10) -> alt.Axis:
     """An axis for counts (epochs, steps, layer numbers) with ticks on integers only, labelled
     as integers: a one-epoch run's axis reads "1" (not "1.000000"), a 3-step one has no "1.5".
@@ -43,11 +49,11 @@ def count_axis(counts, max_ticks: int = 10) -> alt.Axis:
     values = pd.to_numeric(pd.Series(counts), errors="coerce").astype(float)
     values = values[np.isfinite(values)]
     if values.empty:
-        return alt.Axis(format="d")
+        return alt.Axis(labelExpr=INTEGER_LABELS)
     lo, hi = math.floor(values.min()), math.ceil(values.max())
     step = _tick_step(hi - lo, max_ticks)
     ticks = list(range(-(-lo // step) * step, hi + 1, step))  # the multiples of step in range
-    return alt.Axis(values=ticks, format="d")
+    return alt.Axis(values=ticks, labelExpr=INTEGER_LABELS)
 
 
 def _tick_step(span: int, max_ticks: int) -> int:

@@ -29,14 +29,14 @@ def _runs(epochs):
 def test_compare_chart_epoch_axis_has_integer_ticks(epochs, ticks):
     """A one-epoch run's axis has one tick, "1" (it read "1.000000"), never a fraction."""
     axis = x_axis(charts.compare_chart(_runs(epochs), "epoch", "val_accuracy", title="t"))
-    assert axis["format"] == "d"
+    assert axis["labelExpr"] == charts.INTEGER_LABELS
     assert axis["values"] == ticks
 
 
 def test_compare_chart_step_axis_and_other_fields():
     frames = {"a": pd.DataFrame({"step": [0, 250, 500, 1000], "loss": [2.3, 2.0, 1.8, 1.5]})}
     axis = x_axis(charts.compare_chart(frames, "step", "loss", title="t"))
-    assert axis == {"format": "d", "values": list(range(0, 1001, 100))}
+    assert axis == {"labelExpr": charts.INTEGER_LABELS, "values": list(range(0, 1001, 100))}
     frames = {"a": pd.DataFrame({"lr": [0.01, 0.1], "loss": [2.0, 1.0]})}
     assert "values" not in x_axis(charts.compare_chart(frames, "lr", "loss", title="t"))
 
@@ -45,10 +45,10 @@ def test_training_and_fraction_charts_step_axes():
     steps = pd.DataFrame({"step": [1, 2, 3], "loss": [2.0, 1.9, 1.8]})
     metrics = pd.DataFrame({"epoch": [1], "val_loss": [1.7]})
     axis = x_axis(charts.training_chart(steps, metrics, 3, "loss"))
-    assert axis == {"format": "d", "values": [1, 2, 3]}  # no tick at 1.5
+    assert axis == {"labelExpr": charts.INTEGER_LABELS, "values": [1, 2, 3]}  # no tick at 1.5
     stats = pd.DataFrame({"step": [0, 0, 7, 7], "layer": ["act_01", "act_02"] * 2,
                           "layer_index": [1, 2] * 2, "zero_fraction": [0.1, 0.2, 0.3, 0.4]})
-    assert x_axis(charts.fractions_chart(stats)) == {"format": "d",
+    assert x_axis(charts.fractions_chart(stats)) == {"labelExpr": charts.INTEGER_LABELS,
                                                      "values": list(range(0, 8))}
 
 
@@ -97,7 +97,7 @@ def test_profile_chart_refuses_an_unknown_direction_and_draws_a_missing_one_as_a
 
 def test_count_axis_without_finite_values():
     assert charts.count_axis(pd.Series([float("nan"), float("inf")])).to_dict() == {
-        "format": "d"}
+        "labelExpr": charts.INTEGER_LABELS}
 
 
 def _modes_metrics(epochs):
@@ -109,11 +109,11 @@ def _modes_metrics(epochs):
 
 @pytest.mark.parametrize("epochs,ticks", [(1, [1]), (3, [1, 2, 3])])
 def test_mode_charts_have_integer_epoch_ticks(epochs, ticks):
-    assert x_axis(charts.modes_chart(_modes_metrics(epochs))) == {"format": "d",
-                                                                   "values": ticks}
+    integer_ticks = {"labelExpr": charts.INTEGER_LABELS, "values": ticks}
+    assert x_axis(charts.modes_chart(_modes_metrics(epochs))) == integer_ticks
     spec = charts.mode_gap_chart(_modes_metrics(epochs)).to_dict()
     (line,) = [layer for layer in spec["layer"] if "x" in layer.get("encoding", {})]
-    assert line["encoding"]["x"]["axis"] == {"format": "d", "values": ticks}
+    assert line["encoding"]["x"]["axis"] == integer_ticks
     gaps = charts.mode_gaps(_modes_metrics(epochs))
     assert gaps["mode_gap"].tolist() == pytest.approx([0.3] * epochs)
 
