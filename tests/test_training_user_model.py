@@ -64,6 +64,23 @@ def test_keras_file_trains_from_its_own_weights(tmp_path):
 
 
 @pytest.mark.backend_independent
+def test_model_path_is_the_file_shorthand_and_a_factory_is_refused(tmp_path):
+    """`train --model net.keras` as `profile` and `doctor` take it; a factory cannot be resumed
+    from config.json, so train asks for the saved file instead."""
+    args = parse(["--model", "net.keras", "--data", "synthetic"])
+    train.model_file_shorthand(args)
+    config = train.config_from_args(args)
+    assert (config.model, config.model_file) == ("file", "net.keras")
+    args = parse(["--model", "my_project.nets:build"])
+    with pytest.raises(ValueError, match=r"Received: --model my_project.nets:build\. Allowed: "
+                                         r"save what the factory builds"):
+        train.run(args)
+    args = parse(["--model", "resnet"])
+    with pytest.raises(ValueError, match="Allowed: 'cnn', 'mlp', 'file', 'application'"):
+        train.run(args)
+
+
+@pytest.mark.backend_independent
 def test_softmax_output_is_trained_on_probabilities(tmp_path):
     config = TrainConfig(model="file", model_file=two_conv(tmp_path / "p.keras",
                                                            activation="softmax"), **TINY)

@@ -5,7 +5,7 @@ Example::
 
     keras-varinit train --model cnn --depth 30 --width 16 --init kaiming_normal \\
         --activation relu --optimizer sgd --lr 0.01 --momentum 0.9 --epochs 2 --subset 10000
-    keras-varinit train --model file --model-file my_net.keras --epochs 2
+    keras-varinit train --model my_net.keras --epochs 2    # = --model file --model-file ...
     keras-varinit train --model application --application MobileNetV2
     tensorboard --logdir runs/
 
@@ -32,7 +32,8 @@ def add_parser(subparsers, schema=TrainConfig):
     """Register ``train``: the options of ``schema``'s fields, then the run's own options."""
     p = subparsers.add_parser(
         "train", help=HELP, description="Train a plain CNN/MLP on CIFAR-10, or your own model "
-        "(--model file --model-file net.keras: from its saved weights, loaded in safe mode; "
+        "(--model net.keras, or --model file --model-file net.keras: from its saved weights, "
+        "loaded in safe mode; "
         "--model application --application NAME: keras.applications with weights=None). "
         "Writes config.json, "
         "status.json, steps.jsonl, metrics.csv, layer_stats.jsonl, tensorboard/ and backup/ "
@@ -97,9 +98,24 @@ def _fmt(value, pct=False):
     return f"{100 * value:.2f}%" if pct else f"{value:.4f}"
 
 
+def model_file_shorthand(args):
+    """``--model net.keras`` as ``--model file --model-file net.keras``, the form ``profile`` and
+    ``doctor`` take too. A factory (``module:function``) is refused: a run is rebuilt from its
+    config.json on ``--resume`` and in the explorer, so it trains a saved file."""
+    model = args.model
+    if model.endswith(".keras") and args.model_file is None:
+        args.model, args.model_file = "file", model
+    elif ":" in model:
+        raise ValueError(f"train takes a saved model, not a factory. Received: --model {model}. "
+                         "Allowed: save what the factory builds (model.save('net.keras')) and "
+                         "pass --model net.keras; `keras-varinit profile` and `doctor` take "
+                         "the factory itself")
+
+
 def run(args):
     from keras_varinit.training.loop import EXIT_CODES, run_training
 
+    model_file_shorthand(args)
     config = config_from_args(args, args.schema).validate()
     for problem in config.problems():  # advice only: validate() raised any blocking one
         print(f"keras-varinit train: warning: {problem.text}", file=sys.stderr)
