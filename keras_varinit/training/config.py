@@ -364,8 +364,9 @@ class TrainConfig:
     """
 
     model: str = option(
-        "cnn", "plain_cnn, plain_mlp, a .keras file (file: --model-file) or a "
-        "keras.applications architecture (application: --application)", choices=MODELS,
+        "cnn", "plain_cnn, plain_mlp, a .keras file (file: --model-file, or the file's path "
+        "as --model net.keras) or a keras.applications architecture (application: "
+        "--application)", choices=MODELS,
         slug="{}", at_init=True,
         widget=Widget(WidgetKind.RADIO, "Model", NETWORK,
                       labels={"cnn": "Plain CNN", "mlp": "MLP", "file": "Your .keras file",
