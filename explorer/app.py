@@ -431,11 +431,15 @@ def show_profile_metrics(result, elapsed):
     hidden = ratios.get("hidden_layers", len(result["table"]))
     m1, m2, m3 = st.columns(3)
     hidden = hidden if hidden > 1 else "n"   # one hidden layer: nothing to compare
-    m1.metric(f"Forward variance, layer {hidden} / layer 1",
+    first, last = ratios.get("forward_layers", (1, hidden))
+    m1.metric(f"Forward variance, layer {last} / layer {first}",
               "n/a" if fwd is None or fwd != fwd else f"{fwd:.2g}\u00d7",
               help="Measured variance of the pre-activations of the last hidden layer "
                    "over the first one's (the classifier after global pooling is left "
-                   "out). Near 1: the signal keeps its scale through depth.")
+                   "out). Near 1: the signal keeps its scale through depth. A "
+                   "normalization layer restarts the scale: with some, the two layers of "
+                   "the stretch between them that drifts most, as in the verdict; n/a when "
+                   "every hidden layer is renormalized.")
     m2.metric(f"Gradient variance, layer 1 / layer {hidden}",
               "n/a" if bwd is None or bwd != bwd else f"{bwd:.2g}\u00d7",
               help="Measured variance of the loss gradient reaching the first layer "

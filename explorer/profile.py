@@ -191,22 +191,28 @@ def signal_summary(table: pd.DataFrame) -> dict:
     """Measured variance ratios across the hidden layers (the output layer is left out, as
     in the verdict: ``profile_report.last_hidden_row``).
 
-    ``forward``: Var[y] of the last hidden layer / the first's; ``backward``: Var[dL/dy] at the
-    first layer / at the last hidden layer (absent with a single hidden layer);
-    ``hidden_layers``: how many layers that spans.
+    ``forward``: Var[y] of the last layer over the first of the rows the verdict compares
+    (``profile_report.compared_rows``: within a stretch between normalization layers), at
+    1-based layers ``forward_layers``; absent where it compares none (a single hidden layer,
+    or every hidden layer renormalized). ``backward``: Var[dL/dy] at the first layer / at the
+    last hidden layer (absent with a single hidden layer); ``hidden_layers``: how many layers
+    that spans.
     """
-    from keras_varinit.profile_report import last_hidden_row
+    from keras_varinit.profile_report import compared_rows, last_hidden_row
 
-    hidden = table.iloc[:last_hidden_row(len(table)) + 1]
-    out = {"hidden_layers": len(hidden)}
-    for direction, column in (("forward", "forward_var"), ("backward", "backward_var")):
-        if column not in hidden or len(hidden) < 2:
+    last = last_hidden_row(len(table))
+    out = {"hidden_layers": last + 1}
+    i, j = compared_rows(table) if "forward_var" in table else (0, 0)
+    pairs = {"forward": ("forward_var", j, i), "backward": ("backward_var", 0, last)}
+    for direction, (column, top, bottom) in pairs.items():
+        if column not in table or top == bottom:
             continue
-        values = pd.to_numeric(hidden[column], errors="coerce").to_numpy(dtype=float)
-        first, last = values[0], values[-1]
-        num, den = (last, first) if direction == "forward" else (first, last)
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
+        num, den = values[top], values[bottom]
         if math.isfinite(num) and math.isfinite(den) and den > 0:
             out[direction] = num / den
         else:
             out[direction] = float("nan")
+    if "forward" in out:
+        out["forward_layers"] = (i + 1, j + 1)
     return out

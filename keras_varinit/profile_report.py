@@ -62,16 +62,54 @@ def last_hidden_row(n_rows):
     return max(int(n_rows) - 2, 0)
 
 
+def stretches(df):
+    """The hidden weight layers' rows (`last_hidden_row`) as runs with no normalization between
+    them (the profile's `segment`, `propagation.renormalizes`): one run without a `segment`
+    column. A normalization restarts the forward scale, so variances are compared within a
+    run only, as the diagnosis does."""
+    rows = np.arange(min(last_hidden_row(len(df)) + 1, len(df)))
+    if "segment" not in df:
+        return [rows]
+    segment = df["segment"].to_numpy(int)[rows]
+    return np.split(rows, np.flatnonzero(np.diff(segment)) + 1)
+
+
+def _renormalized(df):
+    """Whether the verdict compares within `stretches`: normalization layers between the
+    hidden weight layers, and a forward variance finite and nonzero on all of them."""
+    forward = df["forward_var"].to_numpy(float)[:last_hidden_row(len(df)) + 1]
+    return len(stretches(df)) > 1 and bool((np.isfinite(forward) & (forward > 0)).all())
+
+
 def compared_rows(df):
     """(first row, last row) the verdict compares: the first and the last hidden weight layer
-    (`last_hidden_row`); equal when the model has a single hidden weight layer."""
-    return 0, last_hidden_row(len(df))
+    (`last_hidden_row`) of one of the `stretches` between normalization layers, of all of them
+    without normalization. With several, only stretches the recursion follows as a chain
+    (`predicted_forward_var_cumulative` finite throughout: parallel branches, such as a
+    residual block's shortcut convolution, are not one signal's path) of two or more layers,
+    and of those the one whose last/first forward ratio is farthest from 1; equal rows when
+    there is none or the model has a single hidden weight layer. Where the forward variance
+    overflows or vanishes (inf, NaN or 0) the whole net is compared, normalized or not:
+    float32 lost the signal."""
+    runs = stretches(df)
+    last = last_hidden_row(len(df))
+    if not _renormalized(df):
+        return 0, last
+    forward = df["forward_var"].to_numpy(float)
+    column = "predicted_forward_var_cumulative"
+    chain = df[column].to_numpy(float) if column in df else np.ones(len(df))
+    pairs = [(int(run[0]), int(run[-1])) for run in runs
+             if len(run) > 1 and np.isfinite(chain[run]).all()]
+    if not pairs:
+        return 0, 0
+    return max(pairs, key=lambda pair: abs(math.log(forward[pair[1]] / forward[pair[0]])))
 
 
 def summarize_profile(df, within=4.0, stall=1e-3, explode=1e3):
     """The one-line `Verdict` on the forward variance, last hidden weight layer against the
-    first (`compared_rows`), and on float32 overflow or underflow of the gradient; UNDETERMINED
-    for a model with a single hidden weight layer.
+    first (`compared_rows`: within a stretch between normalization layers, which restart the
+    scale), and on float32 overflow or underflow of the gradient; UNDETERMINED for a model with
+    a single hidden weight layer, OK when every hidden layer after the first is renormalized.
 
     Below `stall` (10^-3): "forward variance falls 10^-9x from conv_01 to conv_29 (30 weight
     layers): expect training to stall"; above `explode`: "... grows 10^5x ...: expect
@@ -85,7 +123,9 @@ def summarize_profile(df, within=4.0, stall=1e-3, explode=1e3):
                          "Received: an empty DataFrame")
     i, j = compared_rows(df)
     first, last = float(df["forward_var"].iloc[i]), float(df["forward_var"].iloc[j])
-    span = f"from {df['layer'].iloc[i]} to {df['layer'].iloc[j]} ({len(df)} weight layers)"
+    normalized = _renormalized(df)
+    where = "the chain between normalization layers that drifts most; " if normalized else ""
+    span = f"from {df['layer'].iloc[i]} to {df['layer'].iloc[j]} ({where}{len(df)} weight layers)"
     ratio = propagation.variance_ratio(first, last)
     failure = lambda text: Verdict(VerdictLevel.FAILURE, text)  # noqa: E731
     if not math.isfinite(ratio):
@@ -98,6 +138,15 @@ def summarize_profile(df, within=4.0, stall=1e-3, explode=1e3):
     gradient = _gradient_out_of_range(df)
     if gradient is not None:
         return failure(gradient)
+    if i == j and normalized:
+        k = last_hidden_row(len(df))
+        restarts = int(df["segment"].iloc[k]) - int(df["segment"].iloc[0])
+        return Verdict(VerdictLevel.OK, "forward variance restarts at each of the "
+                                        f"{restarts} normalization layers between "
+                                        f"{df['layer'].iloc[0]} and {df['layer'].iloc[k]}, "
+                                        "with no chain of weight layers between two of them "
+                                        f"({len(df)} weight layers): it cannot drift through "
+                                        "depth")
     if i == j:
         return Verdict(VerdictLevel.UNDETERMINED,
                        f"only {len(df)} weight layer{'s' if len(df) > 1 else ''}, the output "

@@ -84,6 +84,49 @@ def test_compared_rows_leave_out_the_output_layer():
     assert [profile_report.last_hidden_row(n) for n in (1, 2, 3, 30)] == [0, 0, 1, 28]
 
 
+def _normalized(values, segment, cumulative=None):
+    df = _fake(values)
+    df["segment"] = segment
+    df["predicted_forward_var_cumulative"] = values if cumulative is None else cumulative
+    return df
+
+
+def test_the_verdict_compares_within_the_chains_between_normalization_layers():
+    """A normalization restarts the forward scale: the verdict compares the first and last
+    layer of the chain between two of them that drifts most, never across one (a batch-norm
+    net fed raw pixels read 'falls 10^-5x: expect training to stall', EfficientNetB0 on
+    normalized inputs 'grows 10^5x: expect divergence')."""
+    ok, warning = profile_report.VerdictLevel.OK, profile_report.VerdictLevel.WARNING
+    values = [1.0, 0.5, 0.25, 1.0, 0.1, 0.01, 1.0]    # a normalization after l2
+    df = _normalized(values, [0, 0, 0, 1, 1, 1, 1])
+    assert profile_report.compared_rows(df) == (3, 5)
+    verdict = profile_report.summarize_profile(df)
+    assert verdict.level is warning, verdict
+    assert "falls x0.01 from l3 to l5 (the chain between normalization layers that drifts " \
+           "most; 7 weight layers)" in verdict.text
+    # the same net without the normalization: first against last hidden layer
+    assert profile_report.compared_rows(_fake(values)) == (0, 5)
+    # every hidden layer renormalized: nothing drifts, whatever the scales
+    df = _normalized([4e4, 1.0, 0.5, 1.0, 1.0], [0, 1, 2, 3, 4])
+    assert profile_report.compared_rows(df) == (0, 0)
+    verdict = profile_report.summarize_profile(df)
+    assert verdict.level is ok, verdict
+    assert verdict.text == "forward variance restarts at each of the 3 normalization layers " \
+                           "between l0 and l3, with no chain of weight layers between two of " \
+                           "them (5 weight layers): it cannot drift through depth"
+    # parallel branches (a shortcut convolution after the block's last one): not a chain
+    df = _normalized([1.0, 0.2, 3.0, 1.0, 1.0], [0, 1, 1, 2, 3],
+                     cumulative=[1.0, np.nan, np.nan, np.nan, np.nan])
+    assert profile_report.compared_rows(df) == (0, 0)
+    assert profile_report.summarize_profile(df).level is ok
+    # float32 lost the signal: compared over the whole net, normalized or not
+    df = _normalized([1.0, np.inf, np.nan, np.nan, np.nan], [0, 1, 2, 3, 4])
+    assert profile_report.compared_rows(df) == (0, 3)
+    verdict = profile_report.summarize_profile(df)
+    assert verdict.text == "forward variance overflows (inf/NaN) from l0 to l3 (5 weight " \
+                           "layers): expect divergence"
+
+
 def test_a_single_hidden_layer_is_undetermined_not_ok():
     """A conv and its classifier (or an LSTM model's one profiled Dense) once got a green
     "stays within 4x from dense_5 to dense_5": with one hidden layer there is nothing to

@@ -363,7 +363,7 @@ def _verdict_lines(name, df):
     from keras_varinit import profile_report
 
     lines = [f"{name}: {profile_report.summarize_profile(df).text}"]
-    _, last = profile_report.compared_rows(df)
+    last = profile_report.last_hidden_row(len(df))
     pred = df["predicted_forward_var_cumulative"].iloc[last]
     with np.errstate(all="ignore"):
         measured = df["forward_var"].iloc[last] / pred
