@@ -50,6 +50,8 @@ def test_profile_synthetic_data(capsys):
     (["--depth", "1"], "--depth must be >= 2"),
     (["--batch-size", "1"], "--batch-size must be >= 2"),
     (["--draws", "0"], "--draws must be >= 1. Received: --draws 0"),
+    (["--draws", "4", "--norm", "batch"], "Received: --draws 4 --norm batch. Allowed: --draws "
+                                          "with --norm none"),
     (["--init", "no_such_init", "--depth", "3", "--width", "2", "--batch-size", "4"],
      "no_such_init"),
     (["--model", "mlp", "--norm", "instance", "--depth", "3", "--batch-size", "4"],

@@ -125,6 +125,12 @@ def _check_args(args):
             raise ValueError(f"--width must be >= 1. Received: --width {args.width}")
         if args.draws < 1:
             raise ValueError(f"--draws must be >= 1. Received: --draws {args.draws}")
+        if args.draws > 1 and args.norm != "none":
+            raise ValueError("--draws spreads the last/first forward ratio of the verdict over "
+                             "weight draws; a normalization before every activation restarts "
+                             "the scale at each layer, so there is no ratio to spread. "
+                             f"Received: --draws {args.draws} --norm {args.norm}. Allowed: "
+                             "--draws with --norm none")
     if args.batch_size < 2:
         raise ValueError(f"--batch-size must be >= 2. Received: --batch-size {args.batch_size}")
     if args.seed < 0:
