@@ -5,7 +5,9 @@ architecture; nothing is downloaded), `input_shape=(32, 32, 3)`, `include_top=Tr
 `classes=10` and `classifier_activation=None` (logits, as the trainer's loss expects). All of
 `APPLICATIONS` build at 32 x 32, the smallest input these architectures accept (their pooling
 stages leave a 1 x 1 map). MobileNetV3Small and EfficientNetB0 keep their own input
-rescaling layers (made for 0-255 pixels; they see the trainer's standardized ones).
+rescaling layers (made for 0-255 pixels; they see the trainer's standardized ones unless the
+run's `input_normalization` is "none": for EfficientNetB0 the diagnosis's unnormalized-input
+finding says so).
 
 Importing this module does not import Keras (the names are part of the run schema).
 

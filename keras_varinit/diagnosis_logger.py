@@ -24,6 +24,11 @@ PROFILE_IMAGES = 32
 
 _SHAPE_ONLY_LAYERS = (keras.layers.InputLayer, keras.layers.Flatten, keras.layers.Reshape,
                       keras.layers.Permute, keras.layers.Dropout, keras.layers.Identity)
+#: Before the first weight layer, layers that are part of its geometry, not a rescaling of the
+#: input (`model_input_layers` leaves them out).
+_GEOMETRY_LAYERS = _SHAPE_ONLY_LAYERS + (
+    keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D,
+    keras.layers.Cropping1D, keras.layers.Cropping2D, keras.layers.Cropping3D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,16 +54,32 @@ def hidden_activation(model):
     return collections.Counter(names).most_common(1)[0][0] if names else None
 
 
+def _first_weight_site(sites):
+    return next((s for s in sites if instrument.is_weight_layer(s.layer)), None)
+
+
+def _leaves_before_first_weight_layer(sites):
+    first = _first_weight_site(sites)
+    return [s for s in sites[:first.position] if s.is_leaf] if first is not None else []
+
+
+def model_input_layers(model):
+    """The paths of the leaf layers before the first weight layer that rescale the input (a
+    keras.applications net's `Rescaling` and `Normalization`), not reshape or pad it."""
+    sites = _leaves_before_first_weight_layer(instrument.layer_sites(model))
+    return tuple(s.path for s in sites if not isinstance(s.layer, _GEOMETRY_LAYERS))
+
+
 def _first_layer_input(model, x):
     """The first weight layer's input on the batch `x`: `x` itself when only shape-changing
     layers come before it, else a sub-model's output; None when that cannot be built."""
     sites = instrument.layer_sites(model)
-    first = next((s for s in sites if instrument.is_weight_layer(s.layer)), None)
+    first = _first_weight_site(sites)
     if first is None or isinstance(x, (list, tuple, dict)) or \
             len(getattr(model, "inputs", None) or ()) != 1:
         return None
-    before = [s.layer for s in sites[:first.position] if s.is_leaf]
-    if all(isinstance(layer, _SHAPE_ONLY_LAYERS) for layer in before):
+    before = _leaves_before_first_weight_layer(sites)
+    if all(isinstance(s.layer, _SHAPE_ONLY_LAYERS) for s in before):
         return np.asarray(x)
     try:
         sub = keras.Model(model.inputs[0], first.layer.input)
@@ -78,8 +99,9 @@ def _learning_rate(model):
 def model_context(model, x=None, context=None):
     """A `Context` for `model`: the fields `context` leaves empty are read from the model
     (classes from the output's last dimension, batch normalization layers, the hidden
-    activation, the optimizer's learning rate) and from `x`, a batch of inputs (mean and std of
-    the first weight layer's input). The batch size cannot be read: give it in `context`."""
+    activation, the optimizer's learning rate, `model_input_layers`) and from `x`, a batch of
+    inputs (mean and std of the first weight layer's input). The batch size cannot be read:
+    give it in `context`."""
     given = context or Context()
     outputs = getattr(model, "outputs", None) or []
     num_classes = int(outputs[0].shape[-1]) if len(outputs) == 1 and \
@@ -98,7 +120,8 @@ def model_context(model, x=None, context=None):
         activation=given.activation or hidden_activation(model),
         lr=given.lr if given.lr is not None else _learning_rate(model),
         input_mean=given.input_mean if given.input_mean is not None else mean,
-        input_std=given.input_std if given.input_std is not None else std)
+        input_std=given.input_std if given.input_std is not None else std,
+        input_layers=given.input_layers or model_input_layers(model))
 
 
 # --------------------------------------------------------------------------------------------

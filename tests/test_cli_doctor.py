@@ -119,6 +119,13 @@ def test_the_fix_for_your_own_model_is_keras_code_that_makes_the_same_change(cha
             assert isinstance(layer, kind), line
 
 
+def test_keras_code_for_raw_inputs_says_what_to_feed():
+    """The one fix that is no code to add: a model with its own input layers wants the raw
+    pixels (no normalization of one's own before them)."""
+    (line,) = suggestions.keras_code({"input_normalization": "none"})
+    assert line.startswith("the raw pixels (0-255) as the model's input, not normalized first")
+
+
 def test_keras_code_refuses_a_field_no_suggestion_has():
     with pytest.raises(ValueError, match=r"Unknown suggestion fields. Received: \['depth'\]"):
         suggestions.keras_code({"depth": 4})

@@ -157,6 +157,7 @@ def _every_suggested_change():
     yield suggestions.normalization("batch")
     yield suggestions.normalization("group")
     yield suggestions.input_normalization()
+    yield suggestions.input_normalization(model_rescales=True)
     yield {"lr": suggestions.lowered_lr(10.0, 2.1)}
     yield {"lr": suggestions.raised_lr(0.01)}
     yield {"activation": "leaky_relu", "init": "kaiming_normal"}
@@ -500,6 +501,22 @@ def test_unnormalized_input_edges(second_moment, severity):
     f = one(findings, "unnormalized_input")
     assert f.severity == severity and f.layers == ("dense_01",) and f.step == 0
     assert f.suggestion.changes == {"input_normalization": "pooled"}
+
+
+def test_a_model_that_rescales_its_input_is_fed_raw_pixels():
+    """keras.applications' EfficientNetB0 (weights=None) divides its input by 255 before its
+    first convolution: given standardized images, E[x^2] there is 1.5e-5, and "normalize the
+    inputs" (already done) would re-run the same thing. The fix is to feed the raw range."""
+    own = Context(input_mean=0.0, input_std=math.sqrt(1.5e-5), input_layers=("rescaling",))
+    f = one(diagnose(chain(0), context=own), "unnormalized_input")
+    assert f.suggestion.changes == {"input_normalization": "none"}
+    assert "after the model's own input layers (rescaling)" in f.message
+    assert "feed it that range" in f.suggestion.text
+    # too large after its own layers: normalizing the data is still the fix
+    big = Context(input_mean=0.0, input_std=150.0, input_layers=("rescaling",))
+    f = one(diagnose(chain(0), context=big), "unnormalized_input")
+    assert f.suggestion.changes == {"input_normalization": "pooled"}
+    assert Context.from_dict(own.to_dict()) == own
 
 
 def test_the_profile_measures_the_first_layer_input():

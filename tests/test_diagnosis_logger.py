@@ -146,10 +146,12 @@ def test_the_context_comes_from_the_model():
     assert ctx.lr == pytest.approx(3e-4) and ctx.batch_size is None
     # the first weight layer sees the rescaled input: E[x^2] = 1, not 255^2
     assert ctx.input_second_moment == pytest.approx(1.0)
+    assert ctx.input_layers == (model.layers[1].name,)   # the Rescaling layer
     given = model_context(model, x, Context(batch_size=4, activation="tanh", lr=0.1))
     assert (given.batch_size, given.activation, given.lr) == (4, "tanh", 0.1)
     mlp = kv.models.plain_mlp(3, width=8, activation="tanh", input_shape=(4, 4, 3))
     assert model_context(mlp, np.ones((2, 4, 4, 3))).input_second_moment == 1.0
+    assert model_context(mlp).input_layers == ()   # a Flatten only changes the shape
 
 
 @bi

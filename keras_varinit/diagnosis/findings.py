@@ -137,6 +137,9 @@ class Context:
         lr: the learning rate (a suggestion proposes a new value).
         input_mean, input_std: mean and standard deviation of the first weight layer's input
             over a batch (its second moment is input_mean^2 + input_std^2).
+        input_layers: names of the model's own layers that change its input's values before
+            the first weight layer (`Rescaling`, `Normalization`, as in keras.applications),
+            empty when none do.
     """
 
     num_classes: int | None = None
@@ -146,9 +149,11 @@ class Context:
     lr: float | None = None
     input_mean: float | None = None
     input_std: float | None = None
+    input_layers: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "batch_norm_layers", tuple(self.batch_norm_layers))
+        object.__setattr__(self, "input_layers", tuple(self.input_layers))
         for name in ("num_classes", "batch_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value

@@ -564,12 +564,20 @@ def unnormalized_input(second_moment, step, first_layer, view):
     severe = not INPUT_MOMENT_SEVERE[0] <= second_moment <= INPUT_MOMENT_SEVERE[1]
     stats = "" if ctx.input_mean is None or ctx.input_std is None else \
         f" (mean {ctx.input_mean:.3g}, std {ctx.input_std:.3g})"
-    suggestion = Suggestion(sg.input_normalization(),
-                            "Normalize the inputs per channel: x -> (x - mean_c) / std_c, so "
-                            "E[x^2] = 1 as the initializers assume.")
+    own = ", ".join(ctx.input_layers)
+    if own and second_moment < low:   # the model's own rescaling shrinks normalized inputs
+        suggestion = Suggestion(sg.input_normalization(model_rescales=True),
+                                f"The model's own input layers ({own}) rescale the input for "
+                                "the range they were built for (keras.applications: pixels "
+                                "in [0, 255]); feed it that range, not normalized first.")
+    else:
+        suggestion = Suggestion(sg.input_normalization(),
+                                "Normalize the inputs per channel: x -> (x - mean_c) / std_c, "
+                                "so E[x^2] = 1 as the initializers assume.")
+    after = f" after the model's own input layers ({own})" if own else ""
     message = (f"unnormalized input at {first_layer or 'the first layer'}: E[x^2] = "
-               f"{second_moment:.3g}{stats}, outside [{low:g}, {high:g}]: the first layer's "
-               f"variance starts x{second_moment:.3g} off")
+               f"{second_moment:.3g}{stats}{after}, outside [{low:g}, {high:g}]: the first "
+               f"layer's variance starts x{second_moment:.3g} off")
     layers = (first_layer,) if first_layer else ()
     return Finding(Kind.UNNORMALIZED_INPUT, step, layers, _severity(severe), evidence,
                    suggestion, message)

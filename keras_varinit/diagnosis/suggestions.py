@@ -74,9 +74,10 @@ def normalization(kind):
     return {NORMALIZATION_FIELD: NORMALIZATION_VALUES[kind]}
 
 
-def input_normalization():
-    """Normalize the inputs per channel with the pooled standard deviation."""
-    return {"input_normalization": "pooled"}
+def input_normalization(model_rescales=False):
+    """Normalize the inputs per channel with the pooled standard deviation; for a model with
+    its own input layers (`Context.input_layers`), feed it the raw pixels they expect."""
+    return {"input_normalization": "none" if model_rescales else "pooled"}
 
 
 def _power_of_ten_below(value):
@@ -132,9 +133,12 @@ def keras_code(changes):
                      "weight layer (use_bias=False) and its activation")
     if "lr" in changes:
         lines.append(f"learning_rate={changes['lr']:g} in the optimizer")
-    if "input_normalization" in changes:
+    if changes.get("input_normalization") == "pooled":
         lines.append('keras_varinit.channel_stats(x_train, "pooled").normalization_layer() as '
                      "the model's first layer")
+    elif "input_normalization" in changes:
+        lines.append("the raw pixels (0-255) as the model's input, not normalized first: its "
+                     "own input layers (Rescaling, Normalization) expect them")
     return lines
 
 
