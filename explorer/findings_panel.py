@@ -19,16 +19,11 @@ COLUMNS = ("kind", "step", "severity", "layers", "message", "fix")
 
 
 def fix_text(changes: dict) -> str:
-    """A suggestion's changes in the page's words: "Initializer: Kaiming normal (fan_in)"."""
-    specs = {spec.name: spec for spec in fields(TrainConfig)}
-    parts = []
-    for name, value in changes.items():
-        control = presets.CONTROLS.get(name)
-        if control is not None:
-            parts.append(f"{control.widget.label}: {presets.label(control, value)}")
-        else:
-            parts.append(f"{name.replace('_', ' ')}: {specs[name].to_text(value)}")
-    return "; ".join(parts)
+    """A suggestion's changes in the page's words: "Initializer: Kaiming normal (fan_in)"
+    (every field a suggestion may change, `suggestions.CONFIG_FIELDS`, is a sidebar control)."""
+    return "; ".join(f"{presets.CONTROLS[name].widget.label}: "
+                     f"{presets.label(presets.CONTROLS[name], value)}"
+                     for name, value in changes.items())
 
 
 def layers_text(layers, shown: int = 4) -> str:

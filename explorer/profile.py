@@ -68,12 +68,14 @@ def data_info() -> DataInfo:
 
 
 @functools.lru_cache(maxsize=4)
-def probe_batch(data: str, n: int = 128, seed: int = 0):
-    """A normalized batch of ``n`` training images and labels, and whether it is synthetic.
+def probe_batch(data: str, n: int = 128, seed: int = 0, input_normalization: str = "pooled"):
+    """A batch of ``n`` training images and labels as training feeds them, and whether it is
+    synthetic.
 
     ``data="auto"`` uses real CIFAR-10 when it is available without a download, else the
-    synthetic set (the page says so). Images are normalized per channel with the batch's
-    pooled mean and standard deviation, as training normalizes with the subset's.
+    synthetic set (the page says so). With ``input_normalization="pooled"`` the images are
+    normalized per channel with the batch's pooled mean and standard deviation, as training
+    normalizes with the subset's; with "none" they are the raw pixels in [0, 255].
     """
     from keras_varinit import datasets
 
@@ -86,6 +88,8 @@ def probe_batch(data: str, n: int = 128, seed: int = 0):
         index = np.sort(rng.permutation(len(x))[:n])
         x, y = x[index], y[index]
     x = x.astype("float32")
+    if input_normalization == "none":
+        return x, np.asarray(y).reshape(-1).astype("int32"), synthetic
     mean = x.mean(axis=(0, 1, 2), keepdims=True)
     std = x.std(axis=(0, 1, 2), keepdims=True)
     x = (x - mean) / np.where(std > 0, std, 1.0)
@@ -147,7 +151,9 @@ def compute_profile(settings: dict, hist_layers=None, n_images: int | None = Non
         raise ValueError(problems[0].text)
     start = time.perf_counter()
     n_images = n_images or PROBE_IMAGES.get(settings.get("model"), 32)
-    x, y, synthetic = probe_batch(settings.get("data", "auto"), n_images)
+    x, y, synthetic = probe_batch(settings.get("data", "auto"), n_images,
+                                  input_normalization=settings.get("input_normalization",
+                                                                   "pooled"))
     keras.utils.set_random_seed(int(settings.get("seed", 0)))
     model = build_model(settings, x.shape[1:])   # an MLP flattens the images itself
     x_in = x

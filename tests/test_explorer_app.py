@@ -580,3 +580,23 @@ def test_init_finding_applied_to_the_settings_goes_away(runs_dir):
     assert at.selectbox(key="init").value == "kaiming_normal"
     boxes = [e.value for e in at.error] + [e.value for e in at.warning]
     assert not any(b.startswith("**vanishing**") for b in boxes), boxes
+
+
+def test_an_application_that_rescales_its_input_is_fed_raw_pixels(runs_dir):
+    """EfficientNetB0 (weights=None) divides its input by 255 itself: on the page's normalized
+    images its first convolution sees E[x^2] = 1.5e-5. The fix is the raw pixels (the input
+    normalization control), not normalizing again; applied, the finding is gone."""
+    at = _app(data="synthetic", model="application", application="EfficientNetB0").run()
+    _no_exceptions(at)
+    assert at.radio(key="input_normalization").value == "pooled"
+    boxes = [e.value for e in at.error] + [e.value for e in at.warning]
+    (box,) = [b for b in boxes if b.startswith("**unnormalized_input**")]
+    assert "after the model's own input layers (rescaling, normalization)" in box
+    assert "**Fix**: Input normalization: Raw pixels (0-255)." in box
+    apply = [b for b in at.button if b.key and b.key.startswith("apply_init_")]
+    assert [b.label for b in apply] == ["Apply to the settings"]
+    apply[0].click().run()
+    _no_exceptions(at)
+    assert at.radio(key="input_normalization").value == "none"
+    boxes = [e.value for e in at.error] + [e.value for e in at.warning]
+    assert not any(b.startswith("**unnormalized_input**") for b in boxes), boxes

@@ -3,13 +3,13 @@ the outlined heatmap rows (explorer/charts.py), and run_store reading findings.j
 import pandas as pd
 import pytest
 
-from explorer import charts
+from explorer import charts, presets
 from explorer.findings_panel import (
     applied_config, findings_frame, fix_text, highlighted_layers, layers_text, needs_code_change,
 )
 from explorer.run_store import RunStore
 from keras_varinit import run_files as rf
-from keras_varinit.diagnosis import Finding, Suggestion, write_findings
+from keras_varinit.diagnosis import Finding, Suggestion, suggestions, write_findings
 from keras_varinit.training import TrainConfig
 
 
@@ -26,7 +26,7 @@ def test_applied_config_is_the_run_config_with_the_change():
                   device="CPU", slug="x")
     fixed = applied_config(config, _finding())
     assert (fixed.init, fixed.depth, fixed.width, fixed.lr) == ("kaiming_normal", 5, 8, 0.1)
-    assert fixed.input_normalization == "none"          # fields the page has no control for
+    assert fixed.input_normalization == "none"          # a field the fix leaves alone
     norm = applied_config(config, _finding("small_batch_norm", changes={"normalization":
                                                                         "group"}))
     assert norm.normalization == "group"
@@ -56,7 +56,8 @@ def test_panel_rows_fix_text_and_highlighted_layers():
     frame = findings_frame(findings)
     assert list(frame["kind"]) == ["vanishing", "dead_units"] and list(frame["step"]) == [0, 40]
     assert frame["fix"][0] == "Initializer: Kaiming normal (fan_in)"
-    assert fix_text({"input_normalization": "pooled"}) == "input normalization: pooled"
+    assert fix_text({"input_normalization": "none"}) == "Input normalization: Raw pixels (0-255)"
+    assert set(suggestions.CONFIG_FIELDS) <= set(presets.CONTROLS)   # each fix is a control
     assert highlighted_layers(findings) == ["conv_01", "conv_02", "act_01"]
     assert layers_text([f"c{i}" for i in range(6)]) == "c0, c1, c2, c3 ... (6 layers)"
 

@@ -462,7 +462,14 @@ class TrainConfig:
         "pooled", "inputs fed to the network: pooled = per channel (x - mean_c) / std_c with the "
         "pooled std of the training subset; none = raw pixels in [0, 255] (to see what the "
         "initializers' E[x^2] = 1 assumption is worth)", choices=INPUT_NORMALIZATIONS,
-        slug=_input_norm_slug, at_init=True)
+        slug=_input_norm_slug, at_init=True,
+        widget=Widget(WidgetKind.RADIO, "Input normalization", TRAINING,
+                      labels={"pooled": "Per channel", "none": "Raw pixels (0-255)"},
+                      help="Per channel: (x - mean_c) / std_c with the pooled std of the "
+                           "training images, so E[x^2] = 1 as the initializers assume. Raw "
+                           "pixels: E[x^2] about 2 * 10^4, what that assumption is worth; "
+                           "also what keras.applications nets with their own Rescaling "
+                           "layer (EfficientNetB0) were built for."))
     seed: int = option(
         0, "seeds the subset, the weights and the shuffling", minimum=0, slug="s{}",
         at_init=True,
