@@ -46,7 +46,7 @@ COLUMNS = (
     "input_second_moment", "forward_var", "forward_var_post", "backward_var",
     "predicted_forward_var", "predicted_forward_var_cumulative",
     "predicted_backward_var", "predicted_backward_var_cumulative", "padding_factor",
-    "segment",
+    "segment", "follows_previous",
 )
 
 _ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
@@ -412,7 +412,12 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
           fewer real inputs (`propagation.padded_energy`, exact in expectation over weights);
         * `segment`: how many normalization layers ran before this one (batch, layer, group:
           `propagation.renormalizes`); the diagnosis compares variances across depth only
-          within a segment, since a normalization restarts the scale.
+          within a segment, since a normalization restarts the scale;
+        * `follows_previous`: the layer's input is the previous weight layer's output through
+          layers that each take the one before's output (False for the first, for a parallel
+          branch such as a residual shortcut or a squeeze-and-excitation gate, and after a
+          residual add): where normalization layers restart the scale, variances are compared
+          only along such chains (`profile_report.stretches`).
 
         Predictions are NaN where the path between two weight layers is not a simple chain or
         holds an activation without a factor (sigmoid forward, gelu...).
@@ -433,6 +438,7 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
     weight_records = [r for r in recording.records if instrument.is_weight_layer(r.layer)]
     df = _assemble(weight_records, _bridges(recording, weight_records), training)
     df["segment"] = _segments(recording, weight_records)
+    df["follows_previous"] = _follows_previous(recording, weight_records)
     return df[list(COLUMNS)]
 
 
@@ -446,6 +452,21 @@ def _segments(recording, weight_records):
             out.append(count)
         elif propagation.renormalizes(type(record.layer).__name__):
             count += 1
+    return out
+
+
+def _follows_previous(recording, weight_records):
+    """Per weight call, whether its input is the previous weight call's output through calls
+    that each take the one before's output: False for the first, for a parallel branch (a
+    residual block's shortcut convolution, a squeeze-and-excitation gate, attention's key
+    beside its query) and after a residual add."""
+    position = {id(r): i for i, r in enumerate(recording.records)}
+    out, previous = [], None
+    for record in weight_records:
+        p = position[id(record)]
+        between = recording.records[previous + 1:p + 1] if previous is not None else ()
+        out.append(bool(between) and all(r.follows_previous for r in between))
+        previous = p
     return out
 
 

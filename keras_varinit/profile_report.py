@@ -62,44 +62,62 @@ def last_hidden_row(n_rows):
     return max(int(n_rows) - 2, 0)
 
 
+def _normalized(df):
+    """Whether normalization layers come between the hidden weight layers (`segment`)."""
+    if "segment" not in df or len(df) == 0:
+        return False
+    segment = df["segment"].to_numpy(int)[:last_hidden_row(len(df)) + 1]
+    return bool((segment != segment[0]).any())
+
+
+def stretch_ids(df):
+    """Per row, the stretch of weight layers it belongs to, numbered from 0. Without
+    normalization layers between the hidden weight layers, one stretch: the whole net. With
+    them, a new stretch starts at each normalization (the profile's `segment`: it restarts the
+    forward scale) and wherever a layer does not take the previous weight layer's output
+    (`follows_previous`: a residual shortcut or a gate is a parallel branch, not the next
+    layer of one path). The verdict and the diagnosis compare variances within a stretch."""
+    n = len(df)
+    if not _normalized(df):
+        return np.zeros(n, int)
+    starts = np.zeros(n, bool)
+    starts[1:] = np.diff(df["segment"].to_numpy(int)) != 0
+    if "follows_previous" in df:
+        starts[1:] |= ~df["follows_previous"].to_numpy(bool)[1:]
+    return np.cumsum(starts)
+
+
 def stretches(df):
-    """The hidden weight layers' rows (`last_hidden_row`) as runs with no normalization between
-    them (the profile's `segment`, `propagation.renormalizes`): one run without a `segment`
-    column. A normalization restarts the forward scale, so variances are compared within a
-    run only, as the diagnosis does."""
+    """The hidden weight layers' rows (`last_hidden_row`) grouped by `stretch_ids`."""
     rows = np.arange(min(last_hidden_row(len(df)) + 1, len(df)))
-    if "segment" not in df:
-        return [rows]
-    segment = df["segment"].to_numpy(int)[rows]
-    return np.split(rows, np.flatnonzero(np.diff(segment)) + 1)
+    ids = stretch_ids(df)[rows]
+    return np.split(rows, np.flatnonzero(np.diff(ids)) + 1)
 
 
 def _renormalized(df):
     """Whether the verdict compares within `stretches`: normalization layers between the
     hidden weight layers, and a forward variance finite and nonzero on all of them."""
     forward = df["forward_var"].to_numpy(float)[:last_hidden_row(len(df)) + 1]
-    return len(stretches(df)) > 1 and bool((np.isfinite(forward) & (forward > 0)).all())
+    return _normalized(df) and bool((np.isfinite(forward) & (forward > 0)).all())
+
+
+#: The fewest weight layers in a row (two steps) whose last/first ratio says how the scale
+#: drifts through depth, where normalization layers restart it; one step is one layer's gain.
+MIN_STRETCH = 3
 
 
 def compared_rows(df):
     """(first row, last row) the verdict compares: the first and the last hidden weight layer
-    (`last_hidden_row`) of one of the `stretches` between normalization layers, of all of them
-    without normalization. With several, only stretches the recursion follows as a chain
-    (`predicted_forward_var_cumulative` finite throughout: parallel branches, such as a
-    residual block's shortcut convolution, are not one signal's path) of two or more layers,
-    and of those the one whose last/first forward ratio is farthest from 1; equal rows when
-    there is none or the model has a single hidden weight layer. Where the forward variance
-    overflows or vanishes (inf, NaN or 0) the whole net is compared, normalized or not:
-    float32 lost the signal."""
-    runs = stretches(df)
+    (`last_hidden_row`), or, with normalization layers between them, the first and last layer
+    of the one of the `stretches` (at least `MIN_STRETCH` layers) whose last/first forward
+    ratio is farthest from 1; equal rows when there is none or the model has a single hidden
+    weight layer. Where the forward variance overflows or vanishes (inf, NaN or 0) the whole
+    net is compared, normalized or not: float32 lost the signal."""
     last = last_hidden_row(len(df))
     if not _renormalized(df):
         return 0, last
     forward = df["forward_var"].to_numpy(float)
-    column = "predicted_forward_var_cumulative"
-    chain = df[column].to_numpy(float) if column in df else np.ones(len(df))
-    pairs = [(int(run[0]), int(run[-1])) for run in runs
-             if len(run) > 1 and np.isfinite(chain[run]).all()]
+    pairs = [(int(run[0]), int(run[-1])) for run in stretches(df) if len(run) >= MIN_STRETCH]
     if not pairs:
         return 0, 0
     return max(pairs, key=lambda pair: abs(math.log(forward[pair[1]] / forward[pair[0]])))
@@ -124,7 +142,7 @@ def summarize_profile(df, within=4.0, stall=1e-3, explode=1e3):
     i, j = compared_rows(df)
     first, last = float(df["forward_var"].iloc[i]), float(df["forward_var"].iloc[j])
     normalized = _renormalized(df)
-    where = "the chain between normalization layers that drifts most; " if normalized else ""
+    where = "the stretch between normalization layers that drifts most; " if normalized else ""
     span = f"from {df['layer'].iloc[i]} to {df['layer'].iloc[j]} ({where}{len(df)} weight layers)"
     ratio = propagation.variance_ratio(first, last)
     failure = lambda text: Verdict(VerdictLevel.FAILURE, text)  # noqa: E731
@@ -144,7 +162,8 @@ def summarize_profile(df, within=4.0, stall=1e-3, explode=1e3):
         return Verdict(VerdictLevel.OK, "forward variance restarts at each of the "
                                         f"{restarts} normalization layers between "
                                         f"{df['layer'].iloc[0]} and {df['layer'].iloc[k]}, "
-                                        "with no chain of weight layers between two of them "
+                                        f"with fewer than {MIN_STRETCH} weight layers in a "
+                                        "row between two of them "
                                         f"({len(df)} weight layers): it cannot drift through "
                                         "depth")
     if i == j:

@@ -384,6 +384,25 @@ def test_a_normalization_restarts_the_scale_the_ratios_compare():
         ("dense_03", pytest.approx(1e-8))     # chain() takes standard deviations
 
 
+def test_a_parallel_branch_is_not_compared_with_the_path_it_leaves():
+    """MobileNetV3Small at initialization: between two batch norms, a squeeze-and-excitation
+    gate's convolutions (a gradient 1e-5 of the block's) and the projection after the gate's
+    multiply; compared as one path they read as a vanishing gradient ('use Kaiming'). The
+    profile's `follows_previous` says the projection does not continue the gate's path:
+    neither the profile nor the step-0 records, mapped to it by layer, compare them."""
+    profile = profile_frame(1.0, n=5)
+    profile["backward_var"] = [1e-3, 1e-8, 1e-8, 1e-3, 1e-3]
+    profile["segment"] = [0, 1, 1, 1, 2]
+    profile["follows_previous"] = [False, True, True, True, True]
+    grad = tuple(math.sqrt(v) for v in profile["backward_var"])
+    one(diagnose(profile=profile), "vanishing")             # as one path: "vanishing"
+    profile["follows_previous"] = [False, True, True, False, True]
+    assert diagnose(profile=profile) == []
+    records = chain(0, fwd=(1.0,) * 5, grad=grad)   # no batch norm records: one segment
+    one(diagnose(records), "vanishing")
+    assert diagnose(records, profile=profile) == []
+
+
 def test_units_that_die_after_a_vanishing_start_or_under_small_updates_get_no_smaller_lr():
     """A smaller learning rate is the fix only for large updates: after a vanishing signal at
     initialization the vanishing finding is the cause; with updates already at or below the

@@ -799,3 +799,30 @@ def test_a_batch_norm_net_fed_raw_pixels_is_not_a_stall():
     assert verdict.level is profile_report.VerdictLevel.OK, verdict
     assert "restarts at each of the 4 normalization layers between conv_01 and conv_05" \
         in verdict.text
+
+
+def test_follows_previous_marks_parallel_branches():
+    """A residual block with a squeeze-and-excitation gate and a shortcut convolution: the
+    gate continues b's path (it pools b's output), the shortcut does not take the previous
+    weight layer's output (it reads the block's input), nor does the layer after the residual
+    add."""
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    h = keras.layers.BatchNormalization(name="stem_bn")(h)
+    a = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="a")(h)
+    a = keras.layers.Conv2D(8, 3, padding="same", name="b")(a)
+    gate = keras.layers.GlobalAveragePooling2D(keepdims=True)(a)
+    gate = keras.layers.Conv2D(2, 1, activation="relu", name="se_reduce")(gate)
+    gate = keras.layers.Conv2D(8, 1, activation="sigmoid", name="se_expand")(gate)
+    a = keras.layers.Multiply()([a, gate])
+    shortcut = keras.layers.Conv2D(8, 1, name="shortcut")(h)
+    h = keras.layers.Add()([a, shortcut])
+    h = keras.layers.Conv2D(8, 3, padding="same", name="after")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(h))
+    df = diagnostics.variance_profile(model, _images(8, shape=(8, 8, 3)))
+    follows = dict(zip(df["layer"], df["follows_previous"]))
+    assert follows == {"stem": False, "a": True, "b": True, "se_reduce": True,
+                       "se_expand": True, "shortcut": False, "after": False, "logits": True}
+    assert list(df["segment"]) == [0, 1, 1, 1, 1, 1, 1, 1]
+    assert list(profile_report.stretch_ids(df)) == [0, 1, 1, 1, 1, 2, 3, 3]

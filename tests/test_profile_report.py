@@ -84,39 +84,43 @@ def test_compared_rows_leave_out_the_output_layer():
     assert [profile_report.last_hidden_row(n) for n in (1, 2, 3, 30)] == [0, 0, 1, 28]
 
 
-def _normalized(values, segment, cumulative=None):
+def _normalized(values, segment, follows=None):
     df = _fake(values)
     df["segment"] = segment
-    df["predicted_forward_var_cumulative"] = values if cumulative is None else cumulative
+    df["follows_previous"] = [False] + [True] * (len(values) - 1) if follows is None else follows
     return df
 
 
-def test_the_verdict_compares_within_the_chains_between_normalization_layers():
+def test_the_verdict_compares_within_the_stretches_between_normalization_layers():
     """A normalization restarts the forward scale: the verdict compares the first and last
-    layer of the chain between two of them that drifts most, never across one (a batch-norm
+    layer of the stretch between two of them that drifts most, never across one (a batch-norm
     net fed raw pixels read 'falls 10^-5x: expect training to stall', EfficientNetB0 on
     normalized inputs 'grows 10^5x: expect divergence')."""
     ok, warning = profile_report.VerdictLevel.OK, profile_report.VerdictLevel.WARNING
     values = [1.0, 0.5, 0.25, 1.0, 0.1, 0.01, 1.0]    # a normalization after l2
     df = _normalized(values, [0, 0, 0, 1, 1, 1, 1])
+    assert list(profile_report.stretch_ids(df)) == [0, 0, 0, 1, 1, 1, 1]
     assert profile_report.compared_rows(df) == (3, 5)
     verdict = profile_report.summarize_profile(df)
     assert verdict.level is warning, verdict
-    assert "falls x0.01 from l3 to l5 (the chain between normalization layers that drifts " \
+    assert "falls x0.01 from l3 to l5 (the stretch between normalization layers that drifts " \
            "most; 7 weight layers)" in verdict.text
-    # the same net without the normalization: first against last hidden layer
+    # the same net without the normalization: first against last hidden layer, one stretch
     assert profile_report.compared_rows(_fake(values)) == (0, 5)
+    assert list(profile_report.stretch_ids(_fake(values))) == [0] * 7
     # every hidden layer renormalized: nothing drifts, whatever the scales
     df = _normalized([4e4, 1.0, 0.5, 1.0, 1.0], [0, 1, 2, 3, 4])
     assert profile_report.compared_rows(df) == (0, 0)
     verdict = profile_report.summarize_profile(df)
     assert verdict.level is ok, verdict
     assert verdict.text == "forward variance restarts at each of the 3 normalization layers " \
-                           "between l0 and l3, with no chain of weight layers between two of " \
-                           "them (5 weight layers): it cannot drift through depth"
-    # parallel branches (a shortcut convolution after the block's last one): not a chain
-    df = _normalized([1.0, 0.2, 3.0, 1.0, 1.0], [0, 1, 1, 2, 3],
-                     cumulative=[1.0, np.nan, np.nan, np.nan, np.nan])
+                           "between l0 and l3, with fewer than 3 weight layers in a row between " \
+                           "two of them (5 weight layers): it cannot drift through depth"
+    # a parallel branch (a residual shortcut after the block's last convolution) starts a
+    # stretch of its own; two layers in a row are one layer's gain, not a drift through depth
+    df = _normalized([1.0, 1.0, 0.2, 3.0, 1.0, 1.0], [0, 1, 1, 1, 2, 3],
+                     follows=[False, True, True, False, True, True])
+    assert list(profile_report.stretch_ids(df)) == [0, 1, 1, 2, 3, 4]
     assert profile_report.compared_rows(df) == (0, 0)
     assert profile_report.summarize_profile(df).level is ok
     # float32 lost the signal: compared over the whole net, normalized or not

@@ -94,7 +94,8 @@ def add_parser(subparsers):
     p.add_argument("--csv", default=None, metavar="PATH",
                    help="save all profiles as one CSV (column 'init' added)")
     p.add_argument("--full", action="store_true",
-                   help="print every column of the per-layer table")
+                   help="print every column of the per-layer table (the profile's segment "
+                        "and follows_previous as the stretch the verdict compares within)")
     p.set_defaults(func=run)
     return p
 
@@ -245,8 +246,14 @@ def _table(df, title, full):
     from rich.markup import escape
     from rich.table import Table
 
-    columns = [c for c in df.columns if c not in ("index", "layer_type")] if full else \
-        list(_SHORT)
+    from keras_varinit import profile_report
+
+    if full:   # `segment` and `follows_previous` as what they decide: the verdict's stretches
+        df = df.assign(stretch=profile_report.stretch_ids(df))
+        columns = [c for c in df.columns
+                   if c not in ("index", "layer_type", "segment", "follows_previous")]
+    else:
+        columns = list(_SHORT)
     table = Table(title=title, show_lines=False, header_style="bold")
     for col in columns:
         # layer names are identifiers: never cut or wrapped (the numbers give way)

@@ -191,6 +191,7 @@ class Diagnoser:
             self._emit(rule(rows, step, at_init, self.view, self._reported[kind]), new)
 
     def _scale_rules(self, table, step, at_init, new):
+        table = rules.with_profile_stretches(table, self.profile)
         kinds = (Kind.VANISHING, Kind.EXPLODING) if at_init else (Kind.EXPLODING,)
         for kind in kinds:
             self._emit(rules.scale_rule(kind, table, step, at_init, self.view,

@@ -24,7 +24,7 @@ import pandas as pd
 from keras_varinit import propagation
 from keras_varinit.diagnosis import suggestions as sg
 from keras_varinit.diagnosis.findings import Context, Finding, Kind, Severity, Suggestion
-from keras_varinit.profile_report import MATCHED_FACTOR_BAND, last_hidden_row
+from keras_varinit.profile_report import MATCHED_FACTOR_BAND, last_hidden_row, stretch_ids
 
 #: Vanishing: a weight layer's forward variance below this fraction of the first weight
 #: layer's, or its gradient variance below this fraction of the last hidden weight layer's
@@ -169,13 +169,21 @@ def weight_table_from_records(rows):
 
 
 def weight_table_from_profile(profile):
-    """The same table from `variance_profile`'s DataFrame (measured at initialization; one
-    segment when it has no `segment` column)."""
-    segment = profile["segment"].to_numpy(int) if "segment" in profile else 0
+    """The same table from `variance_profile`'s DataFrame (measured at initialization), its
+    `segment` the profile's stretches (`profile_report.stretch_ids`: split at normalization
+    layers and, where there are some, at parallel branches)."""
     return pd.DataFrame({"layer": profile["layer"].astype(str).to_numpy(),
                          "forward_var": profile["forward_var"].to_numpy(float),
                          "backward_var": profile["backward_var"].to_numpy(float),
-                         "segment": segment})
+                         "segment": stretch_ids(profile)})
+
+
+def with_profile_stretches(table, profile):
+    """`table` (from records) with the profile's stretches as its `segment` when the profile
+    has the same weight layers (records carry no branch structure); else as it is."""
+    if profile is None or list(profile["layer"].astype(str)) != list(table["layer"]):
+        return table
+    return table.assign(segment=stretch_ids(profile))
 
 
 def signal_ratios(table):
