@@ -403,6 +403,25 @@ def test_a_parallel_branch_is_not_compared_with_the_path_it_leaves():
     assert diagnose(records, profile=profile) == []
 
 
+def test_a_vanishing_signal_the_initializer_cannot_explain_gets_no_initializer():
+    """The recursion's factor per layer is 3 (weights that make the signal grow) while the
+    measured signal vanishes: 'the initial weights are too small ... x3 per layer' contradicted
+    its own evidence (seen in EfficientNetB0's gates on inputs its Rescaling shrank). The
+    cause is elsewhere: the unnormalized input when it was found, else no setting."""
+    records = chain(0, fwd=(1.0, 1e-2, 1e-4, 1e-6, 1.0), grad=(1.0,) * 5)
+    finding = one(diagnose(records, profile=profile_frame(3.0, n=5)), "vanishing")
+    assert finding.evidence["predicted_per_layer_factor"] == pytest.approx(3.0)
+    assert finding.suggestion.changes == {}
+    assert "would make the signal grow, so it is not the cause" in finding.suggestion.text
+    tiny = Context(input_mean=0.0, input_std=0.004, input_layers=("rescaling",))
+    findings = diagnose(records, profile=profile_frame(3.0, n=5, first_m2=1.6e-5),
+                        context=tiny)
+    assert kinds(findings) == ["unnormalized_input", "vanishing"]
+    assert findings[1].suggestion.changes == {"input_normalization": "none"}
+    assert findings[1].suggestion.text.startswith("The unnormalized_input finding (step 0) is "
+                                                  "the cause")
+
+
 def test_units_that_die_after_a_vanishing_start_or_under_small_updates_get_no_smaller_lr():
     """A smaller learning rate is the fix only for large updates: after a vanishing signal at
     initialization the vanishing finding is the cause; with updates already at or below the

@@ -346,7 +346,17 @@ def _scale_suggestion(kind, at_init, factor, view):
                           "layer; what is lost comes from depth (zero padding, one draw's "
                           "drift): re-normalize each layer with batch normalization before its "
                           "activation.")
-    direction = "too small" if kind is Kind.VANISHING else "too large"
+    vanishing = kind is Kind.VANISHING
+    if _finite(factor) and (factor > high if vanishing else factor < low):
+        cause = _cause(view, (Kind.UNNORMALIZED_INPUT,))
+        if cause is not None:
+            return deferred(cause)
+        return Suggestion({}, f"The initializer's scale (fan_in Var[W] c_f = {_g(factor)} per "
+                              f"layer) would make the signal {'grow' if vanishing else 'shrink'}"
+                              ", so it is not the cause: the loss comes from elsewhere (a gate "
+                              "or a branch between these layers, the architecture); no "
+                              "initializer fixes it.")
+    direction = "too small" if vanishing else "too large"
     return init_suggestion(view.activation,
                            f"The initial weights are {direction} for this activation (variance "
                            f"x{_g(factor)} per layer instead of x1)")
