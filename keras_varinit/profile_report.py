@@ -127,7 +127,8 @@ def summarize_profile(df, within=4.0, stall=1e-3, explode=1e3):
     """The one-line `Verdict` on the forward variance, last hidden weight layer against the
     first (`compared_rows`: within a stretch between normalization layers, which restart the
     scale), and on float32 overflow or underflow of the gradient; UNDETERMINED for a model with
-    a single hidden weight layer, OK when every hidden layer after the first is renormalized.
+    a single hidden weight layer, OK when normalization layers leave no `MIN_STRETCH` weight
+    layers in a row (the scale cannot drift through depth).
 
     Below `stall` (10^-3): "forward variance falls 10^-9x from conv_01 to conv_29 (30 weight
     layers): expect training to stall"; above `explode`: "... grows 10^5x ...: expect
