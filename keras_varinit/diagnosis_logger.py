@@ -58,16 +58,17 @@ def _first_weight_site(sites):
     return next((s for s in sites if instrument.is_weight_layer(s.layer)), None)
 
 
-def _leaves_before_first_weight_layer(sites):
-    first = _first_weight_site(sites)
+def _leaves_before(sites, first):
+    """The leaf layers' sites before the weight layer `first` (none without one)."""
     return [s for s in sites[:first.position] if s.is_leaf] if first is not None else []
 
 
 def model_input_layers(model):
     """The paths of the leaf layers before the first weight layer that rescale the input (a
     keras.applications net's `Rescaling` and `Normalization`), not reshape or pad it."""
-    sites = _leaves_before_first_weight_layer(instrument.layer_sites(model))
-    return tuple(s.path for s in sites if not isinstance(s.layer, _GEOMETRY_LAYERS))
+    sites = instrument.layer_sites(model)
+    return tuple(s.path for s in _leaves_before(sites, _first_weight_site(sites))
+                 if not isinstance(s.layer, _GEOMETRY_LAYERS))
 
 
 def _first_layer_input(model, x):
@@ -78,8 +79,7 @@ def _first_layer_input(model, x):
     if first is None or isinstance(x, (list, tuple, dict)) or \
             len(getattr(model, "inputs", None) or ()) != 1:
         return None
-    before = _leaves_before_first_weight_layer(sites)
-    if all(isinstance(s.layer, _SHAPE_ONLY_LAYERS) for s in before):
+    if all(isinstance(s.layer, _SHAPE_ONLY_LAYERS) for s in _leaves_before(sites, first)):
         return np.asarray(x)
     try:
         sub = keras.Model(model.inputs[0], first.layer.input)

@@ -185,13 +185,13 @@ class Diagnoser:
             return
         at_init = step == 0 and not self._init_seen
         self._init_seen = self._init_seen or step == 0
-        self._scale_rules(rules.weight_table_from_records(rows), step, at_init, new)
+        table = rules.with_profile_stretches(rules.weight_table_from_records(rows), self.profile)
+        self._scale_rules(table, step, at_init, new)
         for rule in (rules.saturation, rules.dead_units):
             kind = Kind.SATURATION if rule is rules.saturation else Kind.DEAD_UNITS
             self._emit(rule(rows, step, at_init, self.view, self._reported[kind]), new)
 
     def _scale_rules(self, table, step, at_init, new):
-        table = rules.with_profile_stretches(table, self.profile)
         kinds = (Kind.VANISHING, Kind.EXPLODING) if at_init else (Kind.EXPLODING,)
         for kind in kinds:
             self._emit(rules.scale_rule(kind, table, step, at_init, self.view,
