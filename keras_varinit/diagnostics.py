@@ -443,31 +443,19 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
 
 
 def _segments(recording, weight_records):
-    """Per weight call, how many normalization calls (`propagation.renormalizes`) came before
-    it in call order: weight layers of one segment have no normalization between them."""
+    """Per weight call, how many normalization calls came before it in call order
+    (`propagation.weight_segments`)."""
     weights = {id(r) for r in weight_records}
-    count, out = 0, []
-    for record in recording.records:
-        if id(record) in weights:
-            out.append(count)
-        elif propagation.renormalizes(type(record.layer).__name__):
-            count += 1
-    return out
+    return propagation.weight_segments([type(r.layer).__name__ for r in recording.records],
+                                       [id(r) in weights for r in recording.records])
 
 
 def _follows_previous(recording, weight_records):
-    """Per weight call, whether its input is the previous weight call's output through calls
-    that each take the one before's output: False for the first, for a parallel branch (a
-    residual block's shortcut convolution, a squeeze-and-excitation gate, attention's key
-    beside its query) and after a residual add."""
-    position = {id(r): i for i, r in enumerate(recording.records)}
-    out, previous = [], None
-    for record in weight_records:
-        p = position[id(record)]
-        between = recording.records[previous + 1:p + 1] if previous is not None else ()
-        out.append(bool(between) and all(r.follows_previous for r in between))
-        previous = p
-    return out
+    """Per weight call, whether it continues the previous weight call's path
+    (`propagation.weight_links`)."""
+    weights = {id(r) for r in weight_records}
+    return propagation.weight_links([r.follows_previous for r in recording.records],
+                                    [id(r) in weights for r in recording.records])
 
 
 def _checked_batch(model, x, training):

@@ -498,7 +498,9 @@ class CallRecord:
     `name`: the site's path, `path#k` when the layer was called more than once; `index`: k;
     `input_shape` / `output_shape`: static shapes of its first input (None when it was not a
     single tensor) and of the recorded output; `follows_previous`: its input is the previous
-    record's output (the two are links of a chain); `stats`: {name: numpy value}.
+    record's output, directly or through unrecorded layers of one input that each took the
+    one before's output (the two are links of a chain; False after a layer of several inputs,
+    such as a residual `Add`, and on a parallel branch); `stats`: {name: numpy value}.
     """
 
     name: str
@@ -518,7 +520,7 @@ class CallRecord:
 class Recording:
     """The records of one pass, in call order. `chain`: every record's input is the previous
     record's output and the model's output is the last record's (a plain chain of the
-    recorded layers, nothing else in between)."""
+    recorded layers, no other layer in between)."""
 
     records: list
     chain: bool
@@ -540,6 +542,16 @@ class _Plan:
     calls: list         # per call: (site, index, input shape, output shape, follows previous)
     layout: list        # per call: [(key, is_scalar, position)]
     chain: bool
+
+
+def _link_sites(model, sites):
+    """The leaf layers a `Recorder` does not record but follows the chain through (pooling,
+    Flatten, Dropout...: a call that takes the chain's last output extends it), so that a
+    record's `follows_previous` does not depend on which layers are recorded."""
+    recorded = {id(site.layer) for site in sites}
+    return [s for s in layer_sites(model) if s.is_leaf and not s.in_loop
+            and id(s.layer) not in recorded
+            and getattr(s.layer, "quantization_mode", None) is None]
 
 
 def _static_shape(tensor):
@@ -578,6 +590,7 @@ class Recorder:
                 "built with model.build(input_shape).")
         self.model, self.sites = model, list(sites)
         check_interceptable(self.sites, model)
+        self._links = _link_sites(model, self.sites)
         self.statistics, self.loss = statistics, loss
         self.training, self.split = training, bool(split)
         wanted = self.sites if gradient_sites is None else list(gradient_sites)
@@ -618,8 +631,12 @@ class Recorder:
     # -- the intercepted forward -------------------------------------------------------------
 
     def _forward(self, x, inject):
-        """`(y_pred, traced, chain)`; `inject(slot, tensor)` marks gradient target `slot`."""
-        traced, previous, slots = [], [None], [0]
+        """`(y_pred, traced, chain)`; `inject(slot, tensor)` marks gradient target `slot`.
+
+        A call follows the previous record when its input is that record's output, directly
+        or through unrecorded layers (`_link_sites`) that each took the one before's output.
+        """
+        traced, previous, slots, linked = [], [None], [0], [False]
 
         def hook(call):
             pre, activation = call.run_split() if self.split else (call.run(), None)
@@ -638,9 +655,16 @@ class Recorder:
             previous[0] = out
             return out
 
-        with intercept(self.sites, hook):
+        def link(call):
+            out = call.run()
+            if call.inputs is not None and call.inputs is previous[0]:
+                previous[0], linked[0] = out, True
+            return out
+
+        with intercept(self.sites, hook), intercept(self._links, link):
             y_pred = self.model(x, training=self.training)
-        chain = bool(traced) and all(t.follows for t in traced[1:]) and y_pred is previous[0]
+        chain = (bool(traced) and not linked[0] and all(t.follows for t in traced[1:])
+                 and y_pred is previous[0])
         return y_pred, traced, chain
 
     def _mean_loss(self, y, y_pred):

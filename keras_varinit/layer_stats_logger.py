@@ -23,10 +23,7 @@ import numpy as np
 from keras_varinit import batch_checks, instrument, propagation
 from keras_varinit.probe import (STAT_NAMES, LayerProbe, eager_calls_for, finite_or_none,
                                  tracked_weight)
-from keras_varinit.run_files import LAYER_STATS_FIELDS, append_jsonl
-
-# Statistics written to TensorBoard as layer_stats/<statistic>/<layer>.
-SCALAR_FIELDS = LAYER_STATS_FIELDS[5:]
+from keras_varinit.run_files import LAYER_STATS_FIELDS, LAYER_STATS_VALUES, append_jsonl
 
 _ACTIVATION_LAYER_TYPES = ("Activation", "ReLU", "LeakyReLU", "ELU", "PReLU", "Softmax")
 
@@ -427,6 +424,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
         return {
             "step": int(step), "epoch": int(epoch), "layer": call.name,
             "layer_index": index, "layer_type": type(call.layer).__name__,
+            "follows_previous": call.follows_previous,
             "activation_mean": row["activation_mean"],
             "activation_std": row["activation_std"],
             "zero_fraction": row["zero_fraction"],
@@ -454,7 +452,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
 
     def _write_tensorboard(self, step, records, recording):
         scalars = [(f"layer_stats/{field}/{record['layer']}", float(record[field]))
-                   for record in records for field in SCALAR_FIELDS
+                   for record in records for field in LAYER_STATS_VALUES
                    if record[field] is not None]
         hists = []
         if self.histograms:
@@ -548,7 +546,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
         import pandas as pd
 
         df = pd.DataFrame(self.history, columns=list(LAYER_STATS_FIELDS))
-        for field in SCALAR_FIELDS:
+        for field in LAYER_STATS_VALUES:
             df[field] = pd.to_numeric(df[field], errors="coerce").astype("float64")
         return df
 

@@ -242,3 +242,23 @@ def renormalizes(layer_type):
     After one, the scale of the signal starts again: variance ratios that compound over depth
     are compared only between layers with no such layer between them."""
     return str(layer_type).endswith("Normalization")
+
+
+def weight_segments(layer_types, is_weight):
+    """Per weight layer (`is_weight` True; rows in call order), how many normalization layers
+    (`renormalizes`) came before it: weight layers of one segment have none between them."""
+    normalization = np.array([renormalizes(t) for t in layer_types], bool)
+    return np.cumsum(normalization)[np.asarray(is_weight, bool)]
+
+
+def weight_links(follows, is_weight):
+    """Per weight layer (rows in call order; `follows[i]`: row i's input is row i-1's output),
+    whether its input is the previous weight layer's output through rows that each take the
+    one before's output: False for the first weight layer, for a parallel branch (a residual
+    block's shortcut, a squeeze-and-excitation gate) and after a residual add."""
+    follows, is_weight = np.asarray(follows, bool), np.asarray(is_weight, bool)
+    out, previous = [], None
+    for p in np.flatnonzero(is_weight):
+        out.append(previous is not None and bool(follows[previous + 1:p + 1].all()))
+        previous = p
+    return np.array(out, bool)

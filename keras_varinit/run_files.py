@@ -65,14 +65,17 @@ STEP_FIELDS = ("step", "epoch", "loss", "accuracy")
 METRICS_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy",
                    "train_mode_loss", "train_mode_accuracy", "train_eval_loss",
                    "train_eval_accuracy", "seconds")
-#: One layer-statistics record (callbacks.LayerStatsLogger): which step and layer, then the
-#: statistics of its output a^l, of dL/da^l and of its weights W^l (CONTRIBUTING.md).
-LAYER_STATS_FIELDS = (
-    "step", "epoch", "layer", "layer_index", "layer_type",
+#: One layer-statistics record (callbacks.LayerStatsLogger, CONTRIBUTING.md): which step and
+#: layer call, and whether that call continues the previous record's path
+#: (`instrument.CallRecord.follows_previous`) ...
+LAYER_STATS_KEYS = ("step", "epoch", "layer", "layer_index", "layer_type", "follows_previous")
+#: ... then the statistics of its output a^l, of dL/da^l and of its weights W^l.
+LAYER_STATS_VALUES = (
     "activation_mean", "activation_std", "zero_fraction", "saturated_fraction",
     "activation_grad_std", "weight_std", "weight_grad_std", "update_ratio",
     "nan_count", "inf_count",
 )
+LAYER_STATS_FIELDS = LAYER_STATS_KEYS + LAYER_STATS_VALUES
 
 
 class RunState(str, enum.Enum):

@@ -49,6 +49,27 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture
+def gated_residual():
+    """A Functional CNN on 6x6x3 images, 4 classes: stem -> BN -> a -> b -> a squeeze-and-
+    excitation gate (pooling, se_reduce, se_expand, multiply) -> + a shortcut convolution of
+    the BN's output -> after -> pooling -> logits. Weight layers that continue the previous
+    one's path: a, b, se_reduce, se_expand, logits (not stem, shortcut, after)."""
+    inputs = keras.Input((6, 6, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    h = keras.layers.BatchNormalization(name="stem_bn")(h)
+    a = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="a")(h)
+    a = keras.layers.Conv2D(4, 3, padding="same", name="b")(a)
+    gate = keras.layers.GlobalAveragePooling2D(keepdims=True)(a)
+    gate = keras.layers.Conv2D(2, 1, activation="relu", name="se_reduce")(gate)
+    gate = keras.layers.Conv2D(4, 1, activation="sigmoid", name="se_expand")(gate)
+    a = keras.layers.Multiply()([a, gate])
+    h = keras.layers.Add()([a, keras.layers.Conv2D(4, 1, name="shortcut")(h)])
+    h = keras.layers.Conv2D(4, 3, padding="same", name="after")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, keras.layers.Dense(4, name="logits")(h))
+
+
 @pytest.fixture(scope="session")
 def small30():
     """Profiles of the 30-layer plain ReLU CNN (width 16), Xavier and Kaiming, seed 0, on 256

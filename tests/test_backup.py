@@ -208,7 +208,7 @@ def assert_same_run(reference, run_dir, resumed_at):
     assert keys == [(r["step"], r["layer"]) for r in stats_a] and len(set(keys)) == len(keys)
     for x, y in zip(stats_a, stats_b, strict=True):
         assert y["epoch"] == x["epoch"]
-        for field in rf.LAYER_STATS_FIELDS[5:]:
+        for field in rf.LAYER_STATS_VALUES:
             # update_ratio too, at the resumed step: the backup keeps the weights of the
             # logger's previous log (it was null there when they were kept in memory only)
             if x[field] is None:

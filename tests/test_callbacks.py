@@ -459,6 +459,24 @@ def test_functional_model_with_branches():
         np.testing.assert_allclose(_rec(cb, name, last)["activation_std"], act.std(), rtol=1e-4)
 
 
+def test_records_say_which_paths_the_profile_compares(gated_residual):
+    """The records' `follows_previous` (the logger does not record the pooling, the multiply
+    or the add) splits the weight layers into the stretches the profile compares within."""
+    import pandas as pd
+
+    from keras_varinit import diagnostics, profile_report
+    from keras_varinit.diagnosis import rules
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 6, 6, 3)).astype("float32"), np.arange(16) % 4
+    cb = _probe_now(gated_residual, (x, y))
+    table = rules.weight_table_from_records(pd.DataFrame(cb.history))
+    profile = diagnostics.variance_profile(gated_residual, x, y)
+    assert list(table["layer"]) == list(profile["layer"])
+    assert list(table["segment"]) == list(profile_report.stretch_ids(profile)) == \
+        [0, 1, 1, 1, 1, 2, 3, 3]
+
+
 # -- sinks ---------------------------------------------------------------------------------------
 
 @bi

@@ -403,6 +403,23 @@ def test_a_parallel_branch_is_not_compared_with_the_path_it_leaves():
     assert diagnose(records, profile=profile) == []
 
 
+def test_records_split_at_a_parallel_branch_without_the_profile():
+    """The same net as above from the logger's records alone: their `follows_previous` says
+    where a parallel branch starts, as the profile's does; records written before the field
+    existed (None) split at the batch norms only."""
+    grad = tuple(math.sqrt(v) for v in (1e-3, 1e-8, 1e-8, 1e-3, 1e-3))
+    records = _with_batch_norm_after(chain(0, fwd=(1.0,) * 5, grad=grad),
+                                     "dense_01", "dense_04")
+    for row in records:
+        row["follows_previous"] = row is not records[0]
+    one(diagnose(records), "vanishing")                     # as one path: "vanishing"
+    next(r for r in records if r["layer"] == "dense_04")["follows_previous"] = False
+    assert diagnose(records) == []
+    for row in records:
+        row["follows_previous"] = None
+    one(diagnose(records), "vanishing")
+
+
 def test_a_vanishing_signal_the_initializer_cannot_explain_gets_no_initializer():
     """The recursion's factor per layer is 3 (weights that make the signal grow) while the
     measured signal vanishes: 'the initial weights are too small ... x3 per layer' contradicted

@@ -657,9 +657,23 @@ def test_labels_that_do_not_fit_the_output_are_refused(labels, match):
         diagnostics.variance_profile(_mlp(3), x, y=labels)
 
 
+def _runs_channels_first_convolutions():
+    """TensorFlow's CPU Conv2D takes channels_first (NCHW) only through oneDNN, which TF turns
+    on by the CPU it finds (off on some AMD CPUs): there Keras cannot run the layer at all."""
+    try:
+        keras.layers.Conv2D(1, 1, data_format="channels_first")(np.zeros((1, 1, 2, 2), "float32"))
+    except Exception as error:  # noqa: BLE001 -- tf.errors.UnimplementedError on TensorFlow
+        if "NHWC" in str(error):
+            return False
+        raise
+    return True
+
+
 def test_global_pooling_prediction_is_the_same_in_both_data_formats():
     """The backward factor of a global average pooling divides by its spatial size: read
     from the last axes of a channels_first input, it was 16x off on (32, 8, 8)."""
+    if not _runs_channels_first_convolutions():
+        pytest.skip("this TensorFlow build runs no channels_first Conv2D on this CPU")
     x = np.random.default_rng(0).standard_normal((16, 8, 8, 4)).astype("float32")
     predicted = {}
     for fmt, data in (("channels_last", x), ("channels_first", x.transpose(0, 3, 1, 2))):
@@ -801,26 +815,12 @@ def test_a_batch_norm_net_fed_raw_pixels_is_not_a_stall():
         in verdict.text
 
 
-def test_follows_previous_marks_parallel_branches():
+def test_follows_previous_marks_parallel_branches(gated_residual):
     """A residual block with a squeeze-and-excitation gate and a shortcut convolution: the
     gate continues b's path (it pools b's output), the shortcut does not take the previous
     weight layer's output (it reads the block's input), nor does the layer after the residual
     add."""
-    inputs = keras.Input((8, 8, 3))
-    h = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
-    h = keras.layers.BatchNormalization(name="stem_bn")(h)
-    a = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="a")(h)
-    a = keras.layers.Conv2D(8, 3, padding="same", name="b")(a)
-    gate = keras.layers.GlobalAveragePooling2D(keepdims=True)(a)
-    gate = keras.layers.Conv2D(2, 1, activation="relu", name="se_reduce")(gate)
-    gate = keras.layers.Conv2D(8, 1, activation="sigmoid", name="se_expand")(gate)
-    a = keras.layers.Multiply()([a, gate])
-    shortcut = keras.layers.Conv2D(8, 1, name="shortcut")(h)
-    h = keras.layers.Add()([a, shortcut])
-    h = keras.layers.Conv2D(8, 3, padding="same", name="after")(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(h))
-    df = diagnostics.variance_profile(model, _images(8, shape=(8, 8, 3)))
+    df = diagnostics.variance_profile(gated_residual, _images(8, shape=(6, 6, 3)))
     follows = dict(zip(df["layer"], df["follows_previous"]))
     assert follows == {"stem": False, "a": True, "b": True, "se_reduce": True,
                        "se_expand": True, "shortcut": False, "after": False, "logits": True}

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_varinit import instrument
+from keras_varinit import instrument, propagation
 
 pytestmark = pytest.mark.backend_independent
 
@@ -158,6 +158,37 @@ def test_nested_backbone_matches_oracle_with_paths():
     _assert_matches(recording, _oracle(build, x, y, 4),
                     ["backbone/inner/conv", "backbone/inner/relu", "backbone/conv", "head"])
     assert recording.chain
+
+
+@pytest.mark.parametrize("recorded", ["weights", "leaves"])
+def test_follows_previous_does_not_depend_on_what_is_recorded(recorded, gated_residual):
+    """A record follows the previous one through unrecorded layers of one input (the batch
+    norm, the gate's pooling), not across a parallel branch (the shortcut reads the batch
+    norm's output) or a layer of several inputs (the multiply, the residual add)."""
+    model = gated_residual
+    x, y = _data((6, 6, 3))
+    sites = instrument.weight_sites(model) if recorded == "weights" else _leaves(model)
+    records = _record(model, sites, x, y).records
+    is_weight = [instrument.is_weight_layer(r.layer) for r in records]
+    links = propagation.weight_links([r.follows_previous for r in records], is_weight)
+    names = [r.name for r, w in zip(records, is_weight) if w]
+    assert dict(zip(names, links)) == {
+        "stem": False, "a": True, "b": True, "se_reduce": True, "se_expand": True,
+        "shortcut": False, "after": False, "logits": True}
+
+
+def test_a_chain_through_unrecorded_layers_is_not_a_plain_chain():
+    """Weight layers with pooling and Flatten between them follow each other, but the
+    recording is no `chain` (the profile needs every layer between two records)."""
+    model = keras.Sequential([
+        keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3, name="c1"),
+        keras.layers.MaxPooling2D(name="pool"), keras.layers.Flatten(name="flat"),
+        keras.layers.Dense(N_OUT, name="d")])
+    x, y = _data((6, 6, 3))
+    recording = _record(model, instrument.weight_sites(model), x, y)
+    assert [r.follows_previous for r in recording.records] == [False, True]
+    assert not recording.chain
+    assert _record(model, _leaves(model), x, y).chain
 
 
 class _Block(keras.layers.Layer):

@@ -154,18 +154,26 @@ def init_suggestion(activation, why):
 
 def weight_table_from_records(rows):
     """The weight layers of one step's records (model order): layer, forward_var (of the
-    layer's output), backward_var (of dL/d output), segment (normalization layers before it,
-    `propagation.renormalizes`). Weight layers: records with a weight std, normalization
-    layers (their gamma) left out."""
+    layer's output), backward_var (of dL/d output), segment: the stretch it belongs to
+    (`profile_report.stretch_ids`: split at normalization layers, `propagation.renormalizes`,
+    and, where there are some, at parallel branches, from the records' `follows_previous`;
+    records without that field, written before it existed, split at normalization layers
+    only). Weight layers: records with a weight std, normalization layers (their gamma)
+    left out."""
     rows = rows.sort_values("layer_index")
-    normalization = rows["layer_type"].astype(str).map(propagation.renormalizes).to_numpy(bool)
-    segment = np.cumsum(normalization)
+    types = rows["layer_type"].astype(str)
+    normalization = types.map(propagation.renormalizes).to_numpy(bool)
     is_weight = rows["weight_std"].notna().to_numpy() & ~normalization
     w = rows[is_weight]
-    return pd.DataFrame({"layer": w["layer"].astype(str).to_numpy(),
-                         "forward_var": w["activation_std"].to_numpy(float) ** 2,
-                         "backward_var": w["activation_grad_std"].to_numpy(float) ** 2,
-                         "segment": segment[is_weight]})
+    table = pd.DataFrame({"layer": w["layer"].astype(str).to_numpy(),
+                          "forward_var": w["activation_std"].to_numpy(float) ** 2,
+                          "backward_var": w["activation_grad_std"].to_numpy(float) ** 2,
+                          "segment": propagation.weight_segments(types, is_weight)})
+    follows = rows.get("follows_previous")
+    if follows is not None and follows.notna().all():
+        table["follows_previous"] = propagation.weight_links(follows.astype(bool), is_weight)
+    return table.assign(segment=stretch_ids(table)).drop(columns="follows_previous",
+                                                         errors="ignore")
 
 
 def weight_table_from_profile(profile):
@@ -180,7 +188,8 @@ def weight_table_from_profile(profile):
 
 def with_profile_stretches(table, profile):
     """`table` (from records) with the profile's stretches as its `segment` when the profile
-    has the same weight layers (records carry no branch structure); else as it is."""
+    has the same weight layers (records written before they carried `follows_previous` know
+    no branch structure); else as it is."""
     if profile is None or list(profile["layer"].astype(str)) != list(table["layer"]):
         return table
     return table.assign(segment=stretch_ids(profile))
