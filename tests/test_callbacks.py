@@ -459,6 +459,7 @@ def test_functional_model_with_branches():
         np.testing.assert_allclose(_rec(cb, name, last)["activation_std"], act.std(), rtol=1e-4)
 
 
+@bi
 def test_records_say_which_paths_the_profile_compares(gated_residual):
     """The records' `follows_previous` (the logger does not record the pooling, the multiply
     or the add) splits the weight layers into the stretches the profile compares within."""
