@@ -21,6 +21,9 @@ can be split: the recorded tensor is then the pre-activation W x + b, and the ac
 applied after it. The pass runs inside a `keras.StatelessScope`, so batch-normalization moving
 statistics and seed generators are left untouched. Statistics are reduced in the compiled
 function (`statistics(CallTensors) -> {name: tensor}`), and only they come back to the host.
+Each record says whether it continues the previous record's path (`follows_previous`): the
+leaf layers a recorder does not record are intercepted too, only to follow the path through
+them, so the answer does not depend on which layers are recorded.
 
 Mixed precision (a float16 compute dtype): the backward pass scales the loss as training does
 (`loss_scale`: the model's `LossScaleOptimizer` scale, else its initial 2^15) and divides the
