@@ -23,9 +23,10 @@ STATUS_KEYS = {"state", "epoch", "step", "total_steps", "images_per_second", "et
 STEP_KEYS = {"step", "epoch", "loss", "accuracy"}
 METRICS_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "train_mode_loss",
                    "train_mode_accuracy", "train_eval_loss", "train_eval_accuracy", "seconds"]
-LAYER_KEYS = {"step", "epoch", "layer", "layer_index", "layer_type", "activation_mean",
-              "activation_std", "zero_fraction", "saturated_fraction", "activation_grad_std",
-              "weight_std", "weight_grad_std", "update_ratio", "nan_count", "inf_count"}
+LAYER_KEYS = {"step", "epoch", "layer", "layer_index", "layer_type", "follows_previous",
+              "activation_mean", "activation_std", "zero_fraction", "saturated_fraction",
+              "activation_grad_std", "weight_std", "weight_grad_std", "update_ratio",
+              "nan_count", "inf_count"}
 
 
 def tiny(**overrides):
