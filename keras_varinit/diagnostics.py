@@ -437,25 +437,20 @@ def variance_profile(model, x, y=None, loss=None, seed=0, training=True, gradien
     recording = _record(model, x, y if gradients else None, loss_fn, training)
     weight_records = [r for r in recording.records if instrument.is_weight_layer(r.layer)]
     df = _assemble(weight_records, _bridges(recording, weight_records), training)
-    df["segment"] = _segments(recording, weight_records)
-    df["follows_previous"] = _follows_previous(recording, weight_records)
+    df["segment"], df["follows_previous"] = _segments_and_links(recording, weight_records)
     return df[list(COLUMNS)]
 
 
-def _segments(recording, weight_records):
+def _segments_and_links(recording, weight_records):
     """Per weight call, how many normalization calls came before it in call order
-    (`propagation.weight_segments`)."""
-    weights = {id(r) for r in weight_records}
-    return propagation.weight_segments([type(r.layer).__name__ for r in recording.records],
-                                       [id(r) in weights for r in recording.records])
-
-
-def _follows_previous(recording, weight_records):
-    """Per weight call, whether it continues the previous weight call's path
+    (`propagation.weight_segments`) and whether it continues the previous weight call's path
     (`propagation.weight_links`)."""
     weights = {id(r) for r in weight_records}
-    return propagation.weight_links([r.follows_previous for r in recording.records],
-                                    [id(r) in weights for r in recording.records])
+    is_weight = [id(r) in weights for r in recording.records]
+    return (propagation.weight_segments([type(r.layer).__name__ for r in recording.records],
+                                        is_weight),
+            propagation.weight_links([r.follows_previous for r in recording.records],
+                                     is_weight))
 
 
 def _checked_batch(model, x, training):

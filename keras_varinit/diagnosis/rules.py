@@ -170,10 +170,10 @@ def weight_table_from_records(rows):
                           "backward_var": w["activation_grad_std"].to_numpy(float) ** 2,
                           "segment": propagation.weight_segments(types, is_weight)})
     follows = rows.get("follows_previous")
-    if follows is not None and follows.notna().all():
-        table["follows_previous"] = propagation.weight_links(follows.astype(bool), is_weight)
-    return table.assign(segment=stretch_ids(table)).drop(columns="follows_previous",
-                                                         errors="ignore")
+    if follows is None or follows.isna().any():    # records written before the field
+        return table.assign(segment=stretch_ids(table))
+    links = propagation.weight_links(follows.astype(bool), is_weight)
+    return table.assign(segment=stretch_ids(table.assign(follows_previous=links)))
 
 
 def weight_table_from_profile(profile):
