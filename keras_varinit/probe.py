@@ -96,10 +96,21 @@ def _mean_std(t):
     return mean, ops.sqrt(variance)
 
 
+def _count(mask):
+    """The number of True entries of a boolean tensor: a sum of int32 ones (int64 past 2^31 - 1
+    entries), exact where a float32 sum would round past 2^24 entries."""
+    large = None not in mask.shape and math.prod(mask.shape) >= 2 ** 31
+    return ops.sum(ops.cast(mask, "int64" if large else "int32"))
+
+
+def _fraction(mask):
+    """The fraction of True entries of a boolean tensor (`_count` / its size)."""
+    return ops.cast(_count(mask), "float32") / ops.cast(ops.size(mask), "float32")
+
+
 def _non_finite_counts(tensors):
-    f32 = "float32"
-    nan = sum(ops.sum(ops.cast(ops.isnan(t), f32)) for t in tensors)
-    inf = sum(ops.sum(ops.cast(ops.isinf(t), f32)) for t in tensors)
+    nan = sum(ops.cast(_count(ops.isnan(t)), "float32") for t in tensors)
+    inf = sum(ops.cast(_count(ops.isinf(t)), "float32") for t in tensors)
     return nan, inf
 
 
@@ -113,12 +124,11 @@ def _layer_stats(a, g, w, gw, sat_mode, count_non_finite=False):
     f32 = "float32"
     a, g = ops.cast(a, f32), ops.cast(g, f32)
     mean, std = _mean_std(a)
-    zero = ops.mean(ops.cast(ops.equal(a, 0.0), f32))
+    zero = _fraction(ops.equal(a, 0.0))
     if sat_mode == _SAT_TANH:
-        sat = ops.mean(ops.cast(ops.greater(ops.abs(a), TANH_SATURATION), f32))
+        sat = _fraction(ops.greater(ops.abs(a), TANH_SATURATION))
     elif sat_mode == _SAT_SIGMOID:
-        sat = ops.mean(ops.cast(
-            ops.logical_or(ops.less(a, SIGMOID_LOW), ops.greater(a, SIGMOID_HIGH)), f32))
+        sat = _fraction(ops.logical_or(ops.less(a, SIGMOID_LOW), ops.greater(a, SIGMOID_HIGH)))
     else:
         sat = ops.zeros((), f32)
     _, gstd = _mean_std(g)
@@ -155,13 +165,11 @@ class LayerProbe:
     def __init__(self, model, sites, loss_fn, training=False, return_tensors=False,
                  eager_calls=COMPILE_AFTER):
         self.return_tensors = return_tensors
-        self.recorder = instrument.Recorder(
-            model, sites, self._statistics, loss=loss_fn, training=training,
-            weight_of=tracked_weight, eager_calls=eager_calls)
-        # Rarely needed (a diverged network): always eager, so it costs no trace.
-        self._counting_recorder = instrument.Recorder(
-            model, sites, self._counting_statistics, loss=loss_fn, training=training,
-            weight_of=tracked_weight, eager_calls=None)
+        self._recorder_args = dict(model=model, sites=sites, loss=loss_fn, training=training,
+                                   weight_of=tracked_weight)
+        self.recorder = instrument.Recorder(statistics=self._statistics,
+                                            eager_calls=eager_calls, **self._recorder_args)
+        self._counting_recorder = None   # built when first needed (a diverged network)
 
     def _statistics(self, view, count_non_finite=False):
         values = _layer_stats(view.activated, view.output_grad, view.weight, view.weight_grad,
@@ -181,6 +189,9 @@ class LayerProbe:
         recording = self.recorder(x, y)
         if all(_all_finite(record) for record in recording.records):
             return recording
+        if self._counting_recorder is None:   # always eager: rarely needed, it earns no trace
+            self._counting_recorder = instrument.Recorder(
+                statistics=self._counting_statistics, eager_calls=None, **self._recorder_args)
         return self._counting_recorder(x, y)
 
 

@@ -257,6 +257,35 @@ def test_saturated_fraction_large_vs_small_weights(activation):
 # -- divergence ----------------------------------------------------------------------------------
 
 @bi
+def test_nan_counts_are_exact_and_the_counting_pass_runs_only_when_needed():
+    """The NaN/Inf counts of a pass with one NaN kernel entry are exact integers (the entry
+    itself, and every activation and gradient entry it reaches), and the counting recorder
+    is built only when a statistic is not finite."""
+    from keras_varinit import instrument
+    from keras_varinit.probe import LayerProbe
+
+    x, y = _data(16)
+    model = _mlp()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    probe = LayerProbe(model, [s for s in instrument.layer_sites(model)
+                               if s.path in ("d1", "logits")], loss, eager_calls=None)
+    healthy = probe(x, y)
+    assert probe._counting_recorder is None
+    assert [r.stats["nan_count"] for r in healthy.records] == [0.0, 0.0]
+    kernel = model.get_layer("logits").kernel
+    bad = np.asarray(kernel).copy()
+    bad[0, 1] = np.nan   # one entry of the last kernel: only logit 1 and its gradients
+    kernel.assign(bad)
+    counted = {r.name: r.stats for r in probe(x, y).records}
+    assert probe._counting_recorder is not None
+    # logits: the NaN entry, the 16 samples' logit 1 (activation) and the loss's gradient at
+    # every logit of every sample (softmax couples them): 1 + 16 + 16 * 3, and dL/dW all NaN
+    # (16 * 3 entries)
+    assert counted["logits"]["nan_count"] == 1 + 16 + 16 * 3 + 16 * 3
+    assert counted["logits"]["inf_count"] == 0
+
+
+@bi
 def test_nan_weights_are_logged_with_counts_not_raised(tmp_path):
     x, y = _data(64)
     model = _mlp()
