@@ -173,7 +173,7 @@ class LayerStatsLogger(keras.callbacks.Callback):
     another process can tail while training runs (ignore a last line without a newline).
 
     Cost (TensorFlow): a probe log is one forward and backward pass of the probe batch, about
-    2-2.7 training steps of the same batch size when run eagerly and 1.2 once compiled; the
+    2-4 training steps of the same batch size when run eagerly and 1.05-1.2 once compiled; the
     compiled probe's one-off trace pays for itself after about `probe.COMPILE_AFTER` logs, so
     a fit that plans that many logs (from `fit`'s epochs and steps) compiles from its first
     log, and a shorter one stays eager (`benchmarks/RESULTS.md`).
